@@ -1,0 +1,295 @@
+"""``reidstream`` command line: a thin layer over the Python API, one subcommand per job.
+
+Every command reads a YAML config (``--config``, default ``configs/demo.yaml``; ``REIDSTREAM__*``
+environment variables override keys). Expected failures (bad config, missing video, broker or Redis
+down, bad checkpoint) print one ``error:`` line and exit non-zero: 2 for a config error, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Streaming cross-camera person re-identification.")
+query_app = typer.Typer(no_args_is_help=True, help="Query global identities and cross-camera links in Redis.")
+app.add_typer(query_app, name="query")
+
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("reidstream")
+
+DEFAULT_CONFIG = Path("configs/demo.yaml")
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="YAML config file.")
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user must fix something" (reported as one line)."""
+    from pipeline.bus import BusError
+    from pipeline.services import ServiceError
+    from pipeline.store import StoreError
+
+    types: list[type[BaseException]] = [BusError, ServiceError, StoreError, FileNotFoundError, PermissionError]
+    for mod, name in (("stages.ingest", "SourceError"), ("stages.reid.checkpoint", "CheckpointError"),
+                      ("stages.reid.engines", "EngineError"), ("stages.reid.backbones", "WeightsUnavailableError"),
+                      ("stages.reid.backbones", "WeightsMismatchError")):
+        module = sys.modules.get(mod)
+        if module is not None and hasattr(module, name):
+            types.append(getattr(module, name))
+    return tuple(types)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``; turn expected failures into one error line and an exit code."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        if isinstance(exc, _expected_errors()):
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        raise
+
+
+def _config(path: Path) -> Config:
+    return _run(lambda: load_config(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# local services
+@app.command()
+def up(config: Path = ConfigOpt) -> None:
+    """Start a local Tansu broker and Redis (loopback, data under services.data_dir)."""
+    from pipeline import services
+
+    cfg = _config(config)
+    s = cfg.services
+    state = _run(lambda: services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage))
+    for name, info in state.items():
+        out.print(f"{name:6s} {info.address}  (pid {info.pid}, log {info.log_path})")
+
+
+@app.command()
+def down(config: Path = ConfigOpt) -> None:
+    """Stop the local services started by `up`."""
+    from pipeline import services
+
+    cfg = _config(config)
+    stopped = services.down(cfg.services.data_dir)
+    out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def status(config: Path = ConfigOpt) -> None:
+    """Probe the configured Kafka broker and Redis; exit 1 if either is down."""
+    from pipeline import services
+
+    cfg = _config(config)
+    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
+    out.print(f"kafka  {cfg.bus.bootstrap_servers}: {'ready' if st['kafka'] else 'DOWN'}")
+    out.print(f"redis  {cfg.store.url}: {'ready' if st['redis'] else 'DOWN'}")
+    if not all(st.values()):
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# pipeline processes
+@app.command()
+def camera(camera_name: str = typer.Option(..., "--camera", help="Camera name from the config."),
+           config: Path = ConfigOpt,
+           summary: Path | None = typer.Option(None, help="Write a JSON run summary here when done.")) -> None:
+    """Run one camera worker: read, detect, track, cut tracklets, publish to Kafka."""
+    from pipeline.runner import setup_process
+
+    cfg = _config(config)
+    _run(lambda: cfg.camera(camera_name))
+    stop = setup_process("camera", camera_name)
+    _set_threads(cfg)
+    from stages.camera import run_camera
+
+    result = _run(lambda: run_camera(cfg, camera_name, stop))
+    if summary is not None:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"camera": result.camera, "frames": result.frames,
+                                       "detections": result.detections, "seconds": result.seconds,
+                                       "fps": result.fps, "tracklet_ids": list(result.tracklet_ids)}))
+
+
+@app.command()
+def reid(config: Path = ConfigOpt,
+         idle_exit: float | None = typer.Option(None, help="Exit after this many idle seconds.")) -> None:
+    """Run the re-id stage: embed tracklets from every camera in batches."""
+    from pipeline.runner import setup_process
+
+    cfg = _config(config)
+    stop = setup_process("reid")
+    _set_threads(cfg)
+    from stages.reid.stage import run_reid
+
+    stats = _run(lambda: run_reid(cfg, stop, idle_exit))
+    log.info("reid: %s", stats)
+
+
+@app.command()
+def matcher(config: Path = ConfigOpt,
+            idle_exit: float | None = typer.Option(None, help="Exit after this many idle seconds.")) -> None:
+    """Run the cross-camera matcher: assign global identities, keep them in Redis."""
+    from pipeline.runner import setup_process
+
+    cfg = _config(config)
+    stop = setup_process("matcher")
+    from stages.matcher import run_matcher
+
+    stats = _run(lambda: run_matcher(cfg, stop, idle_exit))
+    log.info("matcher: %s", stats)
+
+
+@app.command()
+def api(config: Path = ConfigOpt, host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080)) -> None:
+    """Serve the query API over HTTP (JSON)."""
+    import uvicorn
+
+    from pipeline import metrics
+    from pipeline.runner import setup_process
+    from pipeline.store import IdentityStore
+    from stages.query import create_app
+
+    cfg = _config(config)
+    setup_process("api")
+    store = IdentityStore.from_config(cfg.store)
+    _run(store.check)
+    metrics.serve(cfg.metrics.api_port, cfg.metrics.host)
+    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+
+
+def _set_threads(cfg: Config) -> None:
+    threads = os.environ.get("REIDSTREAM_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+# --------------------------------------------------------------------------------------------------
+# queries
+def _store(config: Path):
+    from pipeline.store import IdentityStore
+
+    cfg = _config(config)
+    store = IdentityStore.from_config(cfg.store)
+    _run(store.check)
+    return store
+
+
+def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[tuple[str, Callable[[dict], str]]], title: str) -> None:
+    if fmt is Format.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title=title)
+    for name, _ in columns:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*[fn(row) for _, fn in columns])
+    out.print(table)
+
+
+@query_app.command("identities")
+def query_identities(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.table, "--format"),
+                     min_cameras: int = typer.Option(1, help="Only identities seen on this many cameras.")) -> None:
+    """Global identities with their cameras and time spans."""
+    from stages import query
+
+    rows = query.identities(_store(config), min_cameras)
+    _emit(rows, fmt, [("global id", lambda r: r["global_id"]), ("cameras", lambda r: ", ".join(r["cameras"])),
+                      ("tracklets", lambda r: str(r["n_tracklets"])),
+                      ("first seen s", lambda r: f"{r['first_seen_s']:.1f}"),
+                      ("last seen s", lambda r: f"{r['last_seen_s']:.1f}")], "global identities")
+
+
+@query_app.command("links")
+def query_links(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.table, "--format"),
+                cross_camera: bool = typer.Option(False, help="Only identities spanning two or more cameras."),
+                camera_name: str | None = typer.Option(None, "--camera", help="Only this camera's tracklets.")) -> None:
+    """Tracklet → global identity links with similarity scores."""
+    from stages import query
+
+    rows = query.links(_store(config), cross_camera, camera_name)
+    _emit(rows, fmt, [("tracklet", lambda r: r["tracklet_id"]), ("camera", lambda r: r["camera"]),
+                      ("global id", lambda r: r["global_id"]),
+                      ("score", lambda r: "founded" if r["score"] is None else f"{r['score']:.3f}"),
+                      ("start s", lambda r: f"{r['start_s']:.1f}"), ("end s", lambda r: f"{r['end_s']:.1f}")],
+          "links")
+
+
+@query_app.command("tracklet")
+def query_tracklet(tracklet_id: str, config: Path = ConfigOpt,
+                   fmt: Format = typer.Option(Format.table, "--format")) -> None:
+    """One tracklet's link; exit 1 when it is not linked."""
+    from stages import query
+
+    row = query.tracklet(_store(config), tracklet_id)
+    if row is None:
+        err.print(f"[red]error:[/red] tracklet {tracklet_id!r} is not linked")
+        raise typer.Exit(1)
+    if fmt is Format.json:
+        sys.stdout.write(json.dumps(row, indent=2) + "\n")
+        return
+    table = Table(title=f"tracklet {tracklet_id}", show_header=False)
+    for key, value in row.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+@app.command()
+def demo(config: Path = ConfigOpt,
+         output: Path = typer.Option(Path("out/demo"), "--output", "-o", help="Directory for links.json, "
+                                     "identities.json, report.html and logs."),
+         fresh: bool = typer.Option(False, help="Forget identities stored by earlier runs first."),
+         timeout: float = typer.Option(1800.0, help="Give up after this many seconds."),
+         keep_services: bool = typer.Option(True, help="Leave the local services running afterwards.")) -> None:
+    """Run the whole pipeline on the config's cameras and write links, identities and a report."""
+    from pipeline.demo import run_demo
+    from pipeline.runner import setup_logging
+
+    cfg = _config(config)
+    setup_logging("demo")
+    result = _run(lambda: run_demo(cfg, config, output, fresh=fresh, timeout_s=timeout, console=out,
+                                   stop_services=not keep_services))
+    table = Table(title=f"identities ({result['cross_camera']} span several cameras)")
+    for col in ("global id", "cameras", "tracklets", "first seen s", "last seen s"):
+        table.add_column(col)
+    for ident in sorted(result["identities"], key=lambda i: (-len(i["cameras"]), i["first_seen_s"])):
+        table.add_row(ident["global_id"], ", ".join(ident["cameras"]), str(ident["n_tracklets"]),
+                      f"{ident['first_seen_s']:.1f}", f"{ident['last_seen_s']:.1f}")
+    out.print(table)
+    out.print(f"wrote {output / 'links.json'}, {output / 'identities.json'}, {output / 'report.html'}")
+    if result["cross_camera"] == 0:
+        err.print("[yellow]warning:[/yellow] no identity spans two cameras")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""Typed configuration for every reidstream process, loaded from YAML.
+
+A config file holds the shared infrastructure (``bus``, ``store``, ``services``, ``metrics``), the
+per-camera ``defaults`` merged into each entry of ``cameras`` (a camera's own keys win, key by key),
+and the ``reid`` and ``matcher`` stage settings. Every model forbids unknown keys.
+
+Environment overrides: ``REIDSTREAM__SECTION__KEY=value`` (double underscores separate levels; the
+value is parsed as YAML), e.g. ``REIDSTREAM__BUS__BOOTSTRAP_SERVERS=kafka:9092`` or
+``REIDSTREAM__MATCHER__THRESHOLD=0.8``.
+
+Errors: :func:`load_config` raises :class:`ConfigError` whose message names the file, the line and the
+dotted key of every problem, e.g. ``configs/demo.yaml:12: cameras.0.roi: ...``.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml")            # doctest: +SKIP
+    >>> [c.name for c in cfg.cameras]                      # doctest: +SKIP
+    ['left', 'right']
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "REIDSTREAM__"
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed or invalid; the message names file, line and key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# infrastructure
+class TopicsConfig(_Model):
+    tracklets: str = Field("tracklets", description="Topic of closed tracklets (camera workers → re-id).")
+    embeddings: str = Field("embeddings", description="Topic of tracklet embeddings (re-id → matcher).")
+    dead_letter: str = Field("dead-letter", description="Topic receiving messages that could not be processed.")
+
+
+class BusConfig(_Model):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:29092", description="Kafka bootstrap servers, comma separated host:port."
+    )
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of each topic created by reidstream.")
+    session_timeout_ms: int = Field(
+        6000, ge=1000, description="Consumer-group session timeout, ms (real Kafka needs >= 6000)."
+    )
+    heartbeat_interval_ms: int = Field(1000, ge=100, description="Consumer heartbeat interval, ms.")
+    max_request_mb: int = Field(16, ge=1, le=1024, description="Largest producer request, MiB.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the broker before failing.")
+
+
+class StoreConfig(_Model):
+    url: str = Field("redis://127.0.0.1:26379/0", description="Redis URL of the identity store.")
+    namespace: str = Field(
+        "reidstream", pattern=r"^[A-Za-z0-9_.-]+$", description="Key prefix of every key reidstream writes."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for Redis before failing.")
+
+
+class ServicesConfig(_Model):
+    data_dir: Path = Field(Path(".reidstream"), description="Directory for local service data, logs and pid files.")
+    kafka_port: int = Field(29092, ge=1, le=65535, description="Port of the local Tansu broker started by `up`.")
+    redis_port: int = Field(26379, ge=1, le=65535, description="Port of the local Redis started by `up`.")
+    kafka_storage: str = Field(
+        "memory://tansu/",
+        description="Tansu storage engine URL: memory:// (default) or s3:// (durable, see ENVIRONMENT notes).",
+    )
+
+
+class MetricsConfig(_Model):
+    host: str = Field("127.0.0.1", description="Address the metrics HTTP servers bind.")
+    camera_base_port: int = Field(
+        9410, ge=0, le=65535, description="Camera i (0-based, config order) serves on base + i; 0 disables."
+    )
+    reid_port: int = Field(9401, ge=0, le=65535, description="Port of the re-id stage's metrics; 0 disables.")
+    matcher_port: int = Field(9402, ge=0, le=65535, description="Port of the matcher's metrics; 0 disables.")
+    api_port: int = Field(9403, ge=0, le=65535, description="Port of the query API's metrics; 0 disables.")
+
+
+# --------------------------------------------------------------------------------------------------
+# camera worker
+class ReconnectConfig(_Model):
+    initial_s: float = Field(1.0, gt=0, description="First reconnect delay, seconds.")
+    max_s: float = Field(30.0, gt=0, description="Largest reconnect delay, seconds (doubling backoff).")
+    max_attempts: int | None = Field(
+        None, ge=0, description="Give up after this many failed attempts in a row; null retries forever."
+    )
+
+
+class DetectorConfig(_Model):
+    type: Literal["ultralytics"] = Field("ultralytics", description="Detector backend.")
+    weights: str = Field(
+        "package://fall_detection/models/best.pt",
+        description="Local weights path, or package://<package>/<path> inside an installed Python package.",
+    )
+    classes: list[int] = Field(
+        default_factory=lambda: [0, 1], description="Class indices that are people (the demo model: Normal, Fall)."
+    )
+    conf: float = Field(0.3, gt=0, lt=1, description="Minimum detection confidence.")
+    iou: float = Field(0.7, gt=0, lt=1, description="NMS IoU threshold.")
+    imgsz: int = Field(640, ge=32, le=4096, description="Inference size, pixels (multiple of 32).")
+    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:0 ...")
+    half: bool = Field(False, description="FP16 inference (CUDA only).")
+
+    @field_validator("imgsz")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32, got {v}")
+        return v
+
+
+class TrackerConfig(_Model):
+    type: Literal["bytetrack", "botsort"] = Field("bytetrack", description="Ultralytics tracker.")
+    config: str | None = Field(
+        None, description="Path of an Ultralytics tracker YAML; null uses the packaged bytetrack.yaml/botsort.yaml."
+    )
+
+
+class TrackletConfig(_Model):
+    crops: int = Field(8, ge=1, le=64, description="T: crops kept per tracklet, spread over the track's life.")
+    min_length: int = Field(8, ge=1, description="Tracks observed in fewer frames are dropped.")
+    lost_frames: int = Field(15, ge=1, description="Close a tracklet when its track is unseen for this many frames.")
+    max_length: int = Field(300, ge=2, description="Close a tracklet when it spans this many frames.")
+    crop_height: int = Field(256, ge=16, description="Crop height sent downstream, pixels.")
+    crop_width: int = Field(128, ge=8, description="Crop width sent downstream, pixels.")
+    jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of the crops.")
+    min_box_height: int = Field(24, ge=1, description="Detections lower than this (pixels) are ignored.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TrackletConfig:
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) must be <= max_length ({self.max_length})")
+        return self
+
+
+class CameraDefaults(_Model):
+    """Keys every camera inherits unless it sets them itself."""
+
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    tracklets: TrackletConfig = Field(default_factory=TrackletConfig)
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    frame_stride: int = Field(1, ge=1, description="Process every n-th frame of the source.")
+    max_frames: int | None = Field(None, ge=1, description="Stop after this many source frames (files and streams).")
+    clock: Literal["auto", "media", "wall"] = Field(
+        "auto",
+        description="Stream clock: media = seconds from the file start; wall = Unix epoch seconds; "
+        "auto = media for files, wall for network streams.",
+    )
+    realtime: bool = Field(False, description="Pace file sources at their frame rate, as a live camera would be.")
+
+
+class CameraConfig(CameraDefaults):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Camera id used in records and metrics.")
+    source: str = Field(..., description="Video file path, or rtsp://, http(s)://, a device index.")
+    roi: tuple[int, int, int, int] | None = Field(
+        None, description="Region of interest [x, y, w, h] in source pixels; the camera sees only this part."
+    )
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Override of this camera's metrics port.")
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_positive(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
+            raise ValueError(f"roi must be [x>=0, y>=0, w>0, h>0], got {list(v)}")
+        return v
+
+    @property
+    def is_network(self) -> bool:
+        return "://" in self.source and not self.source.startswith("file://")
+
+
+# --------------------------------------------------------------------------------------------------
+# re-id and matcher
+class ModelConfig(_Model):
+    type: str = Field("sta", description="Network: sta, drsta, siamese_sgru, conv_attention, rcn, temporal_pool, part_pool.")
+    backbone: str = Field("mobilenet_v2", description="Backbone: mobilenet_v2, efficientnet_lite0, resnet50.")
+    pretrained: bool = Field(True, description="Load the backbone's ImageNet weights.")
+    checkpoint: Path | None = Field(None, description="Trained checkpoint (.pt) written by `reidstream train`.")
+    seq_len: int = Field(8, ge=1, le=64, description="T: frames per tracklet fed to the network.")
+    input_height: int = Field(256, ge=32, description="Network input height, pixels.")
+    input_width: int = Field(128, ge=16, description="Network input width, pixels.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of the network (e.g. num_parts)."
+    )
+
+
+class EngineConfig(_Model):
+    type: Literal["torch", "onnx", "tensorrt"] = Field("torch", description="Inference backend.")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
+    path: Path | None = Field(None, description="ONNX file or TensorRT engine (built from the model when absent).")
+    fp16: bool = Field(False, description="FP16 inference (CUDA/TensorRT only).")
+    threads: int = Field(0, ge=0, description="CPU threads for inference; 0 keeps the library default.")
+
+
+class BatchConfig(_Model):
+    max_tracklets: int = Field(8, ge=1, le=256, description="Tracklets per forward pass at most.")
+    max_wait_ms: int = Field(200, ge=0, description="Longest wait to fill a batch, ms.")
+
+
+class ReidConfig(_Model):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    group_id: str = Field("reidstream-reid", description="Kafka consumer group of the re-id stage.")
+
+
+class MatcherConfig(_Model):
+    threshold: float = Field(
+        0.75, ge=-1, le=1, description="Cosine similarity at or above which a tracklet joins an identity."
+    )
+    max_overlap_s: float = Field(
+        0.5,
+        ge=0,
+        description="Seconds two tracklets may overlap in time on different cameras and still be one person "
+        "(adjacent fields of view share a border).",
+    )
+    group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
+    gallery_ttl_s: float | None = Field(
+        None, gt=0, description="Identities unseen for longer (stream seconds) stop being candidates; null keeps all."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+class Config(_Model):
+    version: Literal[1] = Field(1, description="Config schema version.")
+    bus: BusConfig = Field(default_factory=BusConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    defaults: CameraDefaults = Field(default_factory=CameraDefaults)
+    cameras: list[CameraConfig] = Field(default_factory=list)
+    reid: ReidConfig = Field(default_factory=ReidConfig)
+    matcher: MatcherConfig = Field(default_factory=MatcherConfig)
+    source_path: Path | None = Field(None, description="The file this config was read from (set by the loader).")
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> Config:
+        names = [c.name for c in self.cameras]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"camera names must be unique, repeated: {dupes}")
+        return self
+
+    def camera(self, name: str) -> CameraConfig:
+        """Return the camera called ``name``.
+
+        Raises:
+            ConfigError: No such camera; the message lists the configured names.
+        """
+        for cam in self.cameras:
+            if cam.name == name:
+                return cam
+        raise ConfigError(f"{self.source_path or 'config'}: no camera {name!r}; configured: {[c.name for c in self.cameras]}")
+
+    def camera_metrics_port(self, name: str) -> int:
+        """Metrics port of camera ``name``: its ``metrics_port`` or ``camera_base_port + index``."""
+        cam = self.camera(name)
+        if cam.metrics_port is not None:
+            return cam.metrics_port
+        if self.metrics.camera_base_port == 0:
+            return 0
+        return self.metrics.camera_base_port + [c.name for c in self.cameras].index(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        value = yaml.safe_load(text) if text != "" else ""
+        nested: Any = value
+        for key in reversed(path):
+            nested = {key: nested}
+        raw = _deep_merge(raw, nested)
+    return raw
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at pydantic location ``loc`` (deepest node found)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def _format_errors(exc: ValidationError, path: Path | str, root: yaml.Node | None, camera_lines: dict[int, yaml.Node]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        node = root
+        line = None
+        if len(loc) >= 2 and loc[0] == "cameras" and isinstance(loc[1], int):
+            # a camera key may come from `defaults`; point at the camera's own node when it has it
+            line = _line_of(camera_lines.get(loc[1]), loc[2:]) if loc[1] in camera_lines else None
+        if line is None:
+            line = _line_of(node, loc)
+        key = ".".join(str(p) for p in loc) or "<root>"
+        where = f"{path}:{line}" if line else str(path)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{where}: {key}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"{where}: {key}: required key missing")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, path: Path | str = "<string>", environ: dict[str, str] | None = None) -> Config:
+    """Parse and validate a YAML config held in ``text``.
+
+    Args:
+        text: YAML document.
+        path: Name used in error messages (and stored as ``source_path``).
+        environ: Environment for ``REIDSTREAM__*`` overrides; ``None`` uses ``os.environ``.
+
+    Returns:
+        The validated, frozen :class:`Config` (cameras with ``defaults`` merged in).
+
+    Raises:
+        ConfigError: YAML syntax error, a non-mapping document, or validation errors (each named by
+            file, line and dotted key).
+    """
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping of sections, got {type(raw).__name__}")
+    raw = _apply_env(raw, dict(os.environ) if environ is None else environ)
+    defaults = raw.get("defaults") or {}
+    camera_nodes: dict[int, yaml.Node] = {}
+    cam_section = None
+    if isinstance(root, yaml.MappingNode):
+        cam_section = next((v for k, v in root.value if k.value == "cameras"), None)
+    if isinstance(cam_section, yaml.SequenceNode):
+        camera_nodes = dict(enumerate(cam_section.value))
+    if isinstance(raw.get("cameras"), list) and isinstance(defaults, dict):
+        raw["cameras"] = [
+            _deep_merge(defaults, cam) if isinstance(cam, dict) else cam for cam in raw["cameras"]
+        ]
+    raw["source_path"] = str(path)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, path, root, camera_nodes)) from None
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    """Read, merge and validate the YAML config at ``path``.
+
+    Raises:
+        ConfigError: The file is missing or unreadable, or its content is invalid (see
+            :func:`parse_config`).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    return parse_config(text, p, environ)
+
+
+def resolve_asset(spec: str) -> Path:
+    """Resolve a weights/asset reference to a local file path.
+
+    Args:
+        spec: A filesystem path, or ``package://<import name>/<path inside the package>`` for a file
+            shipped in an installed Python package (located with :mod:`importlib.resources`).
+
+    Returns:
+        An existing file path.
+
+    Raises:
+        FileNotFoundError: The package is not installed or the file does not exist; the message
+            names both.
+    """
+    if spec.startswith("package://"):
+        package, _, inner = spec[len("package://"):].partition("/")
+        try:
+            base = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise FileNotFoundError(f"{spec}: Python package {package!r} is not installed") from None
+        path = Path(str(base.joinpath(inner)))
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: no such file ({path})")
+    return path

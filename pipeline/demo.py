@@ -1,0 +1,207 @@
+"""The demo job: every stage of the pipeline as separate processes over the configured cameras.
+
+:func:`run_demo` starts the local services when the configured ones are not reachable, launches one
+``reidstream camera`` process per camera plus ``reidstream reid`` and ``reidstream matcher``, waits
+until every tracklet the cameras published has a link in Redis, stops the stages and writes
+``links.json``, ``identities.json`` and ``report.html`` (plus ``logs/``) into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import services
+from pipeline.bus import ensure_topics
+from pipeline.config import Config
+from pipeline.store import IdentityStore
+
+log = logging.getLogger(__name__)
+
+
+class DemoError(RuntimeError):
+    """A demo process failed or the demo timed out."""
+
+
+def ensure_services(cfg: Config) -> None:
+    """Start local Tansu/Redis when the configured endpoints do not answer.
+
+    Raises:
+        ServiceError: They could not be started.
+    """
+    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
+    if all(st.values()):
+        return
+    s = cfg.services
+    state = services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage)
+    log.info("local services: kafka %s, redis %s", state["kafka"].address, state["redis"].address)
+
+
+def _spawn(args: list[str], log_path: Path, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "REIDSTREAM_TORCH_THREADS": str(threads),
+           "PYTHONUNBUFFERED": "1"}
+    fh = open(log_path, "ab")  # noqa: SIM115 - closed when the process is reaped
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env)
+    proc._log_handle = fh  # type: ignore[attr-defined]
+    return proc
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc._log_handle.close()  # type: ignore[attr-defined]
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, timeout_s: float = 1800.0,
+             console: Any = None, stop_services: bool = False) -> dict[str, Any]:
+    """Run the pipeline end to end and write the demo outputs.
+
+    Args:
+        cfg: The loaded config (its cameras are run).
+        config_path: The config file, passed to the child processes.
+        output: Output directory (created).
+        fresh: Delete the identities stored by earlier runs in this namespace first.
+        timeout_s: Overall deadline, seconds.
+        console: A rich console for progress (None: no progress display).
+        stop_services: Stop the local services at the end.
+
+    Returns:
+        ``{"links": [...], "identities": [...], "cross_camera": int, "cameras": {name: summary}}``.
+
+    Raises:
+        DemoError: A process failed (its last log line is quoted) or the deadline passed.
+        ServiceError, BusError, StoreError: Infrastructure problems.
+    """
+    from pipeline.report import write_report
+
+    if not cfg.cameras:
+        raise DemoError(f"{config_path}: no cameras configured")
+    output.mkdir(parents=True, exist_ok=True)
+    logs = output / "logs"
+    logs.mkdir(exist_ok=True)
+    ensure_services(cfg)
+    ensure_topics(cfg.bus)
+    store = IdentityStore.from_config(cfg.store)
+    store.check()
+    if fresh:
+        log.info("fresh run: deleted %d keys of namespace %s", store.reset(), cfg.store.namespace)
+
+    cfg_arg = ["--config", str(config_path)]
+    procs: dict[str, subprocess.Popen] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        procs["matcher"] = _spawn(["matcher", *cfg_arg], logs / "matcher.log", 1)
+        procs["reid"] = _spawn(["reid", *cfg_arg], logs / "reid.log", 1)
+        for cam in cfg.cameras:
+            procs[cam.name] = _spawn(["camera", *cfg_arg, "--camera", cam.name, "--summary",
+                                      str(logs / f"{cam.name}.summary.json")], logs / f"{cam.name}.log", 1)
+        progress = _Progress(console, [c.name for c in cfg.cameras])
+        published: list[str] = []
+        while True:
+            if time.monotonic() > deadline:
+                raise DemoError(f"demo did not finish in {timeout_s:.0f} s; logs in {logs}")
+            for name, proc in procs.items():
+                code = proc.poll()
+                if code is not None and (name in ("reid", "matcher") or code != 0):
+                    raise DemoError(f"{name} process exited with code {code}: {_last_error(logs / f'{name}.log')}")
+            for cam in cfg.cameras:
+                path = logs / f"{cam.name}.summary.json"
+                if cam.name not in summaries and procs[cam.name].poll() == 0 and path.exists():
+                    summaries[cam.name] = json.loads(path.read_text())
+                    published.extend(summaries[cam.name]["tracklet_ids"])
+            linked = store.count_links(published)
+            progress.update(summaries, len(published), linked, _tail_frames(logs, cfg))
+            if len(summaries) == len(cfg.cameras) and linked >= len(published):
+                break
+            time.sleep(0.5)
+        progress.close()
+    finally:
+        for proc in procs.values():
+            _stop(proc)
+        if stop_services:
+            services.down(cfg.services.data_dir)
+
+    wanted = set(published)
+    links = [lk.to_json() for lk in store.links() if lk.tracklet_id in wanted]
+    order = {tid: i for i, tid in enumerate(published)}
+    links.sort(key=lambda r: (r["camera"], r["start_s"], order[r["tracklet_id"]]))
+    gids = {lk["global_id"] for lk in links}
+    identities = [i.to_json() for i in store.identities() if i.global_id in gids]
+    thumbs = {tid: data for tid in wanted if (data := store.thumbnail(tid)) is not None}
+    (output / "links.json").write_text(json.dumps(links, indent=2))
+    (output / "identities.json").write_text(json.dumps(identities, indent=2))
+    write_report(output / "report.html", identities, links, thumbs)
+    store.close()
+    cross = sum(1 for i in identities if len(i["cameras"]) >= 2)
+    return {"links": links, "identities": identities, "cross_camera": cross, "cameras": summaries}
+
+
+def _tail_frames(logs: Path, cfg: Config) -> dict[str, int]:
+    """Frames processed per camera, from the workers' progress log lines (best effort)."""
+    out = {}
+    for cam in cfg.cameras:
+        path = logs / f"{cam.name}.log"
+        try:
+            text = path.read_text(errors="replace")[-4000:]
+        except OSError:
+            continue
+        for line in reversed(text.splitlines()):
+            if f"camera {cam.name}: " in line and " frames" in line:
+                words = line.split(f"camera {cam.name}: ", 1)[1].split()
+                if words and words[0] in ("done,",):
+                    words = words[1:]
+                if words and words[0].isdigit():
+                    out[cam.name] = int(words[0])
+                    break
+    return out
+
+
+class _Progress:
+    """Rich progress bars: frames per camera (when the total is known) and tracklets linked."""
+
+    def __init__(self, console: Any, cameras: list[str]) -> None:
+        self.bar = None
+        if console is None:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=False)
+        self.bar.start()
+        self.cams = {c: self.bar.add_task(f"camera {c} frames", total=None) for c in cameras}
+        self.links = self.bar.add_task("tracklets linked", total=None)
+
+    def update(self, summaries: dict[str, dict], published: int, linked: int, frames: dict[str, int]) -> None:
+        if self.bar is None:
+            return
+        for cam, task in self.cams.items():
+            if cam in summaries:
+                n = summaries[cam]["frames"]
+                self.bar.update(task, completed=n, total=n)
+            elif cam in frames:
+                self.bar.update(task, completed=frames[cam])
+        self.bar.update(self.links, completed=linked, total=max(published, linked) or None)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,259 @@
+"""The stage runner: consume → decode → process → publish → commit, plus process start-up.
+
+A consuming stage (re-id, matcher) is a class with ``setup()``, ``process(records) -> list[Output]``
+and ``close()``; it never touches Kafka. :class:`StageRunner` owns the loop:
+
+1. poll up to ``max_batch`` messages (waiting at most ``max_wait_ms``);
+2. decode each into the stage's record type — a message that fails goes to the dead-letter topic;
+3. call ``stage.process`` on the batch; if it raises, retry the messages one by one so that only the
+   poison ones are dead-lettered; :class:`TransientError` (a store or broker outage) is instead
+   retried with backoff, forever, without committing;
+4. publish the outputs and flush the producer;
+5. commit the consumed offsets — only now, so a crash replays the batch (stages are idempotent).
+
+Every process starts through :func:`setup_process`: logging tagged with the camera id, SIGTERM/SIGINT
+handlers that set a stop event (the current batch finishes and is committed), and a process title.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from pipeline import metrics
+from pipeline.bus import dead_letter
+from pipeline.messages import MessageError, decode
+
+log = logging.getLogger(__name__)
+
+
+class TransientError(RuntimeError):
+    """An infrastructure failure (store or broker unavailable): retry later, do not dead-letter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """A message a stage wants published: ``value`` bytes to ``topic`` keyed by ``key``."""
+
+    topic: str
+    key: str
+    value: bytes
+
+
+class Stage(Protocol):
+    """What :class:`StageRunner` drives."""
+
+    def setup(self) -> None: ...
+
+    def process(self, records: list[Any]) -> list[Output]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class RunnerStats:
+    """Counts since the runner started."""
+
+    consumed: int = 0
+    processed: int = 0
+    dead_lettered: int = 0
+    published: int = 0
+    last_message_monotonic: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class StageRunner:
+    """Drive a consuming stage against Kafka; see the module docstring for the loop.
+
+    Args:
+        stage: The stage (already constructed; ``setup`` is called by :meth:`run`).
+        name: Stage name for logs, metrics and dead-letter headers (``reid``, ``matcher``).
+        consumer: A kafka-python consumer subscribed to the input topic, auto-commit off.
+        producer: A kafka-python producer for outputs and dead letters.
+        record_type: The record class the stage accepts (messages of another schema are poison).
+        dead_letter_topic: Where poison messages go.
+        max_batch: Messages per poll at most.
+        max_wait_ms: Poll timeout, ms.
+        stop: Event that ends the loop after the current batch.
+        transient: Exception types treated as outages (retried) besides :class:`TransientError`.
+    """
+
+    def __init__(self, stage: Stage, name: str, consumer: Any, producer: Any, record_type: type,
+                 dead_letter_topic: str, max_batch: int, max_wait_ms: int, stop: threading.Event,
+                 transient: tuple[type[BaseException], ...] = ()) -> None:
+        self.stage = stage
+        self.name = name
+        self.consumer = consumer
+        self.producer = producer
+        self.record_type = record_type
+        self.dead_letter_topic = dead_letter_topic
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.stop = stop
+        self.transient = (TransientError, *transient)
+        self.stats = RunnerStats()
+
+    def run(self, idle_exit_s: float | None = None) -> RunnerStats:
+        """Loop until ``stop`` is set (or no message came for ``idle_exit_s`` seconds).
+
+        Returns:
+            The counts.
+        """
+        self.stage.setup()
+        try:
+            while not self.stop.is_set():
+                polled = self.consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                messages = [m for batch in polled.values() for m in batch]
+                if not messages:
+                    self._update_lag()
+                    if idle_exit_s is not None and time.monotonic() - self.stats.last_message_monotonic > idle_exit_s:
+                        break
+                    continue
+                self.stats.last_message_monotonic = time.monotonic()
+                self._handle(messages)
+                self._commit(polled)
+                self._update_lag()
+        finally:
+            self.stage.close()
+        return self.stats
+
+    # ----------------------------------------------------------------------------------------------
+    def _handle(self, messages: Sequence[Any]) -> None:
+        self.stats.consumed += len(messages)
+        good: list[tuple[Any, Any]] = []
+        for msg in messages:
+            try:
+                good.append((msg, decode(msg.value, self.record_type)))
+            except MessageError as exc:
+                self._dead_letter(msg, f"decode: {exc}")
+        if not good:
+            self.producer.flush()
+            return
+        outputs = self._process_with_retry([r for _, r in good], good)
+        for out in outputs:
+            self.producer.send(out.topic, key=out.key, value=out.value)
+        self.producer.flush()
+        self.stats.published += len(outputs)
+
+    def _process_with_retry(self, records: list[Any], pairs: list[tuple[Any, Any]]) -> list[Output]:
+        delay = 0.5
+        while True:
+            try:
+                try:
+                    out = self.stage.process(records)
+                    self.stats.processed += len(records)
+                    return out
+                except self.transient:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - isolate the poison message(s)
+                    if len(records) == 1:
+                        self._dead_letter(pairs[0][0], f"process: {type(exc).__name__}: {exc}")
+                        return []
+                    log.warning("%s: batch of %d failed (%s); retrying one by one", self.name, len(records), exc)
+                    outputs: list[Output] = []
+                    for msg, rec in pairs:
+                        outputs.extend(self._process_with_retry([rec], [(msg, rec)]))
+                    return outputs
+            except self.transient as exc:
+                if self.stop.is_set():
+                    raise
+                log.error("%s: transient failure, retrying in %.1f s: %s", self.name, delay, exc)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _dead_letter(self, msg: Any, reason: str) -> None:
+        dead_letter(self.producer, self.dead_letter_topic, self.name, msg, reason)
+        self.stats.dead_lettered += 1
+
+    def _commit(self, polled: dict[Any, list[Any]]) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items() if batch}
+        if offsets:
+            self.consumer.commit(offsets)
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                pos = self.consumer.position(tp, timeout_ms=100)
+            except Exception:  # noqa: BLE001 - lag is best effort
+                continue
+            if pos is not None:
+                metrics.CONSUMER_LAG.labels(stage=self.name, topic=tp.topic, partition=str(tp.partition)).set(
+                    max(high - pos, 0)
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# process start-up
+class _CameraFilter(logging.Filter):
+    def __init__(self, camera: str) -> None:
+        super().__init__()
+        self.camera = camera
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "camera"):
+            record.camera = self.camera
+        return True
+
+
+def setup_logging(role: str, camera: str | None = None, level: str | int | None = None) -> None:
+    """Configure root logging for a reidstream process: ``time level role[camera] logger: message``.
+
+    Args:
+        role: Process role (``camera``, ``reid``, ``matcher``, ``demo``...).
+        camera: Camera id stamped on every line (``-`` when none).
+        level: Log level; default from ``REIDSTREAM_LOG_LEVEL`` or INFO.
+    """
+    level = level or os.environ.get("REIDSTREAM_LOG_LEVEL", "INFO")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_CameraFilter(camera or "-"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {role}[%(camera)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("kafka", "ultralytics", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def install_stop_handlers(stop: threading.Event, on_stop: Callable[[], None] | None = None) -> None:
+    """Set ``stop`` on SIGTERM/SIGINT (a second signal exits at once)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        log.info("received %s, stopping after the current batch", signal.Signals(signum).name)
+        stop.set()
+        if on_stop:
+            on_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def setup_process(role: str, camera: str | None = None) -> threading.Event:
+    """Start-up shared by every long-running command: logging, process title, stop handlers.
+
+    Returns:
+        The stop event that SIGTERM/SIGINT set.
+    """
+    setup_logging(role, camera)
+    try:
+        import setproctitle  # optional
+
+        setproctitle.setproctitle(f"reidstream {role}" + (f" {camera}" if camera else ""))
+    except ImportError:
+        pass
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    return stop
+

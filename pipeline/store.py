@@ -1,0 +1,313 @@
+"""Identity state in Redis: global identities, tracklet → identity links, per-camera sightings.
+
+Keys (``{ns}`` is ``store.namespace``):
+
+===================================  ======  =====================================================
+key                                  type    content
+===================================  ======  =====================================================
+``{ns}:seq:identity``                string  counter behind new global ids (``G000001``…)
+``{ns}:identities``                  zset    global id → first seen (stream seconds)
+``{ns}:identity:{gid}``              hash    first_seen_s, last_seen_s, n_tracklets, cameras (JSON),
+                                             centroid (float32 bytes: sum of member embeddings)
+``{ns}:identity:{gid}:tracklets``    zset    tracklet id → start_s
+``{ns}:tracklet:{tid}``              hash    the link: global_id, camera, track_id, score, start_s,
+                                             end_s, frames, boxes (JSON), embedding (float32 bytes),
+                                             closed_wall_s, linked_wall_s
+``{ns}:tracklets``                   zset    tracklet id → linked order (monotonic counter)
+``{ns}:camera:{cam}:sightings``      zset    tracklet id → start_s
+``{ns}:thumb:{tid}``                 string  JPEG crop (BGR-encoded)
+===================================  ======  =====================================================
+
+A link is written in one MULTI/EXEC transaction together with the identity update, so readers never
+see half of it, and :meth:`IdentityStore.has_tracklet` makes replays no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import StoreConfig
+
+
+class StoreError(RuntimeError):
+    """Redis is unreachable or answered an error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sighting:
+    """One tracklet of an identity: where and when (stream seconds)."""
+
+    tracklet_id: str
+    camera: str
+    start_s: float
+    end_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A tracklet's assignment to a global identity.
+
+    ``score`` is the cosine similarity to the identity it joined, or ``None`` when the tracklet
+    founded a new identity. Boxes are ``[x1, y1, x2, y2]`` source-video pixels; times are seconds.
+    """
+
+    tracklet_id: str
+    camera: str
+    track_id: int
+    global_id: str
+    score: float | None
+    start_s: float
+    end_s: float
+    frames: list[int]
+    boxes: list[list[float]]
+    closed_wall_s: float
+    linked_wall_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``links.json`` object of this link (see docs/ARCHITECTURE.md)."""
+        return {
+            "tracklet_id": self.tracklet_id, "camera": self.camera, "track_id": self.track_id,
+            "global_id": self.global_id, "score": self.score, "start_s": self.start_s, "end_s": self.end_s,
+            "frames": list(self.frames), "boxes": [list(b) for b in self.boxes],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """A global identity: cameras it was seen on, its tracklets and time span (stream seconds)."""
+
+    global_id: str
+    cameras: list[str]
+    tracklets: list[str]
+    first_seen_s: float
+    last_seen_s: float
+
+    @property
+    def n_tracklets(self) -> int:
+        return len(self.tracklets)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``identities.json`` object of this identity."""
+        return {"global_id": self.global_id, "cameras": list(self.cameras), "tracklets": list(self.tracklets),
+                "first_seen_s": self.first_seen_s, "last_seen_s": self.last_seen_s, "n_tracklets": self.n_tracklets}
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityState:
+    """What the matcher keeps in memory per identity: centroid sum ``float32 [D]`` and sightings."""
+
+    global_id: str
+    centroid_sum: np.ndarray
+    sightings: tuple[Sighting, ...]
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class IdentityStore:
+    """Redis-backed identity store.
+
+    Args:
+        url: Redis URL (``redis://host:port/db``).
+        namespace: Key prefix.
+        connect_timeout_s: Socket connect/read timeout, seconds.
+
+    Raises:
+        StoreError: From :meth:`check` when Redis does not answer.
+    """
+
+    def __init__(self, url: str, namespace: str = "reidstream", connect_timeout_s: float = 5.0) -> None:
+        import redis
+
+        self.url = url
+        self.ns = namespace
+        self.r = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
+                                      socket_timeout=max(connect_timeout_s, 5.0), health_check_interval=30)
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> IdentityStore:
+        return cls(cfg.url, cfg.namespace, cfg.connect_timeout_s)
+
+    # ---------------------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.ns, *parts))
+
+    def check(self) -> None:
+        """Ping Redis.
+
+        Raises:
+            StoreError: No answer; the message names the URL.
+        """
+        try:
+            self.r.ping()
+        except _redis_errors() as exc:
+            raise StoreError(f"Redis at {self.url} is not reachable ({exc}); start local services with "
+                             f"`reidstream up`, or set store.url") from None
+
+    def close(self) -> None:
+        self.r.close()
+
+    def reset(self) -> int:
+        """Delete every key of this namespace; returns how many."""
+        n = 0
+        batch: list[bytes] = []
+        for key in self.r.scan_iter(match=f"{self.ns}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                n += self.r.delete(*batch)
+                batch.clear()
+        if batch:
+            n += self.r.delete(*batch)
+        return n
+
+    # ---------------------------------------------------------------------------------------------
+    # matcher side
+    def has_tracklet(self, tracklet_id: str) -> bool:
+        return bool(self.r.exists(self._k("tracklet", tracklet_id)))
+
+    def next_global_id(self) -> str:
+        """Allocate a new global id ``G`` + 6 digits (monotonic per namespace)."""
+        return f"G{int(self.r.incr(self._k('seq', 'identity'))):06d}"
+
+    def record_link(self, link: Link, embedding: np.ndarray, centroid_sum: np.ndarray, cameras: Iterable[str],
+                    first_seen_s: float, last_seen_s: float, thumbnail: bytes | None) -> bool:
+        """Store ``link`` and the updated identity atomically, unless the tracklet is already linked.
+
+        Args:
+            link: The assignment.
+            embedding: The tracklet's ``float32 [D]`` embedding.
+            centroid_sum: The identity's new sum of member embeddings, ``float32 [D]``.
+            cameras: The identity's cameras after this link.
+            first_seen_s: The identity's first sighting, stream seconds.
+            last_seen_s: The identity's last sighting, stream seconds.
+            thumbnail: JPEG bytes of one crop, or None.
+
+        Returns:
+            True if written, False if the tracklet was already linked (a replay).
+        """
+        import redis
+
+        tkey = self._k("tracklet", link.tracklet_id)
+        ikey = self._k("identity", link.global_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(tkey)
+                if pipe.exists(tkey):
+                    return False
+                order = time.time_ns()
+                pipe.multi()
+                pipe.hset(tkey, mapping={
+                    "global_id": link.global_id, "camera": link.camera, "track_id": link.track_id,
+                    "score": "" if link.score is None else repr(float(link.score)),
+                    "start_s": repr(link.start_s), "end_s": repr(link.end_s),
+                    "frames": json.dumps(link.frames), "boxes": json.dumps(link.boxes),
+                    "embedding": np.asarray(embedding, "<f4").tobytes(),
+                    "closed_wall_s": repr(link.closed_wall_s), "linked_wall_s": repr(link.linked_wall_s),
+                })
+                pipe.zadd(self._k("tracklets"), {link.tracklet_id: order})
+                pipe.zadd(self._k("identity", link.global_id, "tracklets"), {link.tracklet_id: link.start_s})
+                pipe.zadd(self._k("camera", link.camera, "sightings"), {link.tracklet_id: link.start_s})
+                pipe.hset(ikey, mapping={
+                    "first_seen_s": repr(first_seen_s), "last_seen_s": repr(last_seen_s),
+                    "cameras": json.dumps(sorted(set(cameras))),
+                    "centroid": np.asarray(centroid_sum, "<f4").tobytes(),
+                })
+                pipe.hincrby(ikey, "n_tracklets", 1)
+                pipe.zadd(self._k("identities"), {link.global_id: first_seen_s}, nx=True)
+                if thumbnail:
+                    pipe.set(self._k("thumb", link.tracklet_id), thumbnail)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
+
+    def load_gallery(self) -> list[IdentityState]:
+        """Every identity with its centroid sum and sightings, for a matcher (re)start."""
+        out = []
+        for gid_b in self.r.zrange(self._k("identities"), 0, -1):
+            gid = gid_b.decode()
+            centroid = self.r.hget(self._k("identity", gid), "centroid")
+            if centroid is None:
+                continue
+            tids = [t.decode() for t in self.r.zrange(self._k("identity", gid, "tracklets"), 0, -1)]
+            sightings = []
+            with self.r.pipeline(transaction=False) as pipe:
+                for tid in tids:
+                    pipe.hmget(self._k("tracklet", tid), "camera", "start_s", "end_s")
+                for tid, (cam, s, e) in zip(tids, pipe.execute()):
+                    if cam is not None:
+                        sightings.append(Sighting(tid, cam.decode(), float(s), float(e)))
+            out.append(IdentityState(gid, np.frombuffer(centroid, "<f4").copy(), tuple(sightings)))
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    # query side
+    def _link_from_hash(self, tid: str, h: dict[bytes, bytes]) -> Link:
+        def s(k: str) -> str:
+            return h[k.encode()].decode()
+
+        score = s("score")
+        return Link(tracklet_id=tid, camera=s("camera"), track_id=int(s("track_id")), global_id=s("global_id"),
+                    score=float(score) if score else None, start_s=float(s("start_s")), end_s=float(s("end_s")),
+                    frames=json.loads(s("frames")), boxes=json.loads(s("boxes")),
+                    closed_wall_s=float(s("closed_wall_s")), linked_wall_s=float(s("linked_wall_s")))
+
+    def link(self, tracklet_id: str) -> Link | None:
+        """The link of ``tracklet_id``, or None when it is not linked (yet)."""
+        h = self.r.hgetall(self._k("tracklet", tracklet_id))
+        return self._link_from_hash(tracklet_id, h) if h else None
+
+    def embedding(self, tracklet_id: str) -> np.ndarray | None:
+        """The stored ``float32 [D]`` embedding of a linked tracklet."""
+        raw = self.r.hget(self._k("tracklet", tracklet_id), "embedding")
+        return np.frombuffer(raw, "<f4") if raw else None
+
+    def links(self) -> list[Link]:
+        """Every link, in the order they were stored."""
+        tids = [t.decode() for t in self.r.zrange(self._k("tracklets"), 0, -1)]
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hgetall(self._k("tracklet", tid))
+            return [self._link_from_hash(tid, h) for tid, h in zip(tids, pipe.execute()) if h]
+
+    def count_links(self, tracklet_ids: Iterable[str]) -> int:
+        """How many of ``tracklet_ids`` are linked."""
+        ids = list(tracklet_ids)
+        if not ids:
+            return 0
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in ids:
+                pipe.exists(self._k("tracklet", tid))
+            return int(sum(pipe.execute()))
+
+    def identities(self) -> list[Identity]:
+        """Every global identity, by first sighting."""
+        gids = [g.decode() for g in self.r.zrange(self._k("identities"), 0, -1)]
+        out = []
+        for gid in gids:
+            ident = self.identity(gid)
+            if ident is not None:
+                out.append(ident)
+        return out
+
+    def identity(self, global_id: str) -> Identity | None:
+        """One identity, or None."""
+        h = self.r.hgetall(self._k("identity", global_id))
+        if not h:
+            return None
+        tids = [t.decode() for t in self.r.zrange(self._k("identity", global_id, "tracklets"), 0, -1)]
+        return Identity(global_id=global_id, cameras=json.loads(h[b"cameras"]), tracklets=tids,
+                        first_seen_s=float(h[b"first_seen_s"]), last_seen_s=float(h[b"last_seen_s"]))
+
+    def thumbnail(self, tracklet_id: str) -> bytes | None:
+        """The JPEG thumbnail of a tracklet, or None."""
+        return self.r.get(self._k("thumb", tracklet_id))

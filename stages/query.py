@@ -1,0 +1,92 @@
+"""Operator queries over the identity store: identities, cross-camera links, one tracklet.
+
+Used by ``reidstream query …`` (table or JSON) and by the HTTP API (``reidstream api``), which
+serves the same answers as JSON:
+
+===============================  ===========================================================
+``GET /identities``              global identities (``?min_cameras=2`` for cross-camera ones)
+``GET /links``                   tracklet → identity links (``?cross_camera=true``, ``?camera=``)
+``GET /tracklets/{id}``          one link, 404 when unknown
+``GET /tracklets/{id}/thumbnail`` its JPEG crop
+``GET /healthz``                 Redis reachable
+===============================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.store import IdentityStore
+
+
+def identities(store: IdentityStore, min_cameras: int = 1) -> list[dict[str, Any]]:
+    """Identities seen on at least ``min_cameras`` cameras, as ``identities.json`` objects."""
+    return [i.to_json() for i in store.identities() if len(i.cameras) >= min_cameras]
+
+
+def links(store: IdentityStore, cross_camera: bool = False, camera: str | None = None) -> list[dict[str, Any]]:
+    """Links as ``links.json`` objects, in storage order.
+
+    Args:
+        store: The identity store.
+        cross_camera: Only links whose identity spans two or more cameras.
+        camera: Only links of this camera.
+    """
+    out = store.links()
+    if camera is not None:
+        out = [link for link in out if link.camera == camera]
+    if cross_camera:
+        spans = {i.global_id: len(i.cameras) for i in store.identities()}
+        out = [link for link in out if spans.get(link.global_id, 0) >= 2]
+    return [link.to_json() for link in out]
+
+
+def tracklet(store: IdentityStore, tracklet_id: str) -> dict[str, Any] | None:
+    """One link with its identity's cameras, or None when the tracklet is not linked."""
+    link = store.link(tracklet_id)
+    if link is None:
+        return None
+    ident = store.identity(link.global_id)
+    return {**link.to_json(), "identity_cameras": ident.cameras if ident else [link.camera],
+            "closed_wall_s": link.closed_wall_s, "linked_wall_s": link.linked_wall_s}
+
+
+def create_app(store: IdentityStore) -> Any:
+    """The FastAPI application of the query API over ``store``."""
+    from fastapi import FastAPI, HTTPException, Response
+
+    app = FastAPI(title="reidstream query API", version="1")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        import redis
+
+        try:
+            store.r.ping()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise HTTPException(503, f"Redis unavailable: {exc}") from None
+        return {"ok": True}
+
+    @app.get("/identities")
+    def get_identities(min_cameras: int = 1) -> list[dict[str, Any]]:
+        return identities(store, min_cameras)
+
+    @app.get("/links")
+    def get_links(cross_camera: bool = False, camera: str | None = None) -> list[dict[str, Any]]:
+        return links(store, cross_camera, camera)
+
+    @app.get("/tracklets/{tracklet_id}")
+    def get_tracklet(tracklet_id: str) -> dict[str, Any]:
+        found = tracklet(store, tracklet_id)
+        if found is None:
+            raise HTTPException(404, f"tracklet {tracklet_id!r} is not linked")
+        return found
+
+    @app.get("/tracklets/{tracklet_id}/thumbnail")
+    def get_thumbnail(tracklet_id: str) -> Response:
+        data = store.thumbnail(tracklet_id)
+        if data is None:
+            raise HTTPException(404, f"no thumbnail for {tracklet_id!r}")
+        return Response(content=data, media_type="image/jpeg")
+
+    return app

@@ -1,0 +1,207 @@
+"""The re-id stage: embed tracklets from every camera in batches and publish the embeddings.
+
+``reidstream reid --config C`` consumes the ``tracklets`` topic in a consumer group (so several
+re-id workers share the partitions), decodes each tracklet's JPEG crops, samples T of them evenly,
+runs the configured network (STA by default) on up to ``reid.batch.max_tracklets`` tracklets per
+forward pass, and publishes an :class:`~pipeline.messages.EmbeddingRecord` per tracklet, keyed by
+camera, to the ``embeddings`` topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.config import Config, ReidConfig
+from pipeline.messages import EmbeddingRecord, TrackletRecord, encode
+from pipeline.runner import Output
+
+log = logging.getLogger(__name__)
+
+STAGE = "reid"
+
+
+def sample_indices(n: int, t: int) -> list[int]:
+    """``t`` indices into ``n`` crops, evenly spread; crops repeat when ``n < t``.
+
+    Raises:
+        ValueError: ``n < 1`` or ``t < 1``.
+    """
+    if n < 1 or t < 1:
+        raise ValueError(f"need n >= 1 crops and t >= 1, got n={n}, t={t}")
+    if t == 1:
+        return [n // 2]
+    return [int(round(i * (n - 1) / (t - 1))) for i in range(t)]
+
+
+def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int], mean: tuple[float, ...],
+               std: tuple[float, ...]) -> np.ndarray:
+    """Decode and normalise one tracklet's crops into the network input.
+
+    Args:
+        crops_jpeg: JPEG crops (BGR-encoded by OpenCV), in time order.
+        seq_len: T.
+        input_size: ``(height, width)`` pixels.
+        mean: RGB mean for inputs in [0, 1].
+        std: RGB std for inputs in [0, 1].
+
+    Returns:
+        ``float32 [T, 3, H, W]``, RGB, ``(x / 255 - mean) / std``.
+
+    Raises:
+        ValueError: A crop is not a decodable image.
+    """
+    import cv2
+
+    h, w = input_size
+    out = np.empty((seq_len, 3, h, w), np.float32)
+    m = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, np.float32).reshape(3, 1, 1)
+    decoded: dict[int, np.ndarray] = {}
+    for j, i in enumerate(sample_indices(len(crops_jpeg), seq_len)):
+        if i not in decoded:
+            img = cv2.imdecode(np.frombuffer(crops_jpeg[i], np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError(f"crop {i} is not a decodable JPEG")
+            if img.shape[:2] != (h, w):
+                img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+            rgb = img[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255.0
+            decoded[i] = (rgb - m) / s
+        out[j] = decoded[i]
+    return out
+
+
+def load_model(cfg: ReidConfig) -> tuple[Any, str]:
+    """Build the configured network, from its checkpoint when one is set.
+
+    Returns:
+        ``(model in eval mode, description such as "sta/mobilenet_v2")``.
+
+    Raises:
+        CheckpointError: The checkpoint disagrees with ``cfg.model`` (network, T, input size).
+        ValueError: Unknown network name.
+        WeightsUnavailableError: Pretrained backbone weights are missing.
+    """
+    m = cfg.model
+    size = (m.input_height, m.input_width)
+    if m.checkpoint is not None:
+        from stages.reid.checkpoint import load_for_inference
+
+        model, ckpt = load_for_inference(m.checkpoint, m.type, m.seq_len, size)
+        return model, f"{m.type}/{ckpt['config'].get('backbone', '?')}@{m.checkpoint.name}"
+    from stages.reid.models import build_model
+
+    model = build_model(m.type, backbone=m.backbone, pretrained=m.pretrained, **m.options)
+    return model.eval(), f"{m.type}/{m.backbone}{'' if m.pretrained else '-random'}"
+
+
+class ReidStage:
+    """Embed batches of tracklets.
+
+    Args:
+        engine: An engine from :mod:`stages.reid.engines` (``setup/infer/close``).
+        model_name: Description stored in each embedding record.
+        seq_len: T.
+        input_size: ``(height, width)``.
+        mean: Normalisation mean (RGB, [0, 1] scale).
+        std: Normalisation std.
+        output_topic: Topic of embeddings.
+        max_batch: Tracklets per forward pass at most.
+        clock: Unix-seconds clock.
+    """
+
+    def __init__(self, engine: Any, model_name: str, seq_len: int, input_size: tuple[int, int],
+                 mean: tuple[float, ...], std: tuple[float, ...], output_topic: str, max_batch: int = 8,
+                 clock=time.time) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.seq_len = seq_len
+        self.input_size = input_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.output_topic = output_topic
+        self.max_batch = max_batch
+        self.clock = clock
+        self._batch_size = metrics.REID_BATCH_SIZE.labels(stage=STAGE)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ReidStage:
+        from stages.reid.engines import build_engine
+
+        r = cfg.reid
+        model, name = load_model(r)
+        size = (r.model.input_height, r.model.input_width)
+        engine = build_engine(r.engine, model, r.model.seq_len, size, r.batch.max_tracklets)
+        return cls(engine, name, r.model.seq_len, size, model.mean, model.std, cfg.bus.topics.embeddings,
+                   r.batch.max_tracklets)
+
+    def setup(self) -> None:
+        self.engine.setup()
+
+    def embed(self, records: list[TrackletRecord]) -> np.ndarray:
+        """Embeddings ``float32 [N, D]`` (L2-normalised) of ``records``, in batches of ``max_batch``.
+
+        Raises:
+            ValueError: A record's crops cannot be decoded.
+        """
+        out = []
+        for start in range(0, len(records), self.max_batch):
+            chunk = records[start:start + self.max_batch]
+            clips = np.stack([preprocess(r.crops_jpeg, self.seq_len, self.input_size, self.mean, self.std)
+                              for r in chunk])
+            t = time.perf_counter()
+            emb = self.engine.infer(clips)
+            per_item = (time.perf_counter() - t) / len(chunk)
+            self._batch_size.observe(len(chunk))
+            for r in chunk:
+                metrics.STAGE_LATENCY.labels(stage=STAGE, camera=r.camera).observe(per_item)
+            out.append(emb)
+        return np.concatenate(out, axis=0).astype(np.float32)
+
+    def process(self, records: list[TrackletRecord]) -> list[Output]:
+        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order)."""
+        if not records:
+            return []
+        vectors = self.embed(records)
+        now = self.clock()
+        outputs = []
+        for rec, vec in zip(records, vectors):
+            thumb = rec.crops_jpeg[len(rec.crops_jpeg) // 2]
+            emb = EmbeddingRecord.from_tracklet(rec.meta(), vec, self.model_name, thumb, now)
+            outputs.append(Output(self.output_topic, rec.camera, encode(emb)))
+            metrics.EMBEDDINGS.labels(stage=STAGE, camera=rec.camera).inc()
+        return outputs
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None) -> Any:
+    """Run the re-id stage against the configured Kafka until stopped.
+
+    Raises:
+        BusError: The broker is unreachable.
+        CheckpointError, WeightsUnavailableError, EngineError: The model or engine cannot be loaded.
+    """
+    from pipeline.bus import ensure_topics, make_consumer, make_producer
+    from pipeline.runner import StageRunner
+
+    metrics.serve(cfg.metrics.reid_port, cfg.metrics.host)
+    ensure_topics(cfg.bus)
+    stage = ReidStage.from_config(cfg)
+    consumer = make_consumer(cfg.bus, cfg.bus.topics.tracklets, cfg.reid.group_id, "reid",
+                             max_poll_records=cfg.reid.batch.max_tracklets)
+    producer = make_producer(cfg.bus, "reid")
+    runner = StageRunner(stage, STAGE, consumer, producer, TrackletRecord, cfg.bus.topics.dead_letter,
+                         cfg.reid.batch.max_tracklets, cfg.reid.batch.max_wait_ms, stop)
+    try:
+        return runner.run(idle_exit_s=idle_exit_s)
+    finally:
+        producer.flush()
+        consumer.close()
+        producer.close()

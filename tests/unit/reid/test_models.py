@@ -1,0 +1,418 @@
+"""Contract and behaviour tests for ``stages.reid.models`` (all with random weights, on CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.reid.models import MODELS, ReidOutput, available_models, build_model
+from stages.reid.models.drsta import diversity_regularizer
+from stages.reid.models.sta import inter_frame_regularizer
+
+REPO = Path(__file__).resolve().parents[3]
+ALL_MODELS = sorted(MODELS)
+ORDER_INVARIANT = ["drsta", "part_pool", "sta", "temporal_pool"]
+# Small inputs: 128×64 gives 8×4 maps (output stride 16), enough rows for every default part count.
+SMALL = (3, 128, 64)
+
+
+def _build(name: str, **kwargs: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, pretrained=False, **kwargs)
+
+
+def _clips(batch: int, frames: int, shape: tuple[int, int, int] = SMALL, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, *shape, generator=generator)
+
+
+def _grad_mass(module: torch.nn.Module) -> float:
+    return float(sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="valid names") as info:
+        build_model("nope")
+    for name in ALL_MODELS:
+        assert name in str(info.value)
+
+
+def test_registry_names_match_contract() -> None:
+    assert set(available_models()) == {
+        "sta", "drsta", "siamese_sgru", "conv_attention", "rcn", "temporal_pool", "part_pool"
+    }  # fmt: skip
+
+
+def test_importing_the_package_does_not_import_torch() -> None:
+    code = "import sys, stages.reid.models as m; m.available_models(); print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_acceptance_forward_backward_256x128(name: str) -> None:
+    model = _build(name)
+    x = _clips(2, 4, (3, 256, 128))
+    out = model.forward_train(x)
+    assert isinstance(out, ReidOutput)
+    assert out.features.dtype == torch.float32
+    assert tuple(out.features.shape) == (2, model.embedding_dim)
+    assert out.regularizer.dim() == 0
+    (out.features.square().mean() + out.regularizer).backward()
+    assert _grad_mass(model.backbone) > 0, "no gradient reached the backbone"
+    model.eval()
+    with torch.no_grad():
+        emb = model(x)
+    assert emb.dtype == torch.float32
+    assert tuple(emb.shape) == (2, model.embedding_dim)
+    assert torch.isfinite(emb).all()
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2), atol=1e-5, rtol=0)
+    assert len(model.mean) == len(model.std) == 3
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_config_rebuilds_the_model(name: str) -> None:
+    model = _build(name)
+    json.dumps(model.config)  # JSON-serialisable
+    assert {"backbone", "pretrained", "last_stride"} <= set(model.config)
+    rebuilt = build_model(name, **model.config)
+    assert rebuilt.config == model.config
+    assert rebuilt.embedding_dim == model.embedding_dim
+    rebuilt.load_state_dict(model.state_dict())  # same architecture, strict
+    model.eval()
+    rebuilt.eval()
+    x = _clips(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(2, 3, 64, 32),  # 4-D: a batch of images, not clips
+        torch.zeros(2, 2, 1, 64, 32),  # one channel
+        torch.zeros(2, 2, 3, 64, 32, dtype=torch.uint8),  # raw pixels
+    ],
+    ids=["4d", "gray", "uint8"],
+)
+def test_rejects_malformed_input(name: str, bad: torch.Tensor) -> None:
+    model = _build(name).eval()
+    with pytest.raises(ValueError, match="x must be"):
+        model(bad)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_clips_are_embedded_independently(name: str) -> None:
+    """Eval embeddings of a clip do not depend on the other clips of the batch."""
+    model = _build(name).eval()
+    x = _clips(3, 3)
+    with torch.no_grad():
+        full = model(x)
+        alone = model(x[1:2])
+    torch.testing.assert_close(full[1:2], alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(full[0], full[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_single_frame_clips(name: str) -> None:
+    model = _build(name)
+    out = model.forward_train(_clips(2, 1))
+    assert tuple(out.features.shape) == (2, model.embedding_dim)
+    assert float(out.regularizer) == 0.0
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(_clips(2, 1))).all()
+
+
+@pytest.mark.parametrize("name", ORDER_INVARIANT)
+def test_set_models_ignore_frame_order(name: str) -> None:
+    model = _build(name).eval()
+    x = _clips(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:, [2, 0, 3, 1]]), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["conv_attention", "rcn", "siamese_sgru"])
+def test_recurrent_models_depend_on_frame_order(name: str) -> None:
+    model = _build(name).eval()
+    x = _clips(2, 4)
+    with torch.no_grad():
+        assert not torch.allclose(model(x[:, [2, 0, 3, 1]]), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("sta", {"num_parts": 0}),
+        ("sta", {"reg_weight": -1.0}),
+        ("sta", {"embedding_dim": 0}),
+        ("part_pool", {"num_parts": 2.5}),
+        ("drsta", {"num_models": 0}),
+        ("conv_attention", {"kernel_size": 2}),
+        ("rcn", {"cell": "lstm"}),
+        ("siamese_sgru", {"hidden_size": -3}),
+        ("temporal_pool", {"backbone": "vgg16"}),
+        ("temporal_pool", {"last_stride": 4}),
+    ],
+)
+def test_invalid_arguments(name: str, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        build_model(name, pretrained=False, **kwargs)
+
+
+def test_too_few_rows_for_parts_raises() -> None:
+    model = _build("sta", num_parts=8).eval()
+    with pytest.raises(ValueError, match="num_parts=8"):
+        model(_clips(1, 2, (3, 64, 32)))  # 4 rows
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_pooling_baselines_match_their_definition() -> None:
+    x = _clips(2, 3)
+    tp = _build("temporal_pool").eval()
+    pp = _build("part_pool", num_parts=4).eval()
+    with torch.no_grad():
+        f = tp.frame_features(x)  # [B, T, C, 8, 4]
+        expected_tp = f.mean(dim=(1, 3, 4))
+        torch.testing.assert_close(tp.forward_train(x).features, expected_tp)
+        f = pp.frame_features(x)
+        stripes = [f[:, :, :, 2 * k : 2 * k + 2].mean(dim=(1, 3, 4)) for k in range(4)]
+        torch.testing.assert_close(pp.forward_train(x).features, torch.cat(stripes, dim=1))
+    assert pp.embedding_dim == 4 * tp.embedding_dim
+
+
+# ----------------------------------------------------------------------------- STA
+
+
+def _sta_reference(f: torch.Tensor, num_parts: int) -> torch.Tensor:
+    """Loop implementation of STA's Eqs. (S1)–(S6) without FC, for one clip ``f [T, C, h, w]``."""
+    norms = f.norm(dim=1)  # [T, h, w]
+    g = norms / norms.sum(dim=(1, 2), keepdim=True)
+    rows_per_part = f.shape[2] // num_parts
+    f1_parts, f2_parts = [], []
+    for k in range(num_parts):
+        rows = slice(k * rows_per_part, (k + 1) * rows_per_part)
+        s = g[:, rows].sum(dim=(1, 2))  # [T]
+        score = s / s.sum()
+        best = int(score.argmax())
+        f1_parts.append(f[best, :, rows])
+        f2_parts.append((score[:, None, None, None] * f[:, :, rows]).sum(dim=0))
+    f1 = torch.cat(f1_parts, dim=1)
+    f2 = torch.cat(f2_parts, dim=1)
+    return torch.cat([f1.mean(dim=(1, 2)), f2.mean(dim=(1, 2))])
+
+
+def test_sta_matches_loop_reference() -> None:
+    model = _build("sta", num_parts=4).eval()
+    x = _clips(2, 5)
+    with torch.no_grad():
+        f = model.frame_features(x)
+        got = model.forward_train(x).features
+        expected = torch.stack([_sta_reference(f[b], 4) for b in range(2)])
+    assert model.embedding_dim == 2 * model.backbone.out_channels
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sta_scores_are_l1_normalised_across_frames() -> None:
+    model = _build("sta", num_parts=4).eval()
+    with torch.no_grad():
+        g, scores, masks = model.attention_scores(model.frame_features(_clips(2, 5)))
+    torch.testing.assert_close(g.sum(dim=(2, 3)), torch.ones(2, 5))
+    torch.testing.assert_close(scores.sum(dim=1), torch.ones(2, 4))
+    assert tuple(masks.shape) == (4, g.shape[2])
+
+
+def test_sta_regulariser_zero_for_equal_frames_positive_otherwise() -> None:
+    model = _build("sta", reg_weight=2.0).train()
+    frame = _clips(2, 1)
+    same = model.forward_train(frame.expand(2, 4, *SMALL).contiguous()).regularizer
+    assert float(same) == pytest.approx(0.0, abs=1e-7)
+    different = model.forward_train(_clips(2, 4)).regularizer
+    assert float(different) > 0
+    model.zero_grad()
+    different.backward()
+    assert _grad_mass(model.backbone) > 0, "regulariser gradient did not reach the backbone"
+    model.eval()
+    assert float(model.forward_train(_clips(2, 4)).regularizer) == 0.0
+
+
+def test_inter_frame_regulariser_is_frobenius_norm_of_difference() -> None:
+    g = torch.rand(3, 4, 8, 4, requires_grad=True)
+    first, second = torch.tensor([0, 1, 3]), torch.tensor([2, 1, 0])
+    reg = inter_frame_regularizer(g, first, second)
+    expected = torch.stack([(g[b, first[b]] - g[b, second[b]]).pow(2).sum().sqrt() for b in range(3)])
+    torch.testing.assert_close(reg, expected.mean())
+    reg.backward()
+    assert torch.isfinite(g.grad).all()  # the clip with equal frames has a finite (zero) gradient
+    assert g.grad[1].abs().sum() == 0
+
+
+def test_sta_with_fc_head() -> None:
+    model = _build("sta", embedding_dim=64)
+    out = model.forward_train(_clips(2, 3))
+    assert model.embedding_dim == 64 == out.features.shape[1]
+
+
+def test_sta_exports_to_onnx_with_dynamic_batch() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = _build("sta", num_parts=4).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (_clips(2, 3, (3, 64, 32)),),
+        buffer,
+        dynamo=False,
+        opset_version=17,
+        input_names=["clips"],
+        output_names=["embeddings"],
+        dynamic_axes={"clips": {0: "batch"}, "embeddings": {0: "batch"}},
+    )
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    x = _clips(3, 3, (3, 64, 32), seed=7)  # a batch size other than the traced one
+    got = session.run(None, {"clips": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert got.shape == expected.shape == (3, model.embedding_dim)
+    assert abs(got - expected).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- DRSTA
+
+
+def test_diversity_regulariser_extremes() -> None:
+    k, locations = 4, 32
+    disjoint = torch.zeros(k, locations)
+    for i in range(k):
+        disjoint[i, i * 8 : (i + 1) * 8] = 1 / 8
+    identical = torch.full((k, locations), 1 / locations)
+    overlap = 0.5 * disjoint + 0.5 * identical
+    low = float(diversity_regularizer(disjoint))
+    high = float(diversity_regularizer(identical))
+    mid = float(diversity_regularizer(overlap))
+    assert low == pytest.approx(0.0, abs=1e-4)
+    assert high == pytest.approx(k * (k - 1), rel=1e-4)
+    assert low < mid < high
+
+
+def test_drsta_attention_and_regulariser_gradient() -> None:
+    model = _build("drsta", num_models=3, attention_dim=32, reg_weight=0.5).train()
+    x = _clips(2, 3)
+    with torch.no_grad():
+        s = model.spatial_attention(model.frame_features(x))
+    assert tuple(s.shape) == (2, 3, 3, 8 * 4)
+    torch.testing.assert_close(s.sum(dim=-1), torch.ones(2, 3, 3))
+    out = model.forward_train(x)
+    assert 0 < float(out.regularizer) <= 0.5 * 3 * 2 + 1e-4
+    out.regularizer.backward()
+    assert _grad_mass(model.spatial) > 0
+    assert model.embedding_dim == 3 * model.backbone.out_channels
+
+
+# ----------------------------------------------------------------------------- Siamese SGRU
+
+
+def test_siamese_similarity_bounded_symmetric_differentiable() -> None:
+    model = _build("siamese_sgru", hidden_size=32)
+    a, b = _clips(2, 3, seed=1), _clips(2, 4, seed=2)  # different sequence lengths
+    sim = model.similarity(a, b)
+    assert sim.dtype == torch.float32 and tuple(sim.shape) == (2,)
+    assert ((sim >= -1 - 1e-6) & (sim <= 1 + 1e-6)).all()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.similarity(a, b), model.similarity(b, a))
+    model.train()
+    model.zero_grad()
+    sim.sum().backward()
+    assert _grad_mass(model.spatial_attention) > 0
+    assert _grad_mass(model.temporal_attention) > 0
+    assert _grad_mass(model.backbone) > 0
+
+
+def test_siamese_attention_is_pair_conditioned() -> None:
+    model = _build("siamese_sgru", hidden_size=32).eval()
+    a, b = _clips(2, 3, seed=1), _clips(2, 3, seed=2)
+    with torch.no_grad():
+        alone = model.forward_train(a).features
+        paired, _ = model.embed_pair(a, b)
+        self_paired, _ = model.embed_pair(a, a)
+    assert not torch.allclose(alone, paired, atol=1e-6)
+    torch.testing.assert_close(self_paired, alone)
+
+
+def test_siamese_rejects_mismatched_batches() -> None:
+    model = _build("siamese_sgru", hidden_size=32)
+    with pytest.raises(ValueError, match="same number of clips"):
+        model.similarity(_clips(2, 3), _clips(3, 3))
+    with pytest.raises(ValueError, match="b must be"):
+        model.similarity(_clips(2, 3), torch.zeros(2, 3, 64, 32))
+
+
+# ----------------------------------------------------------------------------- conv attention
+
+
+@pytest.mark.parametrize("num_filters", [1, 3])
+def test_conv_attention_filters_and_recurrence(num_filters: int) -> None:
+    model = _build("conv_attention", num_filters=num_filters, hidden_channels=16).eval()
+    assert model.embedding_dim == num_filters * model.backbone.out_channels
+    x = _clips(1, 3)
+    changed_first = x.clone()
+    changed_first[:, 0] = _clips(1, 1, seed=9)[:, 0]
+    changed_last = x.clone()
+    changed_last[:, 2] = _clips(1, 1, seed=9)[:, 0]
+    with torch.no_grad():
+        maps = model.attention_maps(x)
+        maps_first = model.attention_maps(changed_first)
+        maps_last = model.attention_maps(changed_last)
+    assert tuple(maps.shape) == (1, 3, num_filters, 8 * 4)
+    torch.testing.assert_close(maps.sum(dim=-1), torch.ones(1, 3, num_filters))
+    # the hidden state carries earlier frames into the attention of later frames ...
+    assert not torch.allclose(maps[:, 1], maps_first[:, 1], atol=1e-7)
+    # ... and never the other way round
+    torch.testing.assert_close(maps[:, :2], maps_last[:, :2])
+
+
+# ----------------------------------------------------------------------------- RCN
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_rcn_cells(cell: str) -> None:
+    model = _build("rcn", cell=cell, hidden_size=16)
+    out = model.forward_train(_clips(2, 3))
+    assert tuple(out.features.shape) == (2, 16) and model.embedding_dim == 16
+    out.features.sum().backward()
+    assert _grad_mass(model.frame_fc) > 0
+
+
+def test_rcn_rnn_pools_preactivations() -> None:
+    """With ``cell="rnn"`` the pooled outputs are ``o_t = W_i a_t + W_s tanh(o_{t-1})`` (Eq. R2)."""
+    model = _build("rcn", cell="rnn", hidden_size=8).eval()
+    x = _clips(1, 3)
+    with torch.no_grad():
+        a = model.frame_fc(model.frame_features(x).mean(dim=(3, 4)))[0]
+        r = torch.zeros(8)
+        outputs = []
+        for t in range(3):
+            o = model.input_proj(a[t]) + model.state_proj(r)
+            r = torch.tanh(o)
+            outputs.append(o)
+        expected = torch.stack(outputs).mean(dim=0, keepdim=True)
+        torch.testing.assert_close(model.forward_train(x).features, expected)
+        torch.testing.assert_close(model(x), F.normalize(expected, dim=1))
