@@ -227,6 +227,11 @@ class MatcherConfig(_Model):
         description="Seconds two tracklets may overlap in time on different cameras and still be one person "
         "(adjacent fields of view share a border).",
     )
+    center: bool = Field(
+        True,
+        description="Compare embeddings after subtracting the running mean of all embeddings seen: needed for "
+        "untrained (non-negative) ImageNet features, harmless for trained ones.",
+    )
     group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
     gallery_ttl_s: float | None = Field(
         None, gt=0, description="Identities unseen for longer (stream seconds) stop being candidates; null keeps all."

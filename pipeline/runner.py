@@ -100,7 +100,8 @@ class StageRunner:
         self.stats = RunnerStats()
 
     def run(self, idle_exit_s: float | None = None) -> RunnerStats:
-        """Loop until ``stop`` is set (or no message came for ``idle_exit_s`` seconds).
+        """Loop until ``stop`` is set (or, once partitions are assigned, no message came for
+        ``idle_exit_s`` seconds).
 
         Returns:
             The counts.
@@ -112,7 +113,9 @@ class StageRunner:
                 messages = [m for batch in polled.values() for m in batch]
                 if not messages:
                     self._update_lag()
-                    if idle_exit_s is not None and time.monotonic() - self.stats.last_message_monotonic > idle_exit_s:
+                    if not self.consumer.assignment():  # still joining the group: not idle yet
+                        self.stats.last_message_monotonic = time.monotonic()
+                    elif idle_exit_s is not None and time.monotonic() - self.stats.last_message_monotonic > idle_exit_s:
                         break
                     continue
                 self.stats.last_message_monotonic = time.monotonic()

@@ -16,6 +16,8 @@ key                                  type    content
 ``{ns}:tracklets``                   zset    tracklet id → linked order (monotonic counter)
 ``{ns}:camera:{cam}:sightings``      zset    tracklet id → start_s
 ``{ns}:thumb:{tid}``                 string  JPEG crop (BGR-encoded)
+``{ns}:stats``                       hash    embedding_sum (float64 bytes), embedding_count: the
+                                             running mean the matcher centres embeddings on
 ===================================  ======  =====================================================
 
 A link is written in one MULTI/EXEC transaction together with the identity update, so readers never
@@ -179,7 +181,8 @@ class IdentityStore:
         return f"G{int(self.r.incr(self._k('seq', 'identity'))):06d}"
 
     def record_link(self, link: Link, embedding: np.ndarray, centroid_sum: np.ndarray, cameras: Iterable[str],
-                    first_seen_s: float, last_seen_s: float, thumbnail: bytes | None) -> bool:
+                    first_seen_s: float, last_seen_s: float, thumbnail: bytes | None,
+                    embedding_sum: np.ndarray | None = None) -> bool:
         """Store ``link`` and the updated identity atomically, unless the tracklet is already linked.
 
         Args:
@@ -190,6 +193,8 @@ class IdentityStore:
             first_seen_s: The identity's first sighting, stream seconds.
             last_seen_s: The identity's last sighting, stream seconds.
             thumbnail: JPEG bytes of one crop, or None.
+            embedding_sum: The matcher's new running sum of all embeddings (``float64 [D]``), stored
+                with the count of links so a restarted matcher centres the same way.
 
         Returns:
             True if written, False if the tracklet was already linked (a replay).
@@ -225,10 +230,20 @@ class IdentityStore:
                 pipe.zadd(self._k("identities"), {link.global_id: first_seen_s}, nx=True)
                 if thumbnail:
                     pipe.set(self._k("thumb", link.tracklet_id), thumbnail)
+                if embedding_sum is not None:
+                    pipe.hset(self._k("stats"), "embedding_sum", np.asarray(embedding_sum, "<f8").tobytes())
+                    pipe.hincrby(self._k("stats"), "embedding_count", 1)
                 pipe.execute()
                 return True
             except redis.WatchError:
                 return False
+
+    def embedding_stats(self) -> tuple[np.ndarray | None, int]:
+        """The running ``(sum float64 [D], count)`` of every linked embedding; ``(None, 0)`` when empty."""
+        raw, count = self.r.hmget(self._k("stats"), "embedding_sum", "embedding_count")
+        if raw is None:
+            return None, 0
+        return np.frombuffer(raw, "<f8").copy(), int(count or 0)
 
     def load_gallery(self) -> list[IdentityState]:
         """Every identity with its centroid sum and sightings, for a matcher (re)start."""

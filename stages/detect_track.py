@@ -134,9 +134,10 @@ class UltralyticsDetectorTracker:
         """
         if self.model is None:
             raise RuntimeError("setup() must be called before process()")
+        extra = {"half": True} if self.half else {}  # passing half=False makes Ultralytics warn every frame
         result = self.model.track(frame.image, persist=True, tracker=self.tracker, classes=self.classes,
                                   conf=self.conf, iou=self.iou, imgsz=self.imgsz, device=self.device,
-                                  half=self.half, verbose=False)[0]
+                                  verbose=False, **extra)[0]
         boxes = result.boxes
         if boxes is None or boxes.id is None or len(boxes) == 0:
             return TrackedDetections.empty()

@@ -277,8 +277,8 @@ def _resnet50(pretrained: bool, last_stride: int) -> Backbone:
         if path is None:
             raise WeightsUnavailableError(
                 "ResNet-50 ImageNet weights are not in the local torch hub cache and are never "
-                f"downloaded: place {candidates[0].name} (from {ResNet50_Weights.IMAGENET1K_V1.url}) "
-                f"in {checkpoints}, or use pretrained=False"
+                f"downloaded: place {candidates[0].name} (from "
+                f"{ResNet50_Weights.IMAGENET1K_V1.url}) in {checkpoints}, or use pretrained=False"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
@@ -291,7 +291,9 @@ def _resnet50(pretrained: bool, last_stride: int) -> Backbone:
         model.conv1, model.bn1, model.relu, model.maxpool,
         model.layer1, model.layer2, model.layer3, model.layer4,
     )  # fmt: skip
-    return Backbone("resnet50", body, 2048, IMAGENET_MEAN, IMAGENET_STD, 16 * last_stride, pretrained)
+    return Backbone(
+        "resnet50", body, 2048, IMAGENET_MEAN, IMAGENET_STD, 16 * last_stride, pretrained
+    )
 
 
 _BUILDERS: dict[str, Callable[[bool, int], Backbone]] = {

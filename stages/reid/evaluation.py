@@ -388,8 +388,8 @@ def k_reciprocal_rerank(
     1. k-reciprocal neighbours (Eq. 4): ``R(p, k) = {g in N(p, k) : p in N(g, k)}``.
     2. Expansion (Eq. 6): ``R*(p, k) = R(p, k) U R(q, k/2)`` for each ``q in R(p, k)`` with
        ``|R(p, k) ∩ R(q, k/2)| >= 2/3 |R(q, k/2)|`` (``k/2`` rounded half to even).
-    3. Gaussian-kernel encoding (Eq. 7): ``V[p, g] = exp(-d(p, g))`` for ``g in R*(p, k)``, else 0;
-       each row is normalised to sum to 1 (as in the authors' released code).
+    3. Gaussian-kernel encoding (Eqs. 7-8): ``V[p, g] = exp(-d(p, g))`` for ``g in R*(p, k)``, else
+       0; each row is normalised to sum to 1 (as in the authors' released code).
     4. Local query expansion (Eq. 11): ``V[p] <- mean of V[g]`` over the ``k2`` nearest items of
        ``p`` (itself included); ``k2 = 1`` disables it.
     5. Jaccard distance (Eq. 10): ``d_J(p, g) = 1 - sum_j min(V[p, j], V[g, j]) / sum_j max(...)``.
@@ -470,7 +470,7 @@ def k_reciprocal_rerank(
     expanded = ((recip + accepted @ recip_half) > 0).tocsr()
     expanded.sort_indices()
 
-    # Gaussian-kernel encoding (Eq. 7), row-normalised; and the normalised q->g original distance.
+    # Gaussian-kernel encoding (Eqs. 7-8), row-normalised; and the normalised q->g original distance.
     data = np.empty(expanded.nnz, dtype=np.float64)
     original_qg = np.empty((num_q, num_g), dtype=np.float32)
     for start in range(0, n, block_size):
@@ -495,7 +495,7 @@ def k_reciprocal_rerank(
     sums_q = np.asarray(enc_q.sum(axis=1)).ravel()
     sums_g = np.asarray(enc_g.sum(axis=1)).ravel()
     col_len = np.diff(enc_g.indptr)
-    jaccard = np.empty((num_q, num_g), dtype=np.float64)
+    final = original_qg  # overwritten block by block with Eq. 12
     q_block = max(1, block_size // 8)
     for start in range(0, num_q, q_block):
         stop = min(start + q_block, num_q)
@@ -508,10 +508,9 @@ def k_reciprocal_rerank(
         flat = np.repeat(sub.row, lengths) * num_g + enc_g.indices[offsets]
         min_sum = np.bincount(flat, weights=mins, minlength=(stop - start) * num_g).reshape(stop - start, num_g)
         max_sum = sums_q[start:stop, None] + sums_g[None, :] - min_sum
-        jaccard[start:stop] = 1.0 - min_sum / np.maximum(max_sum, 1e-12)
-
-    final = (1.0 - lambda_value) * jaccard + lambda_value * original_qg
-    return final.astype(np.float32)
+        jaccard = 1.0 - min_sum / np.maximum(max_sum, 1e-12)
+        final[start:stop] = (1.0 - lambda_value) * jaccard + lambda_value * original_qg[start:stop]
+    return final
 
 
 __all__ = [

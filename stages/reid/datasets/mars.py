@@ -100,7 +100,9 @@ def _tracks(
                 )
         paths = tuple(str(image_dir / name[:4] / name) for name in frame_names)
         items.append(
-            TrackletItem(paths=paths, pid=pid, camid=cam - 1, tracklet_id=f"{subset}/{row + 1:05d}/{frame_names[0][:11]}")
+            TrackletItem(
+                paths=paths, pid=pid, camid=cam - 1, tracklet_id=f"{subset}/{row + 1:05d}/{frame_names[0][:11]}"
+            )
         )
     return items
 

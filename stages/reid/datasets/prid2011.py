@@ -129,7 +129,9 @@ def _sequences(root: Path, persons: list[str], cams: tuple[str, ...]) -> list[Tr
             if not paths:
                 raise FileNotFoundError(f"{_cam_dir(root, cam) / person} holds no .png frames; layout:\n{LAYOUT}")
             items.append(
-                TrackletItem(paths=tuple(paths), pid=int(match.group(1)), camid=_CAMS.index(cam), tracklet_id=f"{cam}/{person}")
+                TrackletItem(
+                    paths=tuple(paths), pid=int(match.group(1)), camid=_CAMS.index(cam), tracklet_id=f"{cam}/{person}"
+                )
             )
     return items
 

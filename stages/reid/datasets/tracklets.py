@@ -246,7 +246,9 @@ def load_tracklets(
     if protocol == "auto":
         protocol = "cameras" if all(labelled) else "halves"
     if protocol == "cameras" and not all(labelled):
-        raise ValueError(f"{root}: protocol 'cameras' needs a pid in every meta.json ({labelled.count(False)} lack one)")
+        raise ValueError(
+            f"{root}: protocol 'cameras' needs a pid in every meta.json ({labelled.count(False)} lack one)"
+        )
 
     cameras = sorted({meta["camera"] for meta, _ in records})
     cam_index = {name: i for i, name in enumerate(cameras)}
@@ -256,7 +258,8 @@ def load_tracklets(
         pid = meta["pid"]
         if pid is None:
             pid, next_pid = next_pid, next_pid + 1
-        items.append(TrackletItem(paths=paths, pid=pid, camid=cam_index[meta["camera"]], tracklet_id=meta["tracklet_id"]))
+        camid = cam_index[meta["camera"]]
+        items.append(TrackletItem(paths=paths, pid=pid, camid=camid, tracklet_id=meta["tracklet_id"]))
 
     by_pid: dict[int, list[TrackletItem]] = defaultdict(list)
     for item in items:

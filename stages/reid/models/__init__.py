@@ -68,7 +68,8 @@ def build_model(name: str, **kwargs: Any) -> ReidModel:
         2560
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(available_models())}")
+        valid = ", ".join(available_models())
+        raise ValueError(f"unknown model name {name!r}; valid names: {valid}")
     module_name, _, class_name = MODELS[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(**kwargs)

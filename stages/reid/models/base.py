@@ -17,14 +17,19 @@ from stages.reid.backbones import Backbone, build_backbone, static_shape
 
 __all__ = [
     "EmbeddingHead",
+    "check_non_negative_float",
+    "check_positive_int",
     "ReidModel",
     "ReidOutput",
     "part_masks",
     "validate_clips",
 ]
 
-EPS = 1e-6
-"""Guard added to denominators of normalisations (dimensionless)."""
+TINY = 1e-12
+"""Lower bound of denominators of normalisations, so that an all-zero input gives zeros, not NaN.
+
+A floor (rather than an added epsilon) keeps normalisations scale-invariant for small activations.
+"""
 
 
 class ReidOutput(NamedTuple):
@@ -86,15 +91,39 @@ def part_masks(
         ValueError: If ``height < num_parts`` (a stripe would be empty): use a larger input or fewer
             parts.
     """
-    if _trace_safe_int(height) < num_parts:
+    rows_available = _trace_safe_int(height)
+    if rows_available < num_parts:
         raise ValueError(
-            f"feature map has {height} rows, fewer than num_parts={num_parts}: use a taller input "
+            f"feature map has {rows_available} rows, fewer than num_parts={num_parts}: use a taller input "
             "or fewer parts"
         )
     rows = torch.arange(height, device=device)
     owner = torch.div(rows * num_parts, height, rounding_mode="floor")
     parts = torch.arange(num_parts, device=device)
     return (parts[:, None] == owner[None, :]).to(dtype)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` if it is a positive int.
+
+    Raises:
+        ValueError: Otherwise, naming the argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_non_negative_float(value: Any, name: str) -> float:
+    """Return ``value`` as float if it is a finite number ≥ 0.
+
+    Raises:
+        ValueError: Otherwise, naming the argument.
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class EmbeddingHead(nn.Module):
@@ -113,10 +142,8 @@ class EmbeddingHead(nn.Module):
 
     def __init__(self, in_dim: int, embedding_dim: int | None) -> None:
         super().__init__()
-        if embedding_dim is not None and (
-            isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1
-        ):
-            raise ValueError(f"embedding_dim must be a positive int or None, got {embedding_dim!r}")
+        if embedding_dim is not None:
+            check_positive_int(embedding_dim, "embedding_dim")
         self.out_dim = int(in_dim if embedding_dim is None else embedding_dim)
         if embedding_dim is None:
             self.proj: nn.Module = nn.Identity()
@@ -128,28 +155,6 @@ class EmbeddingHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``float32 [B, in_dim]`` to ``float32 [B, out_dim]``."""
         return self.proj(x)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """Return ``value`` if it is a positive int.
-
-    Raises:
-        ValueError: Otherwise, naming the argument.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _non_negative_float(value: Any, name: str) -> float:
-    """Return ``value`` as float if it is a finite number ≥ 0.
-
-    Raises:
-        ValueError: Otherwise, naming the argument.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class ReidModel(nn.Module):

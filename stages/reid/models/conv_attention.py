@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import EmbeddingHead, ReidModel, ReidOutput, _positive_int
+from .base import EmbeddingHead, ReidModel, ReidOutput, check_positive_int
 
 __all__ = ["ConvAttention"]
 
@@ -64,9 +64,9 @@ class ConvAttention(ReidModel):
         kernel_size: int = 3,
         embedding_dim: int | None = None,
     ) -> None:
-        num_filters = _positive_int(num_filters, "num_filters")
-        hidden_channels = _positive_int(hidden_channels, "hidden_channels")
-        kernel_size = _positive_int(kernel_size, "kernel_size")
+        num_filters = check_positive_int(num_filters, "num_filters")
+        hidden_channels = check_positive_int(hidden_channels, "hidden_channels")
+        kernel_size = check_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         super().__init__(
@@ -122,7 +122,8 @@ class ConvAttention(ReidModel):
             i, fg, o, g = self.gates(torch.cat([weight * xt, state], dim=1)).chunk(4, dim=1)  # (C4)
             cell = torch.sigmoid(fg) * cell + torch.sigmoid(i) * torch.tanh(g)
             state = torch.sigmoid(o) * torch.tanh(cell)
-            descriptors.append(torch.einsum("bml,bcl->bmc", att, f[:, step].flatten(2)).flatten(1))  # (C5)
+            pooled = torch.einsum("bml,bcl->bmc", att, f[:, step].flatten(2))  # (C5) [B, M, C]
+            descriptors.append(pooled.flatten(1))
             maps.append(att)
         return torch.stack(descriptors, dim=1), torch.stack(maps, dim=1)
 

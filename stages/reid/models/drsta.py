@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import EmbeddingHead, ReidModel, ReidOutput, _non_negative_float, _positive_int
+from .base import EmbeddingHead, ReidModel, ReidOutput, check_non_negative_float, check_positive_int
 
 __all__ = ["DRSTA", "diversity_regularizer"]
 
@@ -84,9 +84,9 @@ class DRSTA(ReidModel):
         embedding_dim: int | None = None,
         reg_weight: float = 1.0,
     ) -> None:
-        num_models = _positive_int(num_models, "num_models")
-        attention_dim = _positive_int(attention_dim, "attention_dim")
-        reg_weight = _non_negative_float(reg_weight, "reg_weight")
+        num_models = check_positive_int(num_models, "num_models")
+        attention_dim = check_positive_int(attention_dim, "attention_dim")
+        reg_weight = check_non_negative_float(reg_weight, "reg_weight")
         super().__init__(
             dict(
                 backbone=backbone,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ReidModel, ReidOutput, _positive_int, part_masks
+from .base import ReidModel, ReidOutput, check_positive_int, part_masks
 
 __all__ = ["PartPool", "TemporalPool"]
 
@@ -35,7 +35,9 @@ class TemporalPool(ReidModel):
         ValueError: If an argument is invalid.
     """
 
-    def __init__(self, backbone: str = "mobilenet_v2", pretrained: bool = True, last_stride: int = 1) -> None:
+    def __init__(
+        self, backbone: str = "mobilenet_v2", pretrained: bool = True, last_stride: int = 1
+    ) -> None:
         super().__init__(dict(backbone=backbone, pretrained=pretrained, last_stride=last_stride))
         self.embedding_dim = self.backbone.out_channels
 
@@ -73,9 +75,14 @@ class PartPool(ReidModel):
         last_stride: int = 1,
         num_parts: int = 4,
     ) -> None:
-        num_parts = _positive_int(num_parts, "num_parts")
+        num_parts = check_positive_int(num_parts, "num_parts")
         super().__init__(
-            dict(backbone=backbone, pretrained=pretrained, last_stride=last_stride, num_parts=num_parts)
+            dict(
+                backbone=backbone,
+                pretrained=pretrained,
+                last_stride=last_stride,
+                num_parts=num_parts,
+            )
         )
         self.num_parts = num_parts
         self.embedding_dim = num_parts * self.backbone.out_channels

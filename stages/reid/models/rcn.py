@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ReidModel, ReidOutput, _positive_int
+from .base import ReidModel, ReidOutput, check_positive_int
 
 __all__ = ["RCN"]
 
@@ -56,7 +56,7 @@ class RCN(ReidModel):
         hidden_size: int = 128,
         cell: str = "rnn",
     ) -> None:
-        hidden_size = _positive_int(hidden_size, "hidden_size")
+        hidden_size = check_positive_int(hidden_size, "hidden_size")
         if cell not in _CELLS:
             raise ValueError(f"cell must be one of {', '.join(_CELLS)}, got {cell!r}")
         super().__init__(

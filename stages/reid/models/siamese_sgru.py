@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ReidModel, ReidOutput, _positive_int, part_masks, validate_clips
+from .base import ReidModel, ReidOutput, check_positive_int, part_masks, validate_clips
 
 __all__ = ["SiameseSGRU"]
 
@@ -91,8 +91,8 @@ class SiameseSGRU(ReidModel):
         num_regions: int = 6,
         hidden_size: int = 256,
     ) -> None:
-        num_regions = _positive_int(num_regions, "num_regions")
-        hidden_size = _positive_int(hidden_size, "hidden_size")
+        num_regions = check_positive_int(num_regions, "num_regions")
+        hidden_size = check_positive_int(hidden_size, "hidden_size")
         super().__init__(
             dict(
                 backbone=backbone,
@@ -104,7 +104,9 @@ class SiameseSGRU(ReidModel):
         )
         d = hidden_size
         self.num_regions = num_regions
-        self.local = nn.Sequential(nn.Conv2d(self.backbone.out_channels, d, 1), nn.ReLU(inplace=True))
+        self.local = nn.Sequential(
+            nn.Conv2d(self.backbone.out_channels, d, kernel_size=1), nn.ReLU(inplace=True)
+        )  # (W1)
         self.spatial_attention = _AdditiveAttention(d)  # (W3)
         self.reset_gate = nn.Linear(2 * d, d)  # W_ρ, U_ρ, b_ρ of (W4)
         self.candidate_input = nn.Linear(d, d)  # W_h, b_h
@@ -184,7 +186,9 @@ class SiameseSGRU(ReidModel):
         validate_clips(a, "a")
         validate_clips(b, "b")
         if a.shape[0] != b.shape[0]:
-            raise ValueError(f"a and b must hold the same number of clips, got {a.shape[0]} and {b.shape[0]}")
+            raise ValueError(
+                f"a and b must hold the same number of clips, got {a.shape[0]} and {b.shape[0]}"
+            )
         va, vb = self.regions(a), self.regions(b)
         return self.encode(va, self.context(vb)), self.encode(vb, self.context(va))
 

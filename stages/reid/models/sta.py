@@ -31,7 +31,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import EPS, EmbeddingHead, ReidModel, ReidOutput, _non_negative_float, _positive_int, part_masks
+from .base import (
+    TINY,
+    EmbeddingHead,
+    ReidModel,
+    ReidOutput,
+    check_non_negative_float,
+    check_positive_int,
+    part_masks,
+)
 
 __all__ = ["STA", "inter_frame_regularizer", "spatial_attention"]
 
@@ -43,11 +51,11 @@ def spatial_attention(f: torch.Tensor) -> torch.Tensor:
         f: ``float32 [..., C, h, w]`` feature maps.
 
     Returns:
-        ``float32 [..., h, w]`` non-negative maps; each sums to 1 over ``h × w`` (up to ``EPS`` for
-        an all-zero map).
+        ``float32 [..., h, w]`` non-negative maps; each sums to 1 over ``h × w`` (an all-zero map
+        stays zero).
     """
     norms = torch.linalg.vector_norm(f, dim=-3)  # [..., h, w]
-    return norms / (norms.sum(dim=(-2, -1), keepdim=True) + EPS)
+    return norms / norms.sum(dim=(-2, -1), keepdim=True).clamp_min(TINY)
 
 
 def inter_frame_regularizer(
@@ -104,8 +112,8 @@ class STA(ReidModel):
         embedding_dim: int | None = None,
         reg_weight: float = 1.0,
     ) -> None:
-        num_parts = _positive_int(num_parts, "num_parts")
-        reg_weight = _non_negative_float(reg_weight, "reg_weight")
+        num_parts = check_positive_int(num_parts, "num_parts")
+        reg_weight = check_non_negative_float(reg_weight, "reg_weight")
         super().__init__(
             dict(
                 backbone=backbone,
@@ -138,7 +146,7 @@ class STA(ReidModel):
         g = spatial_attention(f)  # (S1)
         masks = part_masks(g.shape[2], self.num_parts, g.device, g.dtype)
         s = torch.einsum("bthw,kh->btk", g, masks)  # (S2)
-        scores = s / (s.sum(dim=1, keepdim=True) + EPS)  # (S3)
+        scores = s / s.sum(dim=1, keepdim=True).clamp_min(TINY)  # (S3)
         return g, scores, masks
 
     def forward_train(self, x: torch.Tensor) -> ReidOutput:

@@ -118,7 +118,9 @@ class IlidsInfo:
     frames: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (cam, person) -> frame numbers
 
 
-def write_ilidsvid(root: Path, persons: tuple[int, ...] = ILIDS_PERSONS, num_splits: int = 10, seed: int = 0) -> IlidsInfo:
+def write_ilidsvid(
+    root: Path, persons: tuple[int, ...] = ILIDS_PERSONS, num_splits: int = 10, seed: int = 0
+) -> IlidsInfo:
     """Write an iLIDS-VID-layout data set; frame numbers are random, sorted, zero-padded to 5."""
     rng = np.random.default_rng(seed)
     names = tuple(f"person{p:03d}" for p in persons)
@@ -216,7 +218,9 @@ class MinedTracklet:
     pid: int | None = None
 
 
-def write_mined(root: Path, tracklets: tuple[MinedTracklet, ...], seed: int = 0, size_hw: tuple[int, int] = (16, 8)) -> Path:
+def write_mined(
+    root: Path, tracklets: tuple[MinedTracklet, ...], seed: int = 0, size_hw: tuple[int, int] = (16, 8)
+) -> Path:
     """Write tracklet folders with :func:`write_tracklet_folder` (random crops, plausible metadata)."""
     rng = np.random.default_rng(seed)
     for i, t in enumerate(tracklets):

@@ -73,11 +73,13 @@ def test_mars_follows_published_protocol(tmp_path):
     )
     # Query = test rows 1 and 4 (1-based query_IDX); gallery = the other rows, MARS pids kept,
     # distractors (pid 0) and junk (pid -1) stay in the gallery.
-    assert [(q.pid, q.camid) for q in ds.query] == [(MARS_TEST[i - 1].pid, MARS_TEST[i - 1].cam - 1) for i in MARS_QUERY_IDX]
+    expected_query = [(MARS_TEST[i - 1].pid, MARS_TEST[i - 1].cam - 1) for i in MARS_QUERY_IDX]
+    assert [(q.pid, q.camid) for q in ds.query] == expected_query == [(2, 0), (5, 1)]
     assert [g.pid for g in ds.gallery] == [2, 2, 5, 0, -1]
     junk = ds.gallery[-1]
     assert Path(junk.paths[0]).parent.name == "00-1"
-    assert len({t.tracklet_id for t in ds.train + ds.query + ds.gallery}) == len(ds.train) + len(ds.query) + len(ds.gallery)
+    everything = ds.train + ds.query + ds.gallery
+    assert len({t.tracklet_id for t in everything}) == len(everything)
     assert _all_paths_exist(ds.train + ds.query + ds.gallery)
 
 
@@ -168,7 +170,8 @@ def test_ilidsvid_split_out_of_range(tmp_path):
 
 def test_ilidsvid_bad_split_matrix(tmp_path):
     info = write_ilidsvid(tmp_path / "ilids")
-    savemat(str(info.root / "train-test people splits" / "train_test_splits_ilidsvid.mat"), {"ls_set": np.ones((10, 6))})
+    split_file = info.root / "train-test people splits" / "train_test_splits_ilidsvid.mat"
+    savemat(str(split_file), {"ls_set": np.ones((10, 6))})
     with pytest.raises(ValueError, match="permutation"):
         load_ilidsvid(info.root)
 

@@ -130,7 +130,8 @@ def test_augment_none_is_identity_and_input_untouched():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"flip_p": 1.5}, {"brightness": -0.1}, {"hue": 0.6}, {"erase_area": (0.5, 0.2)}, {"erase_aspect": (0.0, 1.0)}]
+    "kwargs",
+    [{"flip_p": 1.5}, {"brightness": -0.1}, {"hue": 0.6}, {"erase_area": (0.5, 0.2)}, {"erase_aspect": (0.0, 1.0)}],
 )
 def test_augment_validates(kwargs):
     with pytest.raises(ValueError):

@@ -1,0 +1,103 @@
+"""Config loading: defaults merged into cameras, env overrides, errors naming file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_config, resolve_asset
+
+ROOT = Path(__file__).resolve().parents[3]
+
+BASE = """\
+version: 1
+defaults:
+  detector:
+    imgsz: 416
+    conf: 0.4
+cameras:
+  - name: left
+    source: a.avi
+    roi: [0, 0, 10, 10]
+  - name: right
+    source: b.avi
+    detector:
+      conf: 0.6
+"""
+
+
+def test_demo_config_loads():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", environ={})
+    assert [c.name for c in cfg.cameras] == ["left", "right"]
+    assert cfg.cameras[0].roi == (0, 0, 384, 576)
+    assert cfg.reid.model.type == "sta"
+
+
+def test_defaults_merge_key_by_key_and_camera_wins():
+    cfg = parse_config(BASE, "x.yaml", environ={})
+    left, right = cfg.cameras
+    assert (left.detector.imgsz, left.detector.conf) == (416, 0.4)
+    assert (right.detector.imgsz, right.detector.conf) == (416, 0.6)  # imgsz from defaults, conf its own
+    assert right.detector.weights == left.detector.weights  # untouched keys keep model defaults
+
+
+def test_env_overrides_nested_keys():
+    env = {"REIDSTREAM__MATCHER__THRESHOLD": "0.9", "REIDSTREAM__DEFAULTS__MAX_FRAMES": "12",
+           "REIDSTREAM__BUS__BOOTSTRAP_SERVERS": "kafka:9092", "OTHER": "ignored"}
+    cfg = parse_config(BASE, "x.yaml", environ=env)
+    assert cfg.matcher.threshold == 0.9
+    assert cfg.bus.bootstrap_servers == "kafka:9092"
+    assert [c.max_frames for c in cfg.cameras] == [12, 12]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BASE.replace("    conf: 0.4\n", "    conf: 0.4\n    confidence: 1\n"), ["x.yaml:6:", "confidence", "unknown key"]),
+        (BASE.replace("roi: [0, 0, 10, 10]", "roi: [0, 0, -1, 10]"), ["x.yaml:9:", "cameras.0.roi"]),
+        (BASE.replace("conf: 0.6", "conf: high"), ["x.yaml:13:", "cameras.1.detector.conf"]),
+        (BASE.replace("    source: b.avi\n", ""), ["cameras.1.source", "required"]),
+        ("matcher:\n  threshold: 2\n", ["x.yaml:2:", "matcher.threshold"]),
+        ("bus: [1, 2\n", ["x.yaml", "invalid YAML"]),
+        ("- 1\n- 2\n", ["x.yaml:1:", "mapping"]),
+        (BASE + "  - name: left\n    source: c.avi\n", ["unique", "left"]),
+    ],
+)
+def test_invalid_config_names_file_line_and_key(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "x.yaml", environ={})
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_missing_file_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_camera_lists_names():
+    cfg = parse_config(BASE, "x.yaml", environ={})
+    with pytest.raises(ConfigError, match=r"\['left', 'right'\]"):
+        cfg.camera("middle")
+
+
+def test_metrics_ports_per_camera():
+    cfg = parse_config(BASE.replace("    source: b.avi\n", "    source: b.avi\n    metrics_port: 9999\n"), "x", environ={})
+    assert cfg.camera_metrics_port("left") == cfg.metrics.camera_base_port
+    assert cfg.camera_metrics_port("right") == 9999
+
+
+def test_config_is_frozen():
+    cfg = parse_config(BASE, "x.yaml", environ={})
+    with pytest.raises(Exception):
+        cfg.matcher.threshold = 0.1  # type: ignore[misc]
+
+
+def test_resolve_asset_from_installed_package_and_errors(tmp_path):
+    path = resolve_asset("package://fall_detection/models/best.pt")
+    assert path.is_file() and path.stat().st_size > 1_000_000
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        resolve_asset("package://no_such_pkg_xyz/a.pt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve_asset(str(tmp_path / "missing.pt"))
