@@ -25,6 +25,9 @@ from pipeline.config import Config, ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Streaming cross-camera person re-identification.")
 query_app = typer.Typer(no_args_is_help=True, help="Query global identities and cross-camera links in Redis.")
 app.add_typer(query_app, name="query")
+from pipeline.cli_reid import register as _register_reid  # noqa: E402
+
+_register_reid(app)
 
 out = Console()
 err = Console(stderr=True)

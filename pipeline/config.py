@@ -137,6 +137,12 @@ class TrackletConfig(_Model):
     crop_width: int = Field(128, ge=8, description="Crop width sent downstream, pixels.")
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of the crops.")
     min_box_height: int = Field(24, ge=1, description="Detections lower than this (pixels) are ignored.")
+    min_motion_px: float = Field(
+        0.0,
+        ge=0,
+        description="Drop tracklets whose box centre never moves this far (pixels) from where it started: "
+        "static clutter mistaken for a person. 0 keeps everything (people who stand still too).",
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> TrackletConfig:
@@ -153,7 +159,8 @@ class CameraDefaults(_Model):
     tracklets: TrackletConfig = Field(default_factory=TrackletConfig)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     frame_stride: int = Field(1, ge=1, description="Process every n-th frame of the source.")
-    max_frames: int | None = Field(None, ge=1, description="Stop after this many source frames (files and streams).")
+    start_frame: int = Field(0, ge=0, description="Files only: start at this frame index (seek).")
+    max_frames: int | None = Field(None, ge=1, description="Stop after reading this many source frames.")
     clock: Literal["auto", "media", "wall"] = Field(
         "auto",
         description="Stream clock: media = seconds from the file start; wall = Unix epoch seconds; "

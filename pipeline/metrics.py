@@ -11,7 +11,7 @@ name                                   type       labels
 =====================================  =========  ==============================================
 frames_total                           counter    stage, camera
 detections_total                       counter    stage, camera
-tracklets_total                        counter    stage, camera, outcome (published|too_short)
+tracklets_total                        counter    stage, camera, outcome (published|too_short|static)
 embeddings_total                       counter    stage, camera
 links_total                            counter    stage, camera, kind (joined|founded)
 dead_letters_total                     counter    stage, reason

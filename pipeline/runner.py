@@ -224,8 +224,12 @@ def setup_logging(role: str, camera: str | None = None, level: str | int | None 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("kafka", "ultralytics", "urllib3"):
+    debug = logging.getLevelName(level) == logging.DEBUG if isinstance(level, str) else level <= logging.DEBUG
+    for noisy in ("ultralytics", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python logs every failed connection attempt at ERROR while it retries; reidstream reports
+    # broker failures itself (BusError), so its own lines are kept for debugging only.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def install_stop_handlers(stop: threading.Event, on_stop: Callable[[], None] | None = None) -> None:

@@ -126,19 +126,22 @@ def run_camera(cfg: Config, name: str, stop: threading.Event) -> CameraSummary:
     from pipeline.bus import ensure_topics, make_producer
 
     cam = cfg.camera(name)
-    metrics.serve(cfg.camera_metrics_port(name), cfg.metrics.host)
-    ensure_topics(cfg.bus)
-    producer = make_producer(cfg.bus, client_id=f"camera-{name}")
-
-    def publish(topic: str, key: str, value: bytes) -> None:
-        producer.send(topic, key=key, value=value)
-
-    worker = CameraWorker(cam, cfg.bus.topics.tracklets, publish, stop)
+    worker = CameraWorker(cam, cfg.bus.topics.tracklets, lambda *_: None, stop)
+    producer = None
     try:
-        worker.setup()
+        worker.setup()  # fail on a bad source or missing weights before touching Kafka
+        metrics.serve(cfg.camera_metrics_port(name), cfg.metrics.host)
+        ensure_topics(cfg.bus)
+        producer = make_producer(cfg.bus, client_id=f"camera-{name}")
+
+        def publish(topic: str, key: str, value: bytes) -> None:
+            producer.send(topic, key=key, value=value)
+
+        worker.publish = publish
         summary = worker.process()
         producer.flush()
         return summary
     finally:
         worker.close()
-        producer.close()
+        if producer is not None:
+            producer.close()

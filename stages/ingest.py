@@ -86,7 +86,9 @@ class VideoSource:
         source: File path, ``rtsp://``/``http(s)://`` URL, or a device index (``"0"``).
         roi: ``(x, y, w, h)`` source pixels, or None for the whole frame.
         frame_stride: Deliver every n-th decoded frame.
-        max_frames: Stop after this many decoded frames (None: until the end/forever).
+        max_frames: Stop after reading this many frames (None: until the end/forever).
+        start_frame: Files only: seek to this frame first; indices and media times keep counting from
+            the start of the file.
         clock: ``media`` (seconds from start, from frame index and fps), ``wall`` (Unix time of
             capture), or ``auto`` (media for files, wall for streams).
         realtime: Pace a file at its frame rate.
@@ -101,7 +103,7 @@ class VideoSource:
     def __init__(self, camera: str, source: str, roi: tuple[int, int, int, int] | None = None,
                  frame_stride: int = 1, max_frames: int | None = None, clock: str = "auto",
                  realtime: bool = False, reconnect: ReconnectConfig | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, start_frame: int = 0) -> None:
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
         self.camera = camera
@@ -109,6 +111,7 @@ class VideoSource:
         self.roi = roi
         self.frame_stride = frame_stride
         self.max_frames = max_frames
+        self.start_frame = start_frame
         self.is_network = "://" in source and not source.startswith("file://")
         self.is_device = source.isdigit()
         self.clock = ("wall" if (self.is_network or self.is_device) else "media") if clock == "auto" else clock
@@ -119,6 +122,7 @@ class VideoSource:
         self.source_size = (0, 0)
         self._cap = None
         self._index = -1
+        self._read = 0
         self._t0_wall = 0.0
         self._up = metrics.SOURCE_UP.labels(stage=STAGE, camera=camera)
         self._frames = metrics.FRAMES.labels(stage=STAGE, camera=camera)
@@ -126,7 +130,7 @@ class VideoSource:
     @classmethod
     def from_config(cls, cam: CameraConfig, stop: threading.Event | None = None) -> VideoSource:
         return cls(cam.name, cam.source, cam.roi, cam.frame_stride, cam.max_frames, cam.clock, cam.realtime,
-                   cam.reconnect, stop)
+                   cam.reconnect, stop, cam.start_frame)
 
     # ---------------------------------------------------------------------------------------------
     def _open_once(self):
@@ -158,6 +162,11 @@ class VideoSource:
             self._cap = self._open_once()
             if self._cap is None:
                 raise SourceError(f"camera {self.camera}: OpenCV cannot decode {path}")
+            if self.start_frame:
+                import cv2
+
+                self._cap.set(cv2.CAP_PROP_POS_FRAMES, self.start_frame)
+                self._index = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) - 1
         else:
             self._cap = self._reopen()
         self._read_properties()
@@ -210,7 +219,7 @@ class VideoSource:
         if self._cap is None:
             raise SourceError(f"camera {self.camera}: process() before setup()")
         while not self.stop.is_set():
-            if self.max_frames is not None and self._index + 1 >= self.max_frames:
+            if self.max_frames is not None and self._read >= self.max_frames:
                 return None
             ok, image = self._cap.read()
             if not ok or image is None:
@@ -224,13 +233,14 @@ class VideoSource:
                 self._read_properties()
                 continue
             self._index += 1
+            self._read += 1
             self._frames.inc()
-            if self._index % self.frame_stride:
+            if (self._index - self.start_frame) % self.frame_stride:
                 continue
             if self.clock == "media":
                 ts = self._index / self.fps
                 if self.realtime:
-                    lag = self._t0_wall + ts - time.time()
+                    lag = self._t0_wall + (self._index - self.start_frame) / self.fps - time.time()
                     if lag > 0:
                         self.stop.wait(lag)
             else:

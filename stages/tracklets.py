@@ -11,7 +11,9 @@ A tracklet is closed when
 * the stream ends (``"end_of_stream"``, via :meth:`TrackletBuilder.flush`).
 
 On closing, ``T = crops`` samples evenly spread over the kept ones become the tracklet; tracks seen in
-fewer than ``min_length`` frames are dropped. Crops are resized to ``crop_height × crop_width`` and
+fewer than ``min_length`` frames are dropped, and so are tracks whose box centre never moved
+``min_motion_px`` pixels from its first position (static clutter such as a coat on the grass that the
+detector takes for a person; off by default). Crops are resized to ``crop_height × crop_width`` and
 JPEG-encoded from the BGR frame.
 """
 
@@ -49,6 +51,8 @@ class _Track:
     start_s: float
     last_frame: int
     last_s: float
+    centre0: tuple[float, float] = (0.0, 0.0)
+    max_motion: float = 0.0
     observed: int = 0
     stride: int = 1
     samples: list[_Sample] = dataclasses.field(default_factory=list)
@@ -82,13 +86,15 @@ class TrackletBuilder:
         crop_size: ``(height, width)`` of the crops, pixels.
         jpeg_quality: JPEG quality, 10–100.
         min_box_height: Boxes lower than this (pixels) are ignored.
+        min_motion_px: Drop tracks whose box centre never moved this far (pixels); 0 disables.
         frame_stride: The source's frame stride (to count lost frames in processed frames).
         clock: Callable returning Unix seconds (for ``closed_wall_s``).
     """
 
     def __init__(self, camera: str, session: str, crops: int = 8, min_length: int = 8, lost_frames: int = 15,
                  max_length: int = 300, crop_size: tuple[int, int] = (256, 128), jpeg_quality: int = 90,
-                 min_box_height: int = 24, frame_stride: int = 1, clock=time.time) -> None:
+                 min_box_height: int = 24, min_motion_px: float = 0.0, frame_stride: int = 1,
+                 clock=time.time) -> None:
         if crops < 1 or min_length < 1 or lost_frames < 1 or max_length < 2:
             raise ValueError("crops, min_length, lost_frames must be >= 1 and max_length >= 2")
         self.camera = camera
@@ -100,16 +106,19 @@ class TrackletBuilder:
         self.crop_size = crop_size
         self.jpeg_quality = jpeg_quality
         self.min_box_height = min_box_height
+        self.min_motion_px = min_motion_px
         self.frame_stride = frame_stride
         self.clock = clock
         self.active: dict[int, _Track] = {}
         self._published = metrics.TRACKLETS.labels(stage=STAGE, camera=camera, outcome="published")
         self._too_short = metrics.TRACKLETS.labels(stage=STAGE, camera=camera, outcome="too_short")
+        self._static = metrics.TRACKLETS.labels(stage=STAGE, camera=camera, outcome="static")
 
     @classmethod
     def from_config(cls, camera: str, session: str, cfg: TrackletConfig, frame_stride: int = 1) -> TrackletBuilder:
         return cls(camera, session, cfg.crops, cfg.min_length, cfg.lost_frames, cfg.max_length,
-                   (cfg.crop_height, cfg.crop_width), cfg.jpeg_quality, cfg.min_box_height, frame_stride)
+                   (cfg.crop_height, cfg.crop_width), cfg.jpeg_quality, cfg.min_box_height, cfg.min_motion_px,
+                   frame_stride)
 
     # ---------------------------------------------------------------------------------------------
     def _crop(self, image: np.ndarray, roi_box: np.ndarray) -> bytes | None:
@@ -143,8 +152,12 @@ class TrackletBuilder:
             if track is not None and frame.index - track.first_frame + 1 > self.max_length:
                 closed.extend(self._close(track, "max_length"))
                 track = None
+            centre = (float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2)
             if track is None:
-                track = self.active[tid] = _Track(tid, frame.index, frame.timestamp_s, frame.index, frame.timestamp_s)
+                track = self.active[tid] = _Track(tid, frame.index, frame.timestamp_s, frame.index, frame.timestamp_s,
+                                                  centre0=centre)
+            track.max_motion = max(track.max_motion, float(np.hypot(centre[0] - track.centre0[0],
+                                                                    centre[1] - track.centre0[1])))
             track.last_frame, track.last_s = frame.index, frame.timestamp_s
             track.observed += 1
             if (track.observed - 1) % track.stride == 0:
@@ -170,6 +183,11 @@ class TrackletBuilder:
         self.active.pop(track.track_id, None)
         if track.observed < self.min_length or not track.samples:
             self._too_short.inc()
+            return []
+        if track.max_motion < self.min_motion_px:
+            self._static.inc()
+            log.debug("camera %s: track %d dropped as static (moved %.1f px)", self.camera, track.track_id,
+                      track.max_motion, extra={"camera": self.camera})
             return []
         picks = [track.samples[i] for i in evenly_spaced(len(track.samples), self.crops)]
         record = TrackletRecord(

@@ -160,7 +160,7 @@ def test_single_frame_clips(name: str) -> None:
     assert tuple(out.features.shape) == (2, model.embedding_dim)
     assert torch.isfinite(out.regularizer)
     if name == "sta":  # no second frame to compare with; DRSTA's diversity is per frame
-        assert float(out.regularizer) == 0.0
+        assert out.regularizer.item() == 0.0
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(_clips(2, 1))).all()
@@ -270,9 +270,9 @@ def test_sta_regulariser_zero_for_equal_frames_positive_otherwise() -> None:
     model = _build("sta", reg_weight=2.0).train()
     frame = _clips(2, 1)
     same = model.forward_train(frame.expand(2, 4, *SMALL).contiguous()).regularizer
-    assert float(same) == pytest.approx(0.0, abs=1e-7)
+    assert same.item() == pytest.approx(0.0, abs=1e-7)
     different = model.forward_train(_clips(2, 4)).regularizer
-    assert float(different) > 0
+    assert different.item() > 0
     model.zero_grad()
     different.backward()
     assert _grad_mass(model.backbone) > 0, "regulariser gradient did not reach the backbone"
@@ -348,9 +348,11 @@ def test_drsta_attention_and_regulariser_gradient() -> None:
     assert tuple(s.shape) == (2, 3, 3, 8 * 4)
     torch.testing.assert_close(s.sum(dim=-1), torch.ones(2, 3, 3))
     out = model.forward_train(x)
-    assert 0 < float(out.regularizer) <= 0.5 * 3 * 2 + 1e-4
+    assert 0 < out.regularizer.item() <= 0.5 * 3 * 2 + 1e-4
     out.regularizer.backward()
     assert _grad_mass(model.spatial) > 0
+    model.eval()
+    assert model.forward_train(x).regularizer.item() == 0.0
     assert model.embedding_dim == 3 * model.backbone.out_channels
 
 

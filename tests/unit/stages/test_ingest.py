@@ -83,3 +83,13 @@ def test_unreachable_stream_retries_with_backoff_then_fails():
 def test_frame_validates_image():
     with pytest.raises(ValueError, match="uint8"):
         Frame("c", 0, 0.0, np.zeros((4, 4), np.uint8), (0, 0), (4, 4))
+
+
+def test_start_frame_seeks_and_keeps_file_indices(video):
+    src = VideoSource("cam", str(video), start_frame=4, max_frames=3)
+    src.setup()
+    frames = list(src)
+    src.close()
+    assert [f.index for f in frames] == [4, 5, 6]
+    assert frames[0].timestamp_s == pytest.approx(0.8)
+    assert frames[0].image[:, :32, 0].mean() == pytest.approx(80, abs=6)  # blue = 20 * index

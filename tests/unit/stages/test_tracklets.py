@@ -97,3 +97,15 @@ def test_out_of_order_frames_rejected():
     b.process(frame(5), dets((1, 0.0)))
     with pytest.raises(ValueError, match="out of order"):
         b.process(frame(5), dets((1, 0.0)))
+
+
+def test_static_boxes_dropped_when_motion_filter_on():
+    from pipeline import metrics
+
+    static = metrics.TRACKLETS.labels(stage="tracklets", camera="cam", outcome="static")
+    before = static._value.get()
+    b = TrackletBuilder("cam", "s", crops=2, min_length=2, lost_frames=1, min_motion_px=15)
+    moving_and_still = lambda i: [(1, 2.0 + i), (2, 30.0 + (i % 2))]  # noqa: E731 - track 2 jitters 1 px
+    closed = run(b, 20, moving_and_still) + b.flush()
+    assert [t.track_id for t in closed] == [1]
+    assert static._value.get() == before + 1
