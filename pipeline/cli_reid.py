@@ -205,7 +205,8 @@ def mine_command(
     with _stop_on_signals() as stop, _progress() as progress:
         summary = _run(lambda: mine(cfg, output, cameras=camera or None, max_frames=max_frames, crops=crops,
                                     append=append, progress=_MineProgress(progress), stop=stop))
-    table = Table(title=f"mined tracklets in {output}")
+    out.print(f"mined tracklets in {output}", highlight=False)
+    table = Table()
     for col in ("camera", "frames", "detections", "tracklets", "skipped", "crops", "seconds"):
         table.add_column(col, justify="left" if col == "camera" else "right")
     for c in summary.cameras:
@@ -334,7 +335,8 @@ def train_command(
     with _progress() as progress:
         trainer = _run(lambda: Trainer(cfg, _TrainProgress(progress)))
         result = _run(trainer.fit)
-    table = Table(title=f"{cfg.model} on {cfg.data}")
+    out.print(f"{cfg.model} on {cfg.data}", highlight=False)
+    table = Table()
     for col in ("epoch", "loss", "id", "triplet", "reg", "acc", "mAP", "rank-1", "s"):
         table.add_column(col, justify="right")
     for e in result.history["epochs"]:
@@ -406,15 +408,16 @@ def evaluate_command(
         tasks: dict[str, Any] = {}
 
         def on_progress(label: str, done: int, total: int) -> None:
-            if label not in tasks or progress.tasks[tasks[label]].finished and done < total:
+            if label not in tasks:
                 tasks[label] = progress.add_task(f"embed {label}", total=total, info="")
-            progress.update(tasks[label], completed=done, total=total)
+            progress.update(tasks[label], completed=done, total=total)  # restarts for each split's new items
 
         report = _run(run)
     r = report.result
     s = report.settings
     title = f"{s['model']} on {s['data']}" + (f" (mean of {r.num_splits} splits)" if r.num_splits > 1 else "")
-    table = Table(title=title)
+    out.print(title, highlight=False)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     if r.num_splits > 1:

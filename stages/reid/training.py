@@ -132,9 +132,10 @@ class TrainConfig:
         eval_every: Evaluate on query/gallery every this many epochs and after the last one (0: never).
         eval_sampling: Test-time sampling, ``"all"`` (chunks of T, mean) or ``"evenly"``.
         eval_batch_size: Clips per forward pass at evaluation.
-        split: Split index for iLIDS-VID / PRID-2011 (None: split 0).
+        split: Split index for iLIDS-VID / PRID-2011 (None: split 0, or the resumed checkpoint's).
         dataset_options: Extra keyword arguments of the data set loader (e.g. ``holdout_fraction``
-            and ``seed`` of ``tracklets``).
+            and ``seed`` of ``tracklets``); a resumed run starts from the checkpoint's own options
+            when the data spec is the same, and these update them.
         seed: Seed of torch's generator (weights of new layers, augmentation) and of the sampler.
         resume: Checkpoint (``last.pt``) to continue from.
 
@@ -490,10 +491,18 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.device = torch.device(resolve_device(cfg.device))
         self.use_amp = bool(cfg.amp and self.device.type == "cuda")
+        ckpt = read_checkpoint(cfg.resume) if cfg.resume is not None else None
+        trained_on = (ckpt or {}).get("dataset") or {}
+        same_data = trained_on.get("spec") == cfg.data
+        # a resumed run keeps its data set's split and loader options unless told otherwise
+        self.dataset_options = {**(trained_on.get("options") or {}), **cfg.dataset_options} if same_data \
+            else dict(cfg.dataset_options)
         name = cfg.data.partition(":")[0].strip().lower()
-        split = cfg.split if cfg.split is not None or name not in SPLIT_DATASETS else 0
+        split = _first(cfg.split, trained_on.get("split") if same_data else None)
+        if split is None and name in SPLIT_DATASETS:
+            split = 0
         self.split = split
-        self.dataset = load_dataset(cfg.data, split=split, **cfg.dataset_options)
+        self.dataset = load_dataset(cfg.data, split=split, **self.dataset_options)
         if len(self.dataset.train) == 0:
             raise ValueError(f"{cfg.data}: the data set has no training tracklets")
         if self.dataset.num_train_pids < cfg.p:
@@ -503,7 +512,6 @@ class Trainer:
         if cfg.k < 2:
             log.warning("k=%d: batch-hard triplets need k >= 2 tracklets per identity; the triplet loss is 0", cfg.k)
 
-        ckpt = read_checkpoint(cfg.resume) if cfg.resume is not None else None
         if ckpt is not None:
             self._check_resume(ckpt)
             model_kwargs = dict(ckpt["config"], pretrained=False)
@@ -533,7 +541,13 @@ class Trainer:
         self.start_epoch = 1
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            # restore the epoch counter and base rates, but keep this run's schedule (its total epochs may
+            # be larger than the checkpoint's): LambdaLR would otherwise copy the old schedule's fields
+            sched_state = {k: v for k, v in ckpt["scheduler"].items() if k != "lr_lambdas"}
+            self.scheduler.load_state_dict({**sched_state, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+            factor = self.schedule(self.scheduler.last_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * factor
             extra = ckpt["extra"]
             if extra.get("scaler"):
                 self.scaler.load_state_dict(extra["scaler"])
@@ -707,7 +721,7 @@ class Trainer:
         }
         return save_checkpoint(
             path, cfg.model, self.model, cfg.seq_len, cfg.input_size,
-            dataset={"spec": cfg.data, "split": self.split, "options": dict(cfg.dataset_options)},
+            dataset={"spec": cfg.data, "split": self.split, "options": dict(self.dataset_options)},
             epoch=epoch, metrics=metrics, optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), num_classes=self.dataset.num_train_pids, extra=extra,
         )
@@ -759,6 +773,11 @@ class Trainer:
         tmp.write_text(json.dumps(self.history, indent=1, default=_json_default), encoding="utf-8")
         tmp.replace(path)
         plot_history(self.history, self.output_dir)
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (None when all are)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _json_default(value: Any) -> Any:

@@ -149,6 +149,9 @@ def test_fit_writes_checkpoints_history_and_curves_then_resume_continues(mined, 
     resumed = Trainer(config(mined, out, epochs=3, resume=out / "last.pt"))
     assert resumed.start_epoch == 3
     assert resumed.scheduler.last_epoch == 2
+    # the schedule is this run's (3 epochs), not the checkpoint's (2)
+    assert resumed.scheduler.lr_lambdas[0] is resumed.schedule and resumed.schedule.epochs == 3
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(3.5e-4 * resumed.schedule(2))
     state = resumed.optimizer.state_dict()["state"]
     saved = last["optimizer"]["state"]
     assert state.keys() == saved.keys() and all(int(state[i]["step"]) == 2 for i in state)

@@ -1,0 +1,72 @@
+"""The HTTP query API over a real Redis, and metrics served by a running matcher process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from pipeline.services import free_port
+from stages.matcher import CrossCameraMatcher
+from tests.conftest import ROOT
+from tests.integration.test_matcher_store import emb, noisy, unit
+
+
+@pytest.fixture
+def filled_store(store):
+    m = CrossCameraMatcher(store, threshold=0.8, center=False)
+    m.setup()
+    a = unit(1)
+    m.process([emb("A1", "left", 0, 2, a), emb("B1", "left", 0, 2, unit(2)), emb("A2", "right", 3, 5, noisy(a, 3))])
+    return store
+
+
+def test_api_answers_like_the_query_functions(filled_store):
+    from fastapi.testclient import TestClient
+
+    from stages import query
+    from stages.query import create_app
+
+    client = TestClient(create_app(filled_store))
+    assert client.get("/healthz").json() == {"ok": True}
+    assert client.get("/links").json() == query.links(filled_store)
+    cross = client.get("/identities", params={"min_cameras": 2}).json()
+    assert len(cross) == 1 and cross[0]["cameras"] == ["left", "right"] and sorted(cross[0]["tracklets"]) == ["A1", "A2"]
+    assert {r["tracklet_id"] for r in client.get("/links", params={"cross_camera": True}).json()} == {"A1", "A2"}
+    assert [r["tracklet_id"] for r in client.get("/links", params={"camera": "right"}).json()] == ["A2"]
+    one = client.get("/tracklets/A2").json()
+    assert one["global_id"] == cross[0]["global_id"] and one["score"] > 0.8
+    assert client.get("/tracklets/nope").status_code == 404
+    thumb = client.get("/tracklets/A2/thumbnail")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+def test_matcher_process_serves_metrics(kafka_server, redis_server, unique):
+    port = free_port()
+    env = {"REIDSTREAM__BUS__BOOTSTRAP_SERVERS": kafka_server, "REIDSTREAM__STORE__URL": redis_server,
+           "REIDSTREAM__STORE__NAMESPACE": f"m-{unique}", "REIDSTREAM__METRICS__MATCHER_PORT": str(port),
+           "REIDSTREAM__BUS__TOPICS__EMBEDDINGS": f"emb-{unique}", "REIDSTREAM__MATCHER__GROUP_ID": f"g-{unique}"}
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "matcher", "--config",
+                             str(ROOT / "configs" / "demo.yaml")], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+                if 'reidstream_identities{stage="matcher"}' in body:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert 'reidstream_identities{stage="matcher"} 0.0' in body
+        assert "reidstream_stage_latency_seconds" in body
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out  # SIGTERM: clean shutdown after the current batch
