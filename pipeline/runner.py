@@ -196,6 +196,44 @@ class StageRunner:
                 )
 
 
+def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group_id: str, record_type: type,
+                        max_batch: int, max_wait_ms: int, stop: threading.Event,
+                        idle_exit_s: float | None = None) -> RunnerStats:
+    """Create the topics, a group consumer of ``topic`` and a producer, and drive ``stage`` with them.
+
+    Args:
+        bus_cfg: The :class:`~pipeline.config.BusConfig`.
+        stage: The stage to drive.
+        name: Stage name (logs, metrics, client id, dead-letter headers).
+        topic: Input topic.
+        group_id: Consumer group.
+        record_type: Record class of the input messages.
+        max_batch: Messages per poll at most.
+        max_wait_ms: Poll timeout, ms.
+        stop: Event that ends the loop after the current batch.
+        idle_exit_s: Exit after this long without messages (None: run until stopped).
+
+    Returns:
+        The runner's counts.
+
+    Raises:
+        BusError: The broker is unreachable.
+    """
+    from pipeline.bus import ensure_topics, make_consumer, make_producer
+
+    ensure_topics(bus_cfg)
+    consumer = make_consumer(bus_cfg, topic, group_id, name, max_poll_records=max_batch)
+    producer = make_producer(bus_cfg, name)
+    runner = StageRunner(stage, name, consumer, producer, record_type, bus_cfg.topics.dead_letter, max_batch,
+                         max_wait_ms, stop)
+    try:
+        return runner.run(idle_exit_s=idle_exit_s)
+    finally:
+        producer.flush()
+        consumer.close()
+        producer.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # process start-up
 class _CameraFilter(logging.Filter):

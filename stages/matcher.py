@@ -239,20 +239,10 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
         BusError: The broker is unreachable.
         StoreError: Redis is unreachable.
     """
-    from pipeline.bus import ensure_topics, make_consumer, make_producer
-    from pipeline.runner import StageRunner
+    from pipeline.runner import run_consuming_stage
 
     matcher = CrossCameraMatcher.from_config(cfg)
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
-    ensure_topics(cfg.bus)
-    consumer = make_consumer(cfg.bus, cfg.bus.topics.embeddings, cfg.matcher.group_id, "matcher")
-    producer = make_producer(cfg.bus, "matcher")
-    runner = StageRunner(matcher, STAGE, consumer, producer, EmbeddingRecord, cfg.bus.topics.dead_letter,
-                         max_batch=64, max_wait_ms=200, stop=stop)
-    try:
-        return runner.run(idle_exit_s=idle_exit_s)
-    finally:
-        producer.flush()
-        consumer.close()
-        producer.close()
+    return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,
+                               EmbeddingRecord, max_batch=64, max_wait_ms=200, stop=stop, idle_exit_s=idle_exit_s)

@@ -502,14 +502,13 @@ def plot_cmc(report: EvaluationReport, path: Path, title: str | None = None) -> 
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas for PNG
+    from matplotlib.ticker import MaxNLocator
 
     r = report.result
     ranks = np.arange(1, len(r.cmc) + 1)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(ranks, r.cmc, "o-", markersize=3, label=f"mAP {r.mAP:.1%}, rank-1 {r.rank1:.1%}")
     if r.cmc_std is not None:
         ax.fill_between(ranks, r.cmc - r.cmc_std, np.minimum(r.cmc + r.cmc_std, 1.0), alpha=0.2,
@@ -518,6 +517,7 @@ def plot_cmc(report: EvaluationReport, path: Path, title: str | None = None) -> 
     ax.set_ylabel("matching rate (CMC)")
     ax.set_ylim(0, 1.01)
     ax.set_xlim(1, len(r.cmc))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     s = report.settings
@@ -525,7 +525,6 @@ def plot_cmc(report: EvaluationReport, path: Path, title: str | None = None) -> 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

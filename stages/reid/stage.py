@@ -188,20 +188,12 @@ def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = Non
         BusError: The broker is unreachable.
         CheckpointError, WeightsUnavailableError, EngineError: The model or engine cannot be loaded.
     """
-    from pipeline.bus import ensure_topics, make_consumer, make_producer
-    from pipeline.runner import StageRunner
+    from pipeline.bus import check_broker
+    from pipeline.runner import run_consuming_stage
 
+    check_broker(cfg.bus)
     metrics.serve(cfg.metrics.reid_port, cfg.metrics.host)
-    ensure_topics(cfg.bus)
     stage = ReidStage.from_config(cfg)
-    consumer = make_consumer(cfg.bus, cfg.bus.topics.tracklets, cfg.reid.group_id, "reid",
-                             max_poll_records=cfg.reid.batch.max_tracklets)
-    producer = make_producer(cfg.bus, "reid")
-    runner = StageRunner(stage, STAGE, consumer, producer, TrackletRecord, cfg.bus.topics.dead_letter,
-                         cfg.reid.batch.max_tracklets, cfg.reid.batch.max_wait_ms, stop)
-    try:
-        return runner.run(idle_exit_s=idle_exit_s)
-    finally:
-        producer.flush()
-        consumer.close()
-        producer.close()
+    batch = cfg.reid.batch
+    return run_consuming_stage(cfg.bus, stage, STAGE, cfg.bus.topics.tracklets, cfg.reid.group_id, TrackletRecord,
+                               batch.max_tracklets, batch.max_wait_ms, stop, idle_exit_s)

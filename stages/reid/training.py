@@ -209,7 +209,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.triplet_margin is not None and self.triplet_margin < 0:
-            raise ValueError(f"TrainConfig.triplet_margin must be >= 0 or None (soft margin), got {self.triplet_margin}")
+            raise ValueError(
+                f"TrainConfig.triplet_margin must be >= 0 or None (soft margin), got {self.triplet_margin}"
+            )
         for name in ("id_weight", "triplet_weight", "verification_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -381,7 +383,9 @@ def has_pair_score(model: nn.Module) -> bool:
     return all(callable(getattr(model, name, None)) for name in ("regions", "context", "encode", "similarity"))
 
 
-def siamese_forward(model: nn.Module, x: torch.Tensor, pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def siamese_forward(
+    model: nn.Module, x: torch.Tensor, pids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features and pair similarities of a P x K batch for a Siamese SGRU, with one backbone pass.
 
     The clip features are ``encode(v, context(v))`` (what ``forward_train`` returns); each clip is then
@@ -791,6 +795,8 @@ def _json_default(value: Any) -> Any:
 def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> list[Path]:
     """Write ``loss.png`` (per-step total and component losses) and ``metrics.png`` (mAP, Rank-1 per epoch).
 
+    Uses matplotlib's object API with the Agg canvas (never ``pyplot``), so no global backend is set.
+
     Args:
         history: ``{"epochs": [...], "steps": [...]}`` as in ``history.json``.
         output_dir: Destination directory.
@@ -798,15 +804,14 @@ def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> 
     Returns:
         The files written (``metrics.png`` only when some epoch has metrics).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas for PNG
+    from matplotlib.ticker import MaxNLocator
 
     written: list[Path] = []
     steps = history.get("steps", [])
     if steps:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         x = [s["global_step"] for s in steps]
         for key, style in (("loss", "-"), ("id_loss", "--"), ("triplet_loss", ":"), ("regularizer", "-."),
                            ("verification_loss", "-.")):
@@ -822,16 +827,17 @@ def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> 
         fig.tight_layout()
         path = output_dir / "loss.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     evaluated = [e for e in history.get("epochs", []) if e.get("metrics")]
     if evaluated:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         x = [e["epoch"] for e in evaluated]
         for key in ("mAP", "rank1", "rank5"):
             if all(key in e["metrics"] for e in evaluated):
                 ax.plot(x, [e["metrics"][key] for e in evaluated], "o-", label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.set_title("query / gallery metrics")
         ax.grid(alpha=0.3)
@@ -839,7 +845,6 @@ def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> 
         fig.tight_layout()
         path = output_dir / "metrics.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
 

@@ -197,6 +197,20 @@ def test_siamese_sgru_pair_loss_reuses_the_embedding(mined, tmp_path):
     assert math.isfinite(stats["verification_loss"]) and stats["verification_loss"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mixed_precision_step_and_checkpoint(mined, tmp_path):
+    trainer = Trainer(config(mined, tmp_path / "run", device="cuda", amp=True, epochs=1))
+    assert trainer.use_amp and trainer.scaler.is_enabled()
+    clips, pids, _ = next(iter(trainer.loader))
+    stats = trainer.train_step(clips, pids)
+    assert math.isfinite(stats["loss"])
+    result = trainer.fit()
+    ckpt = read_checkpoint(result.last_checkpoint)
+    assert ckpt["extra"]["scaler"] is not None
+    assert all(v.device.type == "cpu" for v in ckpt["state_dict"].values())  # read back on the CPU
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 
 
