@@ -65,7 +65,7 @@ def _worker_fps(cam, bus, records: list, warm_frame: np.ndarray) -> float:
     sent = []
 
     def publish(topic: str, key: str, value: bytes) -> None:
-        producer.send(topic, key=key, value=value)
+        producer.send(topic, key=key.encode("utf-8"), value=value)
         sent.append(value)
 
     worker = CameraWorker(cam, bus.topics.tracklets, publish)
@@ -126,7 +126,7 @@ def main() -> None:
     }
     os.environ.update(overrides)
     cfg = load_config(args.config)
-    state = services.up(data_dir, kport, rport)
+    services.up(data_dir, kport, rport)
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads_per_detector": torch.get_num_threads(), "cuda": torch.cuda.is_available()},

@@ -96,7 +96,6 @@ def make_producer(cfg: BusConfig, client_id: str) -> KafkaProducer:
             retries=10,
             linger_ms=5,
             max_request_size=cfg.max_request_mb * 1024 * 1024,
-            key_serializer=lambda k: k.encode("utf-8") if isinstance(k, str) else k,
         )
     except KafkaError as exc:
         raise BusError(f"Kafka producer for {cfg.bootstrap_servers} failed: {exc}") from None

@@ -17,20 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.cli_common import err, out, run_reporting
+from pipeline.config import Config, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Streaming cross-camera person re-identification.")
 query_app = typer.Typer(no_args_is_help=True, help="Query global identities and cross-camera links in Redis.")
 app.add_typer(query_app, name="query")
-from pipeline.cli_reid import register as _register_reid  # noqa: E402
 
-_register_reid(app)
-
-out = Console()
-err = Console(stderr=True)
 log = logging.getLogger("reidstream")
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
@@ -42,34 +38,9 @@ class Format(str, Enum):
     json = "json"
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user must fix something" (reported as one line)."""
-    from pipeline.bus import BusError
-    from pipeline.services import ServiceError
-    from pipeline.store import StoreError
-
-    types: list[type[BaseException]] = [BusError, ServiceError, StoreError, FileNotFoundError, PermissionError]
-    for mod, name in (("stages.ingest", "SourceError"), ("stages.reid.checkpoint", "CheckpointError"),
-                      ("stages.reid.engines", "EngineError"), ("stages.reid.backbones", "WeightsUnavailableError"),
-                      ("stages.reid.backbones", "WeightsMismatchError")):
-        module = sys.modules.get(mod)
-        if module is not None and hasattr(module, name):
-            types.append(getattr(module, name))
-    return tuple(types)
-
-
 def _run(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; turn expected failures into one error line and an exit code."""
-    try:
-        return fn()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except Exception as exc:
-        if isinstance(exc, _expected_errors()):
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        raise
+    """Call ``fn``; expected failures become one ``error:`` line and an exit code."""
+    return run_reporting(fn)
 
 
 def _config(path: Path) -> Config:
@@ -250,7 +221,7 @@ def query_tracklet(tracklet_id: str, config: Path = ConfigOpt,
 
     row = query.tracklet(_store(config), tracklet_id)
     if row is None:
-        err.print(f"[red]error:[/red] tracklet {tracklet_id!r} is not linked")
+        err.print(f"[red]error:[/red] tracklet {escape(repr(tracklet_id))} is not linked")
         raise typer.Exit(1)
     if fmt is Format.json:
         sys.stdout.write(json.dumps(row, indent=2) + "\n")
@@ -287,6 +258,11 @@ def demo(config: Path = ConfigOpt,
     out.print(f"wrote {output / 'links.json'}, {output / 'identities.json'}, {output / 'report.html'}")
     if result["cross_camera"] == 0:
         err.print("[yellow]warning:[/yellow] no identity spans two cameras")
+
+
+from pipeline.cli_reid import register as _register_reid  # noqa: E402 - mine, train, evaluate, export
+
+_register_reid(app)
 
 
 def main() -> None:

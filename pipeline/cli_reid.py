@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -31,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)
+from pipeline.cli_common import err, out, run_reporting
+
 log = logging.getLogger("reidstream")
 
 __all__ = ["register"]
@@ -63,35 +61,13 @@ class TrainSampling(str, Enum):
 
 # --------------------------------------------------------------------------------------------------
 # shared helpers
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user must fix something" (reported as one line)."""
-    types: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, PermissionError,
-                                        FloatingPointError]
-    for mod, name in (("stages.ingest", "SourceError"), ("stages.reid.engines", "EngineError"),
-                      ("stages.reid.backbones", "WeightsUnavailableError"),
-                      ("stages.reid.backbones", "WeightsMismatchError")):
-        module = sys.modules.get(mod)
-        if module is not None and hasattr(module, name):
-            types.append(getattr(module, name))
-    return tuple(types)
+# ValueError and friends from the data-set loaders and trainer describe bad user input here
+_REID_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FloatingPointError)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
     """Call ``fn``; turn expected failures into one ``error:`` line and an exit code."""
-    from pipeline.config import ConfigError
-
-    try:
-        return fn()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except Exception as exc:
-        if isinstance(exc, _expected_errors()):
-            log.debug("command failed", exc_info=True)
-            message = " ".join(str(exc).split())  # one line, whatever the exception's text
-            err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
-            raise typer.Exit(1) from None
-        raise
+    return run_reporting(fn, _REID_INPUT_ERRORS)
 
 
 def _setup_logging() -> None:

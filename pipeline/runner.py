@@ -140,7 +140,7 @@ class StageRunner:
             return
         outputs = self._process_with_retry([r for _, r in good], good)
         for out in outputs:
-            self.producer.send(out.topic, key=out.key, value=out.value)
+            self.producer.send(out.topic, key=out.key.encode("utf-8"), value=out.value)
         self.producer.flush()
         self.stats.published += len(outputs)
 

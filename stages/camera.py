@@ -135,7 +135,7 @@ def run_camera(cfg: Config, name: str, stop: threading.Event) -> CameraSummary:
         producer = make_producer(cfg.bus, client_id=f"camera-{name}")
 
         def publish(topic: str, key: str, value: bytes) -> None:
-            producer.send(topic, key=key, value=value)
+            producer.send(topic, key=key.encode("utf-8"), value=value)
 
         worker.publish = publish
         summary = worker.process()

@@ -54,7 +54,7 @@ def _publish(bus, records_or_bytes):
     producer = make_producer(bus, "test")
     for item in records_or_bytes:
         value = item if isinstance(item, bytes) else encode(item)
-        producer.send(bus.topics.tracklets, key="cam", value=value)
+        producer.send(bus.topics.tracklets, key=b"cam", value=value)
     producer.flush()
     producer.close()
 
