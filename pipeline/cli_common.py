@@ -21,7 +21,7 @@ log = logging.getLogger("reidstream")
 # is already imported, so this file imports no stage.
 _STAGE_ERRORS = (
     ("pipeline.bus", "BusError"), ("pipeline.services", "ServiceError"), ("pipeline.store", "StoreError"),
-    ("pipeline.demo", "DemoError"), ("stages.ingest", "SourceError"), ("stages.reid.checkpoint", "CheckpointError"),
+    ("pipeline.demo", "DemoError"), ("pipeline.runner", "TransientError"), ("stages.ingest", "SourceError"), ("stages.reid.checkpoint", "CheckpointError"),
     ("stages.reid.engines", "EngineError"), ("stages.reid.backbones", "WeightsUnavailableError"),
     ("stages.reid.backbones", "WeightsMismatchError"),
 )

@@ -70,7 +70,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_for_inference(path: str | Path, model_name: str | None = None, seq_len: int | None = None,
-                       input_size: tuple[int, int] | None = None) -> tuple[Any, dict[str, Any]]:
+                       input_size: tuple[int, int] | None = None,
+                       source: str = "the config") -> tuple[Any, dict[str, Any]]:
     """Rebuild the network of a checkpoint, in eval mode, after checking it matches the config.
 
     Args:
@@ -78,6 +79,8 @@ def load_for_inference(path: str | Path, model_name: str | None = None, seq_len:
         model_name: Network the config expects (None: accept any).
         seq_len: T the config expects (None: accept any).
         input_size: ``(height, width)`` the config expects (None: accept any).
+        source: Who asks for those values, for the error message (``"the config"``,
+            ``"the command line"``).
 
     Returns:
         ``(model, checkpoint_dict)``.
@@ -91,13 +94,13 @@ def load_for_inference(path: str | Path, model_name: str | None = None, seq_len:
     ckpt = read_checkpoint(path)
     problems = []
     if model_name is not None and ckpt["model"] != model_name:
-        problems.append(f"network {ckpt['model']!r} but the config says {model_name!r}")
+        problems.append(f"network {ckpt['model']!r} in the checkpoint vs {model_name!r} in {source}")
     if seq_len is not None and ckpt["seq_len"] != seq_len:
-        problems.append(f"T={ckpt['seq_len']} but the config says seq_len={seq_len}")
+        problems.append(f"T={ckpt['seq_len']} in the checkpoint vs seq_len={seq_len} in {source}")
     if input_size is not None and list(ckpt["input_size"]) != list(input_size):
-        problems.append(f"input size {ckpt['input_size']} but the config says {list(input_size)}")
+        problems.append(f"input size {ckpt['input_size']} in the checkpoint vs {list(input_size)} in {source}")
     if problems:
-        raise CheckpointError(f"{path}: checkpoint disagrees with the config: " + "; ".join(problems))
+        raise CheckpointError(f"{path}: checkpoint disagrees with {source}: " + "; ".join(problems))
     config = dict(ckpt["config"])
     config["pretrained"] = False  # the state dict carries the weights
     model = build_model(ckpt["model"], **config)

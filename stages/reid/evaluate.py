@@ -328,7 +328,7 @@ def _load_network(checkpoint: str | Path | None, model: str | None, backbone: st
     from stages.reid.models import build_model
 
     if checkpoint is not None:
-        net, ckpt = load_for_inference(checkpoint, model, seq_len, input_size)
+        net, ckpt = load_for_inference(checkpoint, model, seq_len, input_size, source="the options")
         return net, ckpt, int(ckpt["seq_len"]), (int(ckpt["input_size"][0]), int(ckpt["input_size"][1]))
     if model is None:
         raise ValueError("give a checkpoint, or a model name to evaluate an untrained network")

@@ -250,7 +250,7 @@ def test_evaluate_checkpoint_writes_metrics_and_cmc(mined, tmp_path):
     reranked = run_evaluation(f"tracklets:{mined}", checkpoint=out / "last.pt", device="cpu", rerank=True)
     assert 0.0 <= reranked.result.mAP <= 1.0
 
-    with pytest.raises(CheckpointError, match="T=4 but the config says seq_len=8"):
+    with pytest.raises(CheckpointError, match="T=4 in the checkpoint vs seq_len=8 in the options"):
         run_evaluation(f"tracklets:{mined}", checkpoint=out / "last.pt", seq_len=8)
 
 

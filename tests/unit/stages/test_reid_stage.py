@@ -131,11 +131,11 @@ def test_checkpoint_round_trip_and_mismatch_errors(small_sta, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), small_sta(x))
     assert ckpt["dataset"] == "unit"
-    with pytest.raises(CheckpointError, match="T=4 but the config says seq_len=8"):
+    with pytest.raises(CheckpointError, match="T=4 in the checkpoint vs seq_len=8 in the config"):
         load_for_inference(path, "sta", 8, (64, 32))
     with pytest.raises(CheckpointError, match="input size"):
         load_for_inference(path, "sta", 4, (256, 128))
-    with pytest.raises(CheckpointError, match="network 'sta'"):
+    with pytest.raises(CheckpointError, match="network 'sta' in the checkpoint vs 'rcn' in the config"):
         load_for_inference(path, "rcn", 4, (64, 32))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
