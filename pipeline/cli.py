@@ -96,7 +96,7 @@ def camera(camera_name: str = typer.Option(..., "--camera", help="Camera name fr
     cfg = _config(config)
     _run(lambda: cfg.camera(camera_name))
     stop = setup_process("camera", camera_name)
-    _set_threads(cfg)
+    _set_threads()
     from stages.camera import run_camera
 
     result = _run(lambda: run_camera(cfg, camera_name, stop))
@@ -115,7 +115,7 @@ def reid(config: Path = ConfigOpt,
 
     cfg = _config(config)
     stop = setup_process("reid")
-    _set_threads(cfg)
+    _set_threads()
     from stages.reid.stage import run_reid
 
     stats = _run(lambda: run_reid(cfg, stop, idle_exit))
@@ -154,7 +154,8 @@ def api(config: Path = ConfigOpt, host: str = typer.Option("127.0.0.1"), port: i
     uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
 
 
-def _set_threads(cfg: Config) -> None:
+def _set_threads() -> None:
+    """Apply ``REIDSTREAM_TORCH_THREADS`` (set by the demo for its child processes)."""
     threads = os.environ.get("REIDSTREAM_TORCH_THREADS")
     if threads:
         import torch

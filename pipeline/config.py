@@ -30,6 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ENV_PREFIX = "REIDSTREAM__"
 
 
+def source_kind(source: str) -> Literal["file", "network", "device"]:
+    """What a camera ``source`` is: a URL (``rtsp://``, ``http(s)://``…), a device index (``"0"``) or a
+    file path (also ``file://…``)."""
+    if source.isdigit():
+        return "device"
+    if "://" in source and not source.startswith("file://"):
+        return "network"
+    return "file"
+
+
 class ConfigError(ValueError):
     """A config file is missing, malformed or invalid; the message names file, line and key."""
 
@@ -185,8 +195,9 @@ class CameraConfig(CameraDefaults):
         return v
 
     @property
-    def is_network(self) -> bool:
-        return "://" in self.source and not self.source.startswith("file://")
+    def is_file(self) -> bool:
+        """Whether the source is a video file (not a stream or a device)."""
+        return source_kind(self.source) == "file"
 
 
 # --------------------------------------------------------------------------------------------------

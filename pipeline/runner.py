@@ -81,12 +81,10 @@ class StageRunner:
         max_batch: Messages per poll at most.
         max_wait_ms: Poll timeout, ms.
         stop: Event that ends the loop after the current batch.
-        transient: Exception types treated as outages (retried) besides :class:`TransientError`.
     """
 
     def __init__(self, stage: Stage, name: str, consumer: Any, producer: Any, record_type: type,
-                 dead_letter_topic: str, max_batch: int, max_wait_ms: int, stop: threading.Event,
-                 transient: tuple[type[BaseException], ...] = ()) -> None:
+                 dead_letter_topic: str, max_batch: int, max_wait_ms: int, stop: threading.Event) -> None:
         self.stage = stage
         self.name = name
         self.consumer = consumer
@@ -96,7 +94,6 @@ class StageRunner:
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.stop = stop
-        self.transient = (TransientError, *transient)
         self.stats = RunnerStats()
 
     def run(self, idle_exit_s: float | None = None) -> RunnerStats:
@@ -152,7 +149,7 @@ class StageRunner:
                     out = self.stage.process(records)
                     self.stats.processed += len(records)
                     return out
-                except self.transient:
+                except TransientError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - isolate the poison message(s)
                     if len(records) == 1:
@@ -163,7 +160,7 @@ class StageRunner:
                     for msg, rec in pairs:
                         outputs.extend(self._process_with_retry([rec], [(msg, rec)]))
                     return outputs
-            except self.transient as exc:
+            except TransientError as exc:
                 if self.stop.is_set():
                     raise
                 log.error("%s: transient failure, retrying in %.1f s: %s", self.name, delay, exc)

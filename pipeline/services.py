@@ -178,9 +178,9 @@ def start_kafka(port: int, data_dir: Path, storage: str = "memory://tansu/", hos
                                 start_new_session=True, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
     address = f"{host}:{port}"
     try:
-        _wait(lambda: port_open(host, port) and kafka_ready(address), "Tansu broker", timeout_s, proc, log_path)
+        _wait(lambda: kafka_ready(address), "Tansu broker", timeout_s, proc, log_path)
     except ServiceError:
-        _terminate(proc.pid)
+        terminate(proc.pid)
         raise
     log.info("Tansu broker ready on %s (pid %d)", address, proc.pid)
     return ServiceInfo("kafka", proc.pid, address, str(log_path))
@@ -209,7 +209,7 @@ def start_redis(port: int, data_dir: Path, host: str = "127.0.0.1", timeout_s: f
     try:
         _wait(lambda: redis_ready(url), "Redis", timeout_s, proc, log_path)
     except ServiceError:
-        _terminate(proc.pid)
+        terminate(proc.pid)
         raise
     log.info("Redis ready on %s (pid %d)", url, proc.pid)
     return ServiceInfo("redis", proc.pid, url, str(log_path))
@@ -229,7 +229,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _terminate(pid: int, timeout_s: float = 5.0) -> None:
+def terminate(pid: int, timeout_s: float = 5.0) -> None:
     """SIGTERM ``pid``, then SIGKILL after ``timeout_s`` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -296,7 +296,7 @@ def down(data_dir: Path) -> list[str]:
     stopped = []
     for name, info in read_state(data_dir).items():
         if _alive(info.pid):
-            _terminate(info.pid)
+            terminate(info.pid)
             stopped.append(name)
     path = _state_path(data_dir)
     if path.exists():

@@ -126,18 +126,17 @@ def run_camera(cfg: Config, name: str, stop: threading.Event) -> CameraSummary:
     from pipeline.bus import ensure_topics, make_producer
 
     cam = cfg.camera(name)
-    worker = CameraWorker(cam, cfg.bus.topics.tracklets, lambda *_: None, stop)
-    producer = None
+    producer = None  # created after setup(): a bad source or missing weights fail before Kafka is touched
+
+    def publish(topic: str, key: str, value: bytes) -> None:
+        producer.send(topic, key=key.encode("utf-8"), value=value)
+
+    worker = CameraWorker(cam, cfg.bus.topics.tracklets, publish, stop)
     try:
-        worker.setup()  # fail on a bad source or missing weights before touching Kafka
+        worker.setup()
         metrics.serve(cfg.camera_metrics_port(name), cfg.metrics.host)
         ensure_topics(cfg.bus)
         producer = make_producer(cfg.bus, client_id=f"camera-{name}")
-
-        def publish(topic: str, key: str, value: bytes) -> None:
-            producer.send(topic, key=key.encode("utf-8"), value=value)
-
-        worker.publish = publish
         summary = worker.process()
         producer.flush()
         return summary

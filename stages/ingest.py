@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import metrics
-from pipeline.config import CameraConfig, ReconnectConfig
+from pipeline.config import CameraConfig, ReconnectConfig, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def session_id(camera: CameraConfig, started_wall_s: float) -> str:
     Files get a deterministic id (name, size, ROI, stride), so replaying a file reproduces the same
     tracklet ids and the matcher ignores the replay; streams get their start time.
     """
-    if camera.is_network or camera.source.isdigit():
+    if not camera.is_file:
         return format(int(started_wall_s * 1000), "x")
     path = Path(camera.source.removeprefix("file://"))
     size = path.stat().st_size if path.exists() else 0
@@ -112,9 +112,8 @@ class VideoSource:
         self.frame_stride = frame_stride
         self.max_frames = max_frames
         self.start_frame = start_frame
-        self.is_network = "://" in source and not source.startswith("file://")
-        self.is_device = source.isdigit()
-        self.clock = ("wall" if (self.is_network or self.is_device) else "media") if clock == "auto" else clock
+        self.kind = source_kind(source)
+        self.clock = ("media" if self.kind == "file" else "wall") if clock == "auto" else clock
         self.realtime = realtime
         self.reconnect = reconnect or ReconnectConfig()
         self.stop = stop or threading.Event()
@@ -136,9 +135,9 @@ class VideoSource:
     def _open_once(self):
         import cv2
 
-        if self.is_device:
+        if self.kind == "device":
             cap = cv2.VideoCapture(int(self.source))
-        elif self.is_network:
+        elif self.kind == "network":
             cap = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG)
         else:
             cap = cv2.VideoCapture(self.source.removeprefix("file://"))
@@ -153,7 +152,7 @@ class VideoSource:
         Raises:
             SourceError: A file is missing or undecodable; a stream failed ``max_attempts`` times.
         """
-        if not (self.is_network or self.is_device):
+        if self.kind == "file":
             path = Path(self.source.removeprefix("file://"))
             if not path.is_file():
                 raise SourceError(f"camera {self.camera}: video file not found: {path}")
@@ -223,7 +222,7 @@ class VideoSource:
                 return None
             ok, image = self._cap.read()
             if not ok or image is None:
-                if not self.is_network and not self.is_device:
+                if self.kind == "file":
                     self._up.set(0)
                     return None
                 log.warning("camera %s: stream stopped delivering frames, reconnecting", self.camera,

@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 STAGE = "matcher"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Identity:
+    """The matcher's view of one identity: ``centroid_sum`` is ``float32 [D]``, the sum of its members'
+    embeddings; ``sightings`` are its tracklets (stream seconds)."""
+
     global_id: str
     centroid_sum: np.ndarray
     sightings: list[Sighting]
@@ -182,22 +185,18 @@ class CrossCameraMatcher:
         decision = self.decide(rec.camera, rec.start_s, rec.end_s, vec)
         gid = decision.global_id or self.store.next_global_id()
         ident = self.gallery.get(gid) or _Identity(gid, np.zeros_like(vec), [])
-        sighting = Sighting(rec.tracklet_id, rec.camera, rec.start_s, rec.end_s)
-        new_sum = ident.centroid_sum + vec
-        sightings = [*ident.sightings, sighting]
+        updated = _Identity(gid, ident.centroid_sum + vec,
+                            [*ident.sightings, Sighting(rec.tracklet_id, rec.camera, rec.start_s, rec.end_s)])
         now = self.clock()
         link = Link(rec.tracklet_id, rec.camera, rec.track_id, gid, decision.score, rec.start_s, rec.end_s,
                     list(rec.frames), [list(b) for b in rec.boxes], rec.closed_wall_s, now)
         emb_sum = vec.astype(np.float64) if self.embedding_sum is None else self.embedding_sum + vec
-        written = self.store.record_link(link, vec, new_sum, {s.camera for s in sightings},
-                                         min(s.start_s for s in sightings), max(s.end_s for s in sightings),
-                                         rec.thumbnail_jpeg, emb_sum)
+        written = self.store.record_link(link, vec, updated.centroid_sum, updated.cameras, updated.first_seen_s,
+                                         updated.last_seen_s, rec.thumbnail_jpeg, emb_sum)
         if not written:
             return False
         self.embedding_sum, self.embedding_count = emb_sum, self.embedding_count + 1
-        ident.centroid_sum = new_sum
-        ident.sightings = sightings
-        self.gallery[gid] = ident
+        self.gallery[gid] = updated
         kind = "joined" if decision.global_id else "founded"
         metrics.LINKS.labels(stage=STAGE, camera=rec.camera, kind=kind).inc()
         metrics.TRACKLET_LINK_LATENCY.labels(camera=rec.camera).observe(max(now - rec.closed_wall_s, 0.0))

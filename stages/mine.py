@@ -174,7 +174,7 @@ def camera_frame_total(cam: CameraConfig) -> int | None:
     Uses OpenCV's frame count, ``start_frame``, ``max_frames`` (source frames read) and
     ``frame_stride``.
     """
-    if cam.is_network or cam.source.isdigit():
+    if not cam.is_file:
         return cam.max_frames and math.ceil(cam.max_frames / cam.frame_stride)
     import cv2
 

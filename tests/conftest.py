@@ -22,34 +22,33 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".reidstream" / "ultralytics"))
 
 
+def _session_service(name: str, tmp_path_factory):
+    """Start the local service ``name`` (``kafka`` or ``redis``) on a free port; yield it, then stop it."""
+    from pipeline import services
+
+    binary, start = {"kafka": (services.tansu_binary, services.start_kafka),
+                     "redis": (services.redis_binary, services.start_redis)}[name]
+    try:
+        binary()
+    except services.ServiceError as exc:
+        pytest.skip(f"no {name} server: {exc}")
+    info = start(services.free_port(), tmp_path_factory.mktemp(name))
+    yield info
+    services.terminate(info.pid)
+
+
 @pytest.fixture(scope="session")
 def kafka_server(tmp_path_factory):
     """``host:port`` of a Tansu broker started for this session."""
-    from pipeline import services
-
-    try:
-        services.tansu_binary()
-    except services.ServiceError as exc:
-        pytest.skip(f"no Tansu broker: {exc}")
-    port = services.free_port()
-    info = services.start_kafka(port, tmp_path_factory.mktemp("tansu"))
-    yield info.address
-    services._terminate(info.pid)
+    for info in _session_service("kafka", tmp_path_factory):
+        yield info.address
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """``redis://`` URL of a Redis server started for this session."""
-    from pipeline import services
-
-    try:
-        services.redis_binary()
-    except services.ServiceError as exc:
-        pytest.skip(f"no redis-server: {exc}")
-    port = services.free_port()
-    info = services.start_redis(port, tmp_path_factory.mktemp("redis"))
-    yield info.address
-    services._terminate(info.pid)
+    for info in _session_service("redis", tmp_path_factory):
+        yield info.address
 
 
 @pytest.fixture

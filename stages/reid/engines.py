@@ -72,6 +72,7 @@ class TorchEngine:
         log.info("torch engine on %s", self.device)
 
     def infer(self, clips: np.ndarray) -> np.ndarray:
+        """Embed ``clips`` ``float32 [B, T, 3, H, W]`` (RGB, normalised) → ``float32 [B, D]``, L2-normalised."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)).to(self.device)
@@ -174,6 +175,11 @@ class OnnxEngine:
         log.info("onnx engine %s with %s", path, self.session.get_providers())
 
     def infer(self, clips: np.ndarray) -> np.ndarray:
+        """Embed ``clips`` ``float32 [B, T, 3, H, W]`` (RGB, normalised) → ``float32 [B, D]``, L2-normalised.
+
+        Raises:
+            EngineError: Called before :meth:`setup`.
+        """
         if self.session is None:
             raise EngineError("setup() must be called before infer()")
         (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(clips, dtype=np.float32)})
@@ -265,6 +271,11 @@ class TensorRTEngine:
         self._trt = trt
 
     def infer(self, clips: np.ndarray) -> np.ndarray:
+        """Embed ``clips`` ``float32 [B, T, 3, H, W]`` (RGB, normalised) → ``float32 [B, D]``, L2-normalised. Runs in chunks of ``max_batch``.
+
+        Raises:
+            EngineError: Called before :meth:`setup`, or execution failed.
+        """
         import torch
 
         if self.context is None:

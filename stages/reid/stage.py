@@ -26,25 +26,15 @@ log = logging.getLogger(__name__)
 STAGE = "reid"
 
 
-def sample_indices(n: int, t: int) -> list[int]:
-    """``t`` indices into ``n`` crops, evenly spread; crops repeat when ``n < t``.
-
-    Raises:
-        ValueError: ``n < 1`` or ``t < 1``.
-    """
-    if n < 1 or t < 1:
-        raise ValueError(f"need n >= 1 crops and t >= 1, got n={n}, t={t}")
-    if t == 1:
-        return [n // 2]
-    return [int(round(i * (n - 1) / (t - 1))) for i in range(t)]
-
-
 def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int], mean: tuple[float, ...],
                std: tuple[float, ...]) -> np.ndarray:
     """Decode and normalise one tracklet's crops into the network input.
 
+    The T crops are picked with the ``evenly`` sampling of training and evaluation
+    (:func:`stages.reid.sampling.sample_indices`), repeating crops when there are fewer than T.
+
     Args:
-        crops_jpeg: JPEG crops (BGR-encoded by OpenCV), in time order.
+        crops_jpeg: JPEG crops (BGR-encoded by OpenCV), in time order; at least one.
         seq_len: T.
         input_size: ``(height, width)`` pixels.
         mean: RGB mean for inputs in [0, 1].
@@ -54,16 +44,18 @@ def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int
         ``float32 [T, 3, H, W]``, RGB, ``(x / 255 - mean) / std``.
 
     Raises:
-        ValueError: A crop is not a decodable image.
+        ValueError: No crops, or a crop is not a decodable image.
     """
     import cv2
+
+    from stages.reid.sampling import sample_indices
 
     h, w = input_size
     out = np.empty((seq_len, 3, h, w), np.float32)
     m = np.asarray(mean, np.float32).reshape(3, 1, 1)
     s = np.asarray(std, np.float32).reshape(3, 1, 1)
     decoded: dict[int, np.ndarray] = {}
-    for j, i in enumerate(sample_indices(len(crops_jpeg), seq_len)):
+    for j, i in enumerate(sample_indices(len(crops_jpeg), seq_len, "evenly").tolist()):
         if i not in decoded:
             img = cv2.imdecode(np.frombuffer(crops_jpeg[i], np.uint8), cv2.IMREAD_COLOR)
             if img is None:

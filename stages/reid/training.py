@@ -792,6 +792,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+def _save_figure(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend and tight layout on ``ax``, then write ``fig`` to ``path`` (PNG, 100 dpi)."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> list[Path]:
     """Write ``loss.png`` (per-step total and component losses) and ``metrics.png`` (mAP, Rank-1 per epoch).
 
@@ -822,12 +831,7 @@ def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> 
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title("training loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = output_dir / "loss.png"
-        fig.savefig(path, dpi=100)
-        written.append(path)
+        written.append(_save_figure(fig, ax, output_dir / "loss.png"))
     evaluated = [e for e in history.get("epochs", []) if e.get("metrics")]
     if evaluated:
         fig = Figure(figsize=(7, 4))
@@ -840,12 +844,7 @@ def plot_history(history: dict[str, list[dict[str, Any]]], output_dir: Path) -> 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.set_title("query / gallery metrics")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = output_dir / "metrics.png"
-        fig.savefig(path, dpi=100)
-        written.append(path)
+        written.append(_save_figure(fig, ax, output_dir / "metrics.png"))
     return written
 
 

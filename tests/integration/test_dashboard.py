@@ -138,6 +138,13 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
 @pytest.fixture(scope="module")
 def live_prometheus(prometheus_server):
     """Prometheus scraping a driven reidstream metrics endpoint, with enough samples for rate()."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    # The metrics live in the process-wide registry: start from no series, so what earlier tests in
+    # this session left (e.g. a closed test camera's source_up = 0) cannot fire the alerts checked here.
+    for metric in vars(m).values():
+        if isinstance(metric, MetricWrapperBase):
+            metric.clear()
     stop = threading.Event()
     driver = threading.Thread(target=_drive_metrics, args=(stop,), name="metrics-driver", daemon=True)
     port = m.serve(_free_port())

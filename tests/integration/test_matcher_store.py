@@ -35,28 +35,24 @@ def matcher(store):
     yield m
 
 
-def link_of(store, tid):
-    return store.link(tid)
-
-
 def test_founds_then_joins_across_cameras(matcher, store):
     a, b = unit(1), unit(2)
     matcher.process([emb("A1", "left", 0, 2, a), emb("B1", "left", 0, 2, b)])
     matcher.process([emb("A2", "right", 3, 5, noisy(a, 10)), emb("B2", "right", 3, 5, noisy(b, 11))])
-    assert link_of(store, "A1").score is None and link_of(store, "B1").score is None
-    assert link_of(store, "A2").global_id == link_of(store, "A1").global_id
-    assert link_of(store, "B2").global_id == link_of(store, "B1").global_id
-    assert link_of(store, "A1").global_id != link_of(store, "B1").global_id
-    assert link_of(store, "A2").score > 0.8
+    assert store.link("A1").score is None and store.link("B1").score is None
+    assert store.link("A2").global_id == store.link("A1").global_id
+    assert store.link("B2").global_id == store.link("B1").global_id
+    assert store.link("A1").global_id != store.link("B1").global_id
+    assert store.link("A2").score > 0.8
     idents = {i.global_id: i for i in store.identities()}
-    assert idents[link_of(store, "A1").global_id].cameras == ["left", "right"]
+    assert idents[store.link("A1").global_id].cameras == ["left", "right"]
     assert store.thumbnail("A2") == b"\xff\xd8thumb"
 
 
 def test_same_camera_only_identity_is_no_candidate(matcher, store):
     a = unit(3)
     matcher.process([emb("A1", "left", 0, 2, a), emb("A2", "left", 5, 7, noisy(a, 1))])
-    assert link_of(store, "A1").global_id != link_of(store, "A2").global_id
+    assert store.link("A1").global_id != store.link("A2").global_id
 
 
 def test_simultaneous_sightings_on_other_cameras_are_excluded(matcher, store):
@@ -64,13 +60,13 @@ def test_simultaneous_sightings_on_other_cameras_are_excluded(matcher, store):
     matcher.process([emb("A1", "left", 0, 10, a)])
     matcher.process([emb("X", "right", 5, 12, noisy(a, 2))])      # overlaps 5 s > 0.5 s: another person
     matcher.process([emb("Y", "right", 9.8, 14, noisy(a, 3))])    # overlaps 0.2 s: allowed
-    assert link_of(store, "X").global_id != link_of(store, "A1").global_id
-    assert link_of(store, "Y").global_id == link_of(store, "A1").global_id
+    assert store.link("X").global_id != store.link("A1").global_id
+    assert store.link("Y").global_id == store.link("A1").global_id
 
 
 def test_below_threshold_founds_new_identity(matcher, store):
     matcher.process([emb("A1", "left", 0, 1, unit(5)), emb("B1", "right", 2, 3, unit(6))])
-    assert link_of(store, "A1").global_id != link_of(store, "B1").global_id
+    assert store.link("A1").global_id != store.link("B1").global_id
 
 
 def test_replay_changes_nothing_and_restart_reloads_gallery(matcher, store):
@@ -86,7 +82,7 @@ def test_replay_changes_nothing_and_restart_reloads_gallery(matcher, store):
     restarted.setup()
     assert set(restarted.gallery) == {before[0]["global_id"]}
     restarted.process([emb("A3", "left", 10, 11, noisy(a, 5))])
-    assert link_of(store, "A3").global_id == before[0]["global_id"]
+    assert store.link("A3").global_id == before[0]["global_id"]
     assert store.identities()[0].n_tracklets == 3
 
 

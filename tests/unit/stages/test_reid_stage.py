@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import EngineConfig
 from pipeline.messages import EmbeddingRecord, decode
-from stages.reid.stage import ReidStage, preprocess, sample_indices
+from stages.reid.stage import ReidStage, preprocess
 from tests.unit.pipeline.test_messages import make_tracklet
 
 torch = pytest.importorskip("torch")
@@ -20,14 +20,6 @@ def jpeg(bgr) -> bytes:
     return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
 
 
-def test_sample_indices_spread_and_repeat():
-    assert sample_indices(8, 4) == [0, 2, 5, 7]
-    assert sample_indices(2, 4) == [0, 0, 1, 1]
-    assert sample_indices(5, 1) == [2]
-    with pytest.raises(ValueError):
-        sample_indices(0, 4)
-
-
 def test_preprocess_is_rgb_normalised_and_resized():
     crops = [jpeg((0, 0, 255)), jpeg((255, 0, 0))]  # BGR: red, then blue
     x = preprocess(crops, 4, (32, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -37,9 +29,18 @@ def test_preprocess_is_rgb_normalised_and_resized():
     assert x[3, 2].mean() == pytest.approx(1.0, abs=0.03)   # blue → B channel (index 2) high
 
 
+def test_preprocess_picks_crops_evenly_like_evaluation():
+    crops = [jpeg((0, 0, i * 30)) for i in range(8)]  # red level encodes the crop index
+    x = preprocess(crops, 4, (32, 16), mean=(0, 0, 0), std=(1, 1, 1))
+    picked = np.rint(x[:, 0].mean(axis=(1, 2)) * 255 / 30).astype(int).tolist()
+    assert picked == [0, 2, 5, 7]
+
+
 def test_preprocess_rejects_garbage():
     with pytest.raises(ValueError, match="decodable"):
         preprocess([b"nope"], 2, (32, 16), (0, 0, 0), (1, 1, 1))
+    with pytest.raises(ValueError, match="num_frames"):
+        preprocess([], 2, (32, 16), (0, 0, 0), (1, 1, 1))
 
 
 class FakeEngine:
