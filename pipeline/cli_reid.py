@@ -4,10 +4,10 @@
 module imports neither torch nor any stage: every command imports its work lazily.
 
 * ``mine``: run ingest + detection + tracking over the config's cameras and write tracklet folders
-  (:mod:`stages.mine`), the ``tracklets:DIR`` data set.
-* ``train``: train a network with identity + batch-hard triplet losses (:mod:`stages.reid.training`).
+  (:mod:`stages.reid.training.mine`), the ``tracklets:DIR`` data set.
+* ``train``: train a network with identity + batch-hard triplet losses (:mod:`stages.reid.training.trainer`).
 * ``evaluate``: CMC / mAP of a checkpoint (or an untrained network) on a data set's query / gallery,
-  mean over the 10 splits of iLIDS-VID / PRID-2011 (:mod:`stages.reid.evaluate`).
+  mean over the 10 splits of iLIDS-VID / PRID-2011 (:mod:`stages.reid.training.evaluate`).
 * ``export``: a checkpoint to ONNX (:func:`stages.reid.engines.export_onnx`).
 
 Option precedence of ``train`` and ``evaluate``: explicit command-line options, then the
@@ -176,7 +176,7 @@ def mine_command(
 
     _setup_logging()
     cfg = _run(lambda: load_config(config))
-    from stages.mine import mine
+    from stages.reid.training.mine import mine
 
     with _stop_on_signals() as stop, _progress() as progress:
         summary = _run(lambda: mine(cfg, output, cameras=camera or None, max_frames=max_frames, crops=crops,
@@ -268,7 +268,7 @@ def train_command(
 
     def build() -> Any:
         from pipeline.config import load_config
-        from stages.reid.training import TrainConfig
+        from stages.reid.training.trainer import TrainConfig
 
         ckpt_model: dict[str, Any] = {}
         if resume is not None:
@@ -307,7 +307,7 @@ def train_command(
         )
 
     cfg = _run(build)
-    from stages.reid.training import Trainer
+    from stages.reid.training.trainer import Trainer
 
     with _progress() as progress:
         trainer = _run(lambda: Trainer(cfg, _TrainProgress(progress)))
@@ -362,7 +362,7 @@ def evaluate_command(
 
     def run() -> Any:
         from pipeline.config import load_config
-        from stages.reid.evaluate import run_evaluation
+        from stages.reid.training.evaluate import run_evaluation
 
         m = load_config(config).reid.model if config is not None else None
         ckpt = _first(checkpoint, None if m is None or m.checkpoint is None else str(m.checkpoint))
@@ -411,7 +411,7 @@ def evaluate_command(
     for warning in report.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     if output is not None:
-        from stages.reid.evaluate import write_report
+        from stages.reid.training.evaluate import write_report
 
         paths = _run(lambda: write_report(report, output))
         out.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)

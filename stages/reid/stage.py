@@ -31,7 +31,7 @@ def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int
     """Decode and normalise one tracklet's crops into the network input.
 
     The T crops are picked with the ``evenly`` sampling of training and evaluation
-    (:func:`stages.reid.sampling.sample_indices`), repeating crops when there are fewer than T.
+    (:func:`stages.reid.clips.sample_indices`), repeating crops when there are fewer than T.
 
     Args:
         crops_jpeg: JPEG crops (BGR-encoded by OpenCV), in time order; at least one.
@@ -48,7 +48,7 @@ def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int
     """
     import cv2
 
-    from stages.reid.sampling import sample_indices
+    from stages.reid.clips import sample_indices
 
     h, w = input_size
     out = np.empty((seq_len, 3, h, w), np.float32)

@@ -11,7 +11,7 @@ wrote so tests can state their expectations. The layouts mirror the real data se
 * PRID-2011: ``prid_2011/multi_shot/cam_{a,b}/person_XXXX/*.png`` and optionally
   ``splits_prid2011.json``.
 * DukeMTMC-VideoReID: ``{train,query,gallery}/<pid4>/<tracklet4>/<pid4>_C<c>_F<f4>_X<id>.jpg``.
-* Mined tracklets: written with :func:`stages.reid.datasets.tracklets.write_tracklet_folder`.
+* Mined tracklets: written with :func:`stages.reid.training.datasets.tracklets.write_tracklet_folder`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from scipy.io import savemat
 
-from stages.reid.datasets.tracklets import write_tracklet_folder
+from stages.reid.training.datasets.tracklets import write_tracklet_folder
 
 IMAGE_HW = (8, 4)
 

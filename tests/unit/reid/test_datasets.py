@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from stages.reid.datasets import DATASETS, TrackletItem, VideoReidDataset, load_dataset
-from stages.reid.datasets.ilidsvid import load_ilidsvid
-from stages.reid.datasets.mars import load_mars
-from stages.reid.datasets.prid2011 import load_prid2011
-from stages.reid.datasets.tracklets import load_tracklets, read_tracklet_meta, write_tracklet_folder
-from stages.reid.evaluation import evaluate_ranking
+from stages.reid.training.datasets import DATASETS, TrackletItem, VideoReidDataset, load_dataset
+from stages.reid.training.datasets.ilidsvid import load_ilidsvid
+from stages.reid.training.datasets.mars import load_mars
+from stages.reid.training.datasets.prid2011 import load_prid2011
+from stages.reid.training.datasets.tracklets import load_tracklets, read_tracklet_meta, write_tracklet_folder
+from stages.reid.training.evaluation import evaluate_ranking
 
 try:  # works both as a package module and as a rootdir-inserted module
     from .fixtures import (
@@ -207,7 +207,7 @@ def test_prid_uses_published_splits_file(tmp_path):
 
 def test_prid_generates_seeded_splits_and_says_so(tmp_path, caplog):
     root = write_prid2011(tmp_path / "prid")
-    with caplog.at_level(logging.WARNING, logger="stages.reid.datasets.prid2011"):
+    with caplog.at_level(logging.WARNING, logger="stages.reid.training.datasets.prid2011"):
         ds = load_prid2011(root, split=0, seed=0)
     assert any("generated 10 random" in r.getMessage() for r in caplog.records)
     assert ds.num_splits == 10

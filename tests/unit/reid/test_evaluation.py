@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.reid.evaluation import (
+from stages.reid.training.evaluation import (
     EvalResult,
     evaluate,
     evaluate_ranking,

@@ -52,7 +52,7 @@ def one_error_line(result) -> str:
 
 
 def test_importing_the_cli_module_does_not_import_torch():
-    code = "import sys, pipeline.cli_reid; print('torch' in sys.modules, 'stages.mine' in sys.modules)"
+    code = "import sys, pipeline.cli_reid; print('torch' in sys.modules, 'stages.reid.training.mine' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
@@ -62,8 +62,8 @@ def test_importing_the_cli_module_does_not_import_torch():
 
 
 def test_mine_writes_tracklet_folders_the_loader_reads(app, sample_video, tmp_path, monkeypatch):
-    from stages.reid.datasets import load_dataset
-    from stages.reid.datasets.tracklets import read_tracklet_meta
+    from stages.reid.training.datasets import load_dataset
+    from stages.reid.training.datasets.tracklets import read_tracklet_meta
 
     monkeypatch.chdir(ROOT)  # the config's video path is relative to the repository
     out = tmp_path / "mined"
@@ -103,7 +103,7 @@ def test_mine_unknown_camera_is_a_config_error(app, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A mined fixture data set and a checkpoint trained on it for one step (T=4, 64 x 32)."""
-    from stages.reid.training import TrainConfig, train
+    from stages.reid.training.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny")
     data = write_mined(root / "mined", tuple(MinedTracklet(f"c-{i:02d}", f"cam{i % 2}", 5) for i in range(10)))

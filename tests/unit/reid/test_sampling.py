@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stages.reid.datasets import TrackletItem
-from stages.reid.sampling import (
+from stages.reid.training.datasets import TrackletItem
+from stages.reid.training.sampling import (
     AugmentParams,
     ClipAugment,
     PKSampler,

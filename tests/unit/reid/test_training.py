@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from stages.reid.checkpoint import CheckpointError, read_checkpoint
-from stages.reid.datasets import load_dataset
-from stages.reid.evaluate import extract_embeddings, run_evaluation, write_report
+from stages.reid.training.datasets import load_dataset
+from stages.reid.training.evaluate import extract_embeddings, run_evaluation, write_report
 from stages.reid.models import build_model
-from stages.reid.training import (
+from stages.reid.training.trainer import (
     EpochSchedule,
     TrainConfig,
     Trainer,
@@ -221,7 +221,7 @@ def test_all_frames_embedding_is_the_mean_of_chunk_embeddings(mined):
     one = extract_embeddings(model, items, T, SIZE, batch_size=1)
     many = extract_embeddings(model, items, T, SIZE, batch_size=16)
     np.testing.assert_allclose(one.features, many.features, atol=1e-5)
-    from stages.reid.sampling import TrackletDataset
+    from stages.reid.training.sampling import TrackletDataset
 
     chunks = TrackletDataset(items[:1], T, "all", SIZE, model.mean, model.std, chunked=True)[0][0]
     assert chunks.shape == (2, T, 3, *SIZE)

@@ -141,3 +141,13 @@ def test_checkpoint_round_trip_and_mismatch_errors(small_sta, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_for_inference(tmp_path / "junk.pt")
+
+
+def test_serving_path_does_not_import_the_training_side():
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.reid.stage, stages.reid.engines, stages.reid.checkpoint, stages.reid.clips; "
+            "print(sorted(m for m in sys.modules if m.startswith('stages.reid.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -3,7 +3,7 @@
 A loader turns a data set on disk into a :class:`VideoReidDataset`: three lists of
 :class:`TrackletItem` (``train``, ``query``, ``gallery``). A tracklet item is a sequence of image
 files of one person seen by one camera, in temporal order. Images stay on disk; the training and
-test :class:`~stages.reid.sampling.TrackletDataset` reads them (OpenCV, BGR) and turns them into
+test :class:`~stages.reid.training.sampling.TrackletDataset` reads them (OpenCV, BGR) and turns them into
 RGB tensors.
 
 Identity conventions (the same as the published protocols of MARS, iLIDS-VID, PRID-2011 and
@@ -14,7 +14,7 @@ DukeMTMC-VideoReID):
 * ``query`` / ``gallery`` pids keep the data set's own labels (MARS and Duke pids, iLIDS-VID and
   PRID person numbers), so a query matches gallery items with the same pid.
 * ``pid == -1`` marks junk (MARS only): such gallery items are ignored for every query by
-  :func:`stages.reid.evaluation.evaluate_ranking`. ``pid == 0`` in MARS are distractors and are
+  :func:`stages.reid.training.evaluation.evaluate_ranking`. ``pid == 0`` in MARS are distractors and are
   ordinary non-matching gallery items.
 * ``camid`` is a 0-based camera index; the evaluation ignores gallery items with the query's pid
   *and* camid (the same person seen by the same camera).

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.reid.datasets.base import (
+from stages.reid.training.datasets.base import (
     TrackletItem,
     VideoReidDataset,
     check_split_index,

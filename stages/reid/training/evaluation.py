@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages.reid.datasets.base import JUNK_PID
+from stages.reid.training.datasets.base import JUNK_PID
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each selected camera runs the camera side of the pipeline (:class:`stages.camera.CameraWorker`:
 ingest → detection + tracking → tracklets), one camera after the other, without Kafka: the worker's
 ``publish`` callback decodes each :class:`~pipeline.messages.TrackletRecord` and writes it with
-:func:`stages.reid.datasets.tracklets.write_tracklet_folder` as ``OUTPUT/<tracklet_id>/`` (``meta.json``
+:func:`stages.reid.training.datasets.tracklets.write_tracklet_folder` as ``OUTPUT/<tracklet_id>/`` (``meta.json``
 + ``000.jpg``...; crops decoded from the record's JPEG and re-encoded at quality 95, **BGR**). No
 ``pid`` is written, so each tracklet is its own pseudo-identity for the ``tracklets`` data set loader
 (``load_dataset("tracklets:OUTPUT")``, held-out protocol ``"halves"``).
@@ -131,7 +131,7 @@ class TrackletFolderSink:
         import cv2
 
         from pipeline.messages import TrackletRecord, decode
-        from stages.reid.datasets.tracklets import META_FILE, write_tracklet_folder
+        from stages.reid.training.datasets.tracklets import META_FILE, write_tracklet_folder
 
         rec: TrackletRecord = decode(value, TrackletRecord)
         if self.skip_existing and (self.output_dir / rec.tracklet_id / META_FILE).exists():

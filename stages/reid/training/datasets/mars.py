@@ -18,7 +18,7 @@ Layout under ``root`` (as distributed, and as torchreid's loader expects)::
 Junk and distractors (the MARS protocol):
 
 * ``pid == -1`` (junk) test tracklets are **kept in the gallery with pid -1**; the evaluation
-  (:func:`stages.reid.evaluation.evaluate_ranking`) drops pid -1 gallery items for every query, as
+  (:func:`stages.reid.training.evaluation.evaluate_ranking`) drops pid -1 gallery items for every query, as
   the official MATLAB evaluation puts them in every query's junk list. They are neither matches nor
   mismatches. A junk row listed in ``query_IDX`` (none in the published files) is dropped from the
   query set with a warning. Junk rows in the training matrix are dropped.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.reid.datasets.base import JUNK_PID, TrackletItem, VideoReidDataset, relabel, require_paths
+from stages.reid.training.datasets.base import JUNK_PID, TrackletItem, VideoReidDataset, relabel, require_paths
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.reid.datasets.base import TrackletItem, VideoReidDataset, relabel, require_paths
+from stages.reid.training.datasets.base import TrackletItem, VideoReidDataset, relabel, require_paths
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 ====================  ==========================================  =====================================
 spec name             data set                                    module
 ====================  ==========================================  =====================================
-``mars``              MARS (Zheng et al., ECCV 2016)              :mod:`stages.reid.datasets.mars`
-``ilidsvid``          iLIDS-VID (Wang et al., ECCV 2014), split   :mod:`stages.reid.datasets.ilidsvid`
-``prid2011``          PRID-2011 multi-shot (Hirzer et al.), split :mod:`stages.reid.datasets.prid2011`
-``duke``              DukeMTMC-VideoReID (Wu et al., CVPR 2018)   :mod:`stages.reid.datasets.duke`
-``tracklets``         folders mined by ``reidstream mine``        :mod:`stages.reid.datasets.tracklets`
+``mars``              MARS (Zheng et al., ECCV 2016)              :mod:`stages.reid.training.datasets.mars`
+``ilidsvid``          iLIDS-VID (Wang et al., ECCV 2014), split   :mod:`stages.reid.training.datasets.ilidsvid`
+``prid2011``          PRID-2011 multi-shot (Hirzer et al.), split :mod:`stages.reid.training.datasets.prid2011`
+``duke``              DukeMTMC-VideoReID (Wu et al., CVPR 2018)   :mod:`stages.reid.training.datasets.duke`
+``tracklets``         folders mined by ``reidstream mine``        :mod:`stages.reid.training.datasets.tracklets`
 ====================  ==========================================  =====================================
 
 Loaders are imported lazily (scipy is only imported for the ``.mat`` based sets).
@@ -23,16 +23,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from stages.reid.datasets.base import JUNK_PID, TrackletItem, VideoReidDataset
+from stages.reid.training.datasets.base import JUNK_PID, TrackletItem, VideoReidDataset
 
 __all__ = ["DATASETS", "JUNK_PID", "SPLIT_DATASETS", "TrackletItem", "VideoReidDataset", "load_dataset"]
 
 DATASETS: dict[str, str] = {
-    "mars": "stages.reid.datasets.mars:load_mars",
-    "ilidsvid": "stages.reid.datasets.ilidsvid:load_ilidsvid",
-    "prid2011": "stages.reid.datasets.prid2011:load_prid2011",
-    "duke": "stages.reid.datasets.duke:load_duke",
-    "tracklets": "stages.reid.datasets.tracklets:load_tracklets",
+    "mars": "stages.reid.training.datasets.mars:load_mars",
+    "ilidsvid": "stages.reid.training.datasets.ilidsvid:load_ilidsvid",
+    "prid2011": "stages.reid.training.datasets.prid2011:load_prid2011",
+    "duke": "stages.reid.training.datasets.duke:load_duke",
+    "tracklets": "stages.reid.training.datasets.tracklets:load_tracklets",
 }
 """Spec name -> ``"module:callable"`` of its loader."""
 

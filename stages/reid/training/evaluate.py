@@ -7,16 +7,16 @@ Steps:
 
    * ``"all"`` (default, the usual video re-id protocol): all frames of the tracklet, cut into
      consecutive chunks of ``T`` frames (the last chunk padded by repeating its last frame, see
-     :func:`stages.reid.sampling.chunk_indices`); each chunk is embedded by the network and the
+     :func:`stages.reid.training.sampling.chunk_indices`); each chunk is embedded by the network and the
      tracklet's embedding is the mean of its chunk embeddings, L2-normalised again.
    * ``"evenly"``: one clip of ``T`` evenly spaced frames, first and last included (what the
      streaming re-id stage feeds the network); cheaper, usually a little worse.
 
    Frames are read with OpenCV (BGR), resized to the network input, turned to RGB in [0, 1] and
-   normalised with the network's mean / std (:class:`stages.reid.sampling.TrackletDataset`).
+   normalised with the network's mean / std (:class:`stages.reid.training.sampling.TrackletDataset`).
 2. **Ranking.** Squared Euclidean distance between the unit embeddings (rank-equivalent to cosine),
    optionally k-reciprocal re-ranking (Zhong et al., CVPR 2017); CMC Rank-1/5/10/20 and mAP with the
-   protocol of :mod:`stages.reid.evaluation` (same pid *and* camera excluded, junk ignored), computed
+   protocol of :mod:`stages.reid.training.evaluation` (same pid *and* camera excluded, junk ignored), computed
    in chunks of queries so MARS fits in a few hundred MB.
 3. **Splits.** iLIDS-VID and PRID-2011 are reported as the mean over their 10 train/test splits
    (``split="all"``, their default); the embeddings of a tracklet are computed once and reused by all
@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.reid.datasets.base import TrackletItem
-from stages.reid.evaluation import EvalResult
+from stages.reid.training.datasets.base import TrackletItem
+from stages.reid.training.evaluation import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def extract_embeddings(
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from stages.reid.sampling import TrackletDataset
+    from stages.reid.training.sampling import TrackletDataset
 
     _check_sampling(sampling)
     if batch_size < 1:
@@ -212,12 +212,12 @@ def evaluate_embeddings(
         k1, k2, lambda_value: Re-ranking parameters (the paper's defaults).
 
     Returns:
-        :class:`~stages.reid.evaluation.EvalResult`.
+        :class:`~stages.reid.training.evaluation.EvalResult`.
 
     Raises:
         ValueError: No query has a valid gallery match, or shape mismatches.
     """
-    from stages.reid.evaluation import evaluate, evaluate_ranking, k_reciprocal_rerank, pairwise_distance
+    from stages.reid.training.evaluation import evaluate, evaluate_ranking, k_reciprocal_rerank, pairwise_distance
 
     if not rerank:
         return evaluate(query.features, gallery.features, query.pids, gallery.pids, query.camids, gallery.camids,
@@ -264,7 +264,7 @@ def evaluate_model(
         progress: See :func:`extract_embeddings`.
 
     Returns:
-        :class:`~stages.reid.evaluation.EvalResult`.
+        :class:`~stages.reid.training.evaluation.EvalResult`.
 
     Raises:
         ValueError: Empty query or gallery, or no valid query.
@@ -391,9 +391,9 @@ def run_evaluation(
         ValueError: Bad spec, split, sampling, model or options; a data set without query/gallery.
         FileNotFoundError: Missing data set.
     """
-    from stages.reid.datasets import SPLIT_DATASETS, load_dataset
+    from stages.reid.training.datasets import SPLIT_DATASETS, load_dataset
     from stages.reid.engines import resolve_device
-    from stages.reid.evaluation import mean_over_splits
+    from stages.reid.training.evaluation import mean_over_splits
 
     _check_sampling(sampling)
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import logging
 import re
 from pathlib import Path
 
-from stages.reid.datasets.base import TrackletItem, VideoReidDataset, relabel, require_paths
+from stages.reid.training.datasets.base import TrackletItem, VideoReidDataset, relabel, require_paths
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 Every network of :mod:`stages.reid.models` is trained the same way (``reidstream train``):
 
-* **Batches**: :class:`~stages.reid.sampling.PKSampler` draws ``P`` identities x ``K`` tracklets;
+* **Batches**: :class:`~stages.reid.training.sampling.PKSampler` draws ``P`` identities x ``K`` tracklets;
   each tracklet gives one clip of ``T`` frames (``"restricted"`` random sampling by default, Li et
-  al. CVPR 2018), augmented clip-consistently (:class:`~stages.reid.sampling.ClipAugment`), as
+  al. CVPR 2018), augmented clip-consistently (:class:`~stages.reid.training.sampling.ClipAugment`), as
   ``float32 [P*K, T, 3, H, W]`` normalised **RGB**.
 * **Identity loss**: softmax cross-entropy of a linear classifier (no bias) applied after a
   batch-norm "neck" on the clip features (Luo et al., "Bag of Tricks and a Strong Baseline for Deep
@@ -99,7 +99,7 @@ class TrainConfig:
     Attributes:
         model: Registry name (``sta``, ``drsta``, ``siamese_sgru``, ``conv_attention``, ``rcn``,
             ``temporal_pool``, ``part_pool``).
-        data: Data set spec, ``"name:/path"`` (see :func:`stages.reid.datasets.load_dataset`).
+        data: Data set spec, ``"name:/path"`` (see :func:`stages.reid.training.datasets.load_dataset`).
         output_dir: Directory of checkpoints, history and plots (created).
         epochs: Total number of epochs (a resumed run continues up to this number).
         backbone: Backbone name (``mobilenet_v2``, ``efficientnet_lite0``, ``resnet50``).
@@ -486,7 +486,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, progress: TrainProgress | None = None) -> None:
-        from stages.reid.datasets import SPLIT_DATASETS, load_dataset
+        from stages.reid.training.datasets import SPLIT_DATASETS, load_dataset
         from stages.reid.engines import resolve_device
         from stages.reid.models import build_model
 
@@ -596,7 +596,7 @@ class Trainer:
                         self.split, data.get("spec"), data.get("split"))
 
     def _train_loader(self) -> torch.utils.data.DataLoader:
-        from stages.reid.sampling import ClipAugment, PKSampler, TrackletDataset
+        from stages.reid.training.sampling import ClipAugment, PKSampler, TrackletDataset
 
         cfg = self.cfg
         augment = ClipAugment() if cfg.augment else ClipAugment.none()
@@ -702,8 +702,8 @@ class Trainer:
         return record
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
-        """Query/gallery metrics of the current model (see :func:`stages.reid.evaluate.evaluate_model`)."""
-        from stages.reid.evaluate import evaluate_model
+        """Query/gallery metrics of the current model (see :func:`stages.reid.training.evaluate.evaluate_model`)."""
+        from stages.reid.training.evaluate import evaluate_model
 
         cfg = self.cfg
         self.progress.evaluating(epoch, len(self.dataset.query) + len(self.dataset.gallery))
