@@ -265,6 +265,10 @@ from pipeline.cli_reid import register as _register_reid  # noqa: E402 - mine, t
 
 _register_reid(app)
 
+from pipeline.cli_identity import register as _register_identity  # noqa: E402 - calibrate
+
+_register_identity(app)
+
 
 def main() -> None:
     """Console-script entry point."""

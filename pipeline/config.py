@@ -235,9 +235,66 @@ class ReidConfig(_Model):
     group_id: str = Field("reidstream-reid", description="Kafka consumer group of the re-id stage.")
 
 
+class TopologyEdgeConfig(_Model):
+    a: str = Field(..., description="Camera id.")
+    b: str = Field(..., description="Camera id (the edge works both ways).")
+    min_transit_s: float = Field(
+        ..., description="Fewest seconds between leaving one view and entering the other; negative when the "
+        "views overlap by that much. A faster hand-off is impossible (a cannot-link).",
+    )
+    max_transit_s: float = Field(
+        ..., description="Most seconds of a direct hand-off: gaps in [min, max] earn spatio-temporal support; "
+        "longer ones are allowed (the person may come back later) but earn none.",
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> TopologyEdgeConfig:
+        if self.a == self.b:
+            raise ValueError(f"an edge joins two different cameras, got {self.a!r} twice")
+        if self.max_transit_s < self.min_transit_s:
+            raise ValueError(f"max_transit_s ({self.max_transit_s}) < min_transit_s ({self.min_transit_s})")
+        return self
+
+
+class TransitConfig(_Model):
+    learn: bool = Field(
+        True, description="Learn hand-off gap statistics per camera pair from the re-associated identities "
+        "(pairs in `topology` use their configured window instead).",
+    )
+    weight: float = Field(
+        0.05, ge=0, le=1, description="Score bonus of a hand-off at the most typical gap of its camera pair "
+        "(added to the cosine, scaled by the gap's support in [0, 1]); 0 uses appearance alone.",
+    )
+    bandwidth_s: float = Field(2.0, gt=0, description="Smoothing of the learned gap histograms, seconds.")
+    min_links: int = Field(3, ge=1, description="Hand-offs a camera pair needs before its statistics count.")
+
+
+class ReassociationConfig(_Model):
+    enabled: bool = Field(True, description="Periodically re-cluster the recent window (merges and splits).")
+    every_s: float = Field(10.0, gt=0, description="Wall seconds between re-associations while tracklets arrive.")
+    idle_s: float = Field(
+        1.0, ge=0, description="Also re-associate once no tracklet has arrived for this long (wall seconds)."
+    )
+    window_s: float = Field(3600.0, gt=0, description="Stream seconds of recent tracklets re-associated together.")
+    max_tracklets: int = Field(10000, ge=2, description="Most tracklets in the window (the newest are kept).")
+    calibrate: bool = Field(
+        True, description="Recalibrate the threshold label-free on every window with enough evidence "
+        "(see `reidstream calibrate`); otherwise use the calibration file or `threshold`.",
+    )
+    min_negatives: int = Field(
+        30, ge=1, description="Cannot-link pairs a window needs before it is recalibrated online."
+    )
+
+
 class MatcherConfig(_Model):
     threshold: float = Field(
-        0.75, ge=-1, le=1, description="Cosine similarity at or above which a tracklet joins an identity."
+        0.15, ge=-1, le=1,
+        description="Mean cosine (in the site's scoring space) at or above which a tracklet joins an identity, "
+        "used until a calibration applies. Get it from `reidstream calibrate`, not from labels.",
+    )
+    calibration: Path | None = Field(
+        None, description="A calibration JSON written by `reidstream calibrate` or `adapt`; its threshold "
+        "replaces `threshold`. Relative paths are relative to the working directory.",
     )
     max_overlap_s: float = Field(
         0.5,
@@ -247,9 +304,21 @@ class MatcherConfig(_Model):
     )
     center: bool = Field(
         True,
-        description="Compare embeddings after subtracting the running mean of all embeddings seen: needed for "
-        "untrained (non-negative) ImageNet features, harmless for trained ones.",
+        description="Score embeddings after centring them on the site's mean embedding (and projecting onto its "
+        "principal directions): needed for untrained ImageNet features, harmless for trained ones.",
     )
+    projection_dim: int | None = Field(
+        256, ge=1, description="Principal directions kept in the scoring space; null: centre only."
+    )
+    reentry: bool = Field(True, description="A person who leaves a camera's view and comes back keeps the identity.")
+    prototypes_per_camera: int = Field(
+        8, ge=1, description="Member tracklets per camera (the longest-observed) an identity is scored by."
+    )
+    topology: list[TopologyEdgeConfig] = Field(
+        default_factory=list, description="Optional connected camera pairs with their transit times."
+    )
+    transit: TransitConfig = Field(default_factory=TransitConfig)
+    reassociation: ReassociationConfig = Field(default_factory=ReassociationConfig)
     group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
     gallery_ttl_s: float | None = Field(
         None, gt=0, description="Identities unseen for longer (stream seconds) stop being candidates; null keeps all."

@@ -2,7 +2,8 @@
 
 :func:`run_demo` starts the local services when the configured ones are not reachable, launches one
 ``reidstream camera`` process per camera plus ``reidstream reid`` and ``reidstream matcher``, waits
-until every tracklet the cameras published has a link in Redis, stops the stages and writes
+until every tracklet the cameras published has a link in Redis and the matcher has re-associated
+them all (so the identities are final), stops the stages and writes
 ``links.json``, ``identities.json`` and ``report.html`` (plus ``logs/``) into the output directory.
 """
 
@@ -131,7 +132,7 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
                     published.extend(summaries[cam.name]["tracklet_ids"])
             linked = store.count_links(published)
             progress.update(summaries, len(published), linked, _tail_frames(logs, cfg))
-            if len(summaries) == len(cfg.cameras) and linked >= len(published):
+            if len(summaries) == len(cfg.cameras) and linked >= len(published) and _reassociated(cfg, store):
                 break
             time.sleep(0.5)
         progress.close()
@@ -154,6 +155,14 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
     store.close()
     cross = sum(1 for i in identities if len(i["cameras"]) >= 2)
     return {"links": links, "identities": identities, "cross_camera": cross, "cameras": summaries}
+
+
+def _reassociated(cfg: Config, store: IdentityStore) -> bool:
+    """Whether the matcher's last re-association covered every link of the namespace (always true
+    with re-association off): only then are the identities final and independent of arrival order."""
+    if not cfg.matcher.reassociation.enabled:
+        return True
+    return store.reassociation_status().get("links", -1) >= store.count_all_links()
 
 
 def _tail_frames(logs: Path, cfg: Config) -> dict[str, int]:

@@ -23,6 +23,10 @@ reid_batch_size                        histogram  stage
 source_up                              gauge      stage, camera (1 while the source delivers frames)
 consumer_lag_messages                  gauge      stage, topic, partition
 identities                             gauge      stage (global identities in the matcher gallery)
+reassociations_total                   counter    stage
+reassociation_seconds                  histogram  stage (one re-association of the window)
+identity_changes_total                 counter    stage, kind (merge|split)
+match_threshold                        gauge      stage (the association threshold in force)
 =====================================  =========  ==============================================
 """
 
@@ -78,6 +82,15 @@ CONSUMER_LAG = Gauge(
     ["stage", "topic", "partition"],
 )
 IDENTITIES = Gauge("reidstream_identities", "Global identities known to the matcher.", ["stage"])
+REASSOCIATIONS = Counter("reidstream_reassociations", "Re-associations of the matcher's window.", ["stage"])
+REASSOCIATION_SECONDS = Histogram(
+    "reidstream_reassociation_seconds", "Wall time of one re-association of the window.", ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+IDENTITY_CHANGES = Counter(
+    "reidstream_identity_changes", "Identities merged or split by re-association.", ["stage", "kind"]
+)
+MATCH_THRESHOLD = Gauge("reidstream_match_threshold", "Association threshold in force (scoring-space cosine).", ["stage"])
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

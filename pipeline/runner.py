@@ -110,6 +110,7 @@ class StageRunner:
                 messages = [m for batch in polled.values() for m in batch]
                 if not messages:
                     self._update_lag()
+                    self._idle()
                     if not self.consumer.assignment():  # still joining the group: not idle yet
                         self.stats.last_message_monotonic = time.monotonic()
                     elif idle_exit_s is not None and time.monotonic() - self.stats.last_message_monotonic > idle_exit_s:
@@ -124,6 +125,17 @@ class StageRunner:
         return self.stats
 
     # ----------------------------------------------------------------------------------------------
+    def _idle(self) -> None:
+        """Give a stage with an ``idle()`` method (the matcher's re-association) the quiet moment; a
+        transient failure there is logged and tried again at the next quiet moment."""
+        idle = getattr(self.stage, "idle", None)
+        if idle is None:
+            return
+        try:
+            idle()
+        except TransientError as exc:
+            log.error("%s: idle work failed, retrying later: %s", self.name, exc)
+
     def _handle(self, messages: Sequence[Any]) -> None:
         self.stats.consumed += len(messages)
         good: list[tuple[Any, Any]] = []

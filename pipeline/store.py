@@ -7,21 +7,29 @@ key                                  type    content
 ===================================  ======  =====================================================
 ``{ns}:seq:identity``                string  counter behind new global ids (``G000001``…)
 ``{ns}:identities``                  zset    global id → first seen (stream seconds)
-``{ns}:identity:{gid}``              hash    first_seen_s, last_seen_s, n_tracklets, cameras (JSON),
-                                             centroid (float32 bytes: sum of member embeddings)
+``{ns}:identity:{gid}``              hash    first_seen_s, last_seen_s, n_tracklets, cameras (JSON)
 ``{ns}:identity:{gid}:tracklets``    zset    tracklet id → start_s
 ``{ns}:tracklet:{tid}``              hash    the link: global_id, camera, track_id, score, start_s,
                                              end_s, frames, boxes (JSON), embedding (float32 bytes),
-                                             closed_wall_s, linked_wall_s
+                                             quality (frames observed), closed_wall_s, linked_wall_s
 ``{ns}:tracklets``                   zset    tracklet id → linked order (monotonic counter)
+``{ns}:tracklets:end``               zset    tracklet id → end_s (the matcher's window)
 ``{ns}:camera:{cam}:sightings``      zset    tracklet id → start_s
 ``{ns}:thumb:{tid}``                 string  JPEG crop (BGR-encoded)
-``{ns}:stats``                       hash    embedding_sum (float64 bytes), embedding_count: the
-                                             running mean the matcher centres embeddings on
+``{ns}:merged:{gid}``                string  the identity ``gid`` was merged into (see :meth:`resolve`)
+``{ns}:audit``                       stream  one entry per merge or split: field ``record`` (JSON)
+``{ns}:matcher``                     hash    the matcher's scoring space (``mean``, ``components``:
+                                             float32 bytes, ``dim``), ``threshold``, ``transit``
+                                             (JSON), ``model``
+``{ns}:reassociation``               hash    the last re-association: ``links`` (links it covered),
+                                             ``tracklets`` (window size), ``wall_s``, ``merges``,
+                                             ``splits``, ``moved``
 ===================================  ======  =====================================================
 
 A link is written in one MULTI/EXEC transaction together with the identity update, so readers never
-see half of it, and :meth:`IdentityStore.has_tracklet` makes replays no-ops.
+see half of it, and :meth:`IdentityStore.has_tracklet` makes replays no-ops. A re-association's
+moves, identity updates and audit records are one transaction too (:meth:`apply_reassociation`);
+``{ns}:tracklet:{tid}``'s ``global_id`` is always the tracklet's *current* identity.
 """
 
 from __future__ import annotations
@@ -101,12 +109,44 @@ class Identity:
 
 
 @dataclasses.dataclass(frozen=True)
-class IdentityState:
-    """What the matcher keeps in memory per identity: centroid sum ``float32 [D]`` and sightings."""
+class WindowEntry:
+    """A linked tracklet as the matcher's window holds it.
 
+    Attributes:
+        tracklet_id: The tracklet.
+        camera: Its camera.
+        start_s: First sighting, stream seconds.
+        end_s: Last sighting, stream seconds.
+        quality: Frames in which the tracker saw it (prototypes prefer the longest-observed).
+        global_id: Its current global identity.
+        embedding: ``float32 [D]``, as the re-id stage sent it.
+    """
+
+    tracklet_id: str
+    camera: str
+    start_s: float
+    end_s: float
+    quality: int
     global_id: str
-    centroid_sum: np.ndarray
-    sightings: tuple[Sighting, ...]
+    embedding: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Reassignment:
+    """What one re-association changes, to be written atomically.
+
+    Attributes:
+        moves: tracklet id → (old global id, new global id), every tracklet whose identity changes.
+        retired: Global ids left without tracklets, with the id each was merged into (None for an
+            identity emptied by a split into new identities).
+        audit: One JSON-serialisable record per merge or split.
+        summary: Counts for ``{ns}:reassociation`` (``links``, ``tracklets``, ``merges``, ``splits``...).
+    """
+
+    moves: dict[str, tuple[str, str]]
+    retired: dict[str, str | None]
+    audit: list[dict[str, Any]]
+    summary: dict[str, float | int]
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -180,21 +220,18 @@ class IdentityStore:
         """Allocate a new global id ``G`` + 6 digits (monotonic per namespace)."""
         return f"G{int(self.r.incr(self._k('seq', 'identity'))):06d}"
 
-    def record_link(self, link: Link, embedding: np.ndarray, centroid_sum: np.ndarray, cameras: Iterable[str],
-                    first_seen_s: float, last_seen_s: float, thumbnail: bytes | None,
-                    embedding_sum: np.ndarray | None = None) -> bool:
+    def record_link(self, link: Link, embedding: np.ndarray, cameras: Iterable[str], first_seen_s: float,
+                    last_seen_s: float, thumbnail: bytes | None, quality: int = 1) -> bool:
         """Store ``link`` and the updated identity atomically, unless the tracklet is already linked.
 
         Args:
             link: The assignment.
             embedding: The tracklet's ``float32 [D]`` embedding.
-            centroid_sum: The identity's new sum of member embeddings, ``float32 [D]``.
             cameras: The identity's cameras after this link.
             first_seen_s: The identity's first sighting, stream seconds.
             last_seen_s: The identity's last sighting, stream seconds.
             thumbnail: JPEG bytes of one crop, or None.
-            embedding_sum: The matcher's new running sum of all embeddings (``float64 [D]``), stored
-                with the count of links so a restarted matcher centres the same way.
+            quality: Frames in which the tracker saw the tracklet.
 
         Returns:
             True if written, False if the tracklet was already linked (a replay).
@@ -215,54 +252,145 @@ class IdentityStore:
                     "score": "" if link.score is None else repr(float(link.score)),
                     "start_s": repr(link.start_s), "end_s": repr(link.end_s),
                     "frames": json.dumps(link.frames), "boxes": json.dumps(link.boxes),
-                    "embedding": np.asarray(embedding, "<f4").tobytes(),
+                    "embedding": np.asarray(embedding, "<f4").tobytes(), "quality": int(quality),
                     "closed_wall_s": repr(link.closed_wall_s), "linked_wall_s": repr(link.linked_wall_s),
                 })
                 pipe.zadd(self._k("tracklets"), {link.tracklet_id: order})
+                pipe.zadd(self._k("tracklets", "end"), {link.tracklet_id: link.end_s})
                 pipe.zadd(self._k("identity", link.global_id, "tracklets"), {link.tracklet_id: link.start_s})
                 pipe.zadd(self._k("camera", link.camera, "sightings"), {link.tracklet_id: link.start_s})
                 pipe.hset(ikey, mapping={
                     "first_seen_s": repr(first_seen_s), "last_seen_s": repr(last_seen_s),
                     "cameras": json.dumps(sorted(set(cameras))),
-                    "centroid": np.asarray(centroid_sum, "<f4").tobytes(),
                 })
                 pipe.hincrby(ikey, "n_tracklets", 1)
                 pipe.zadd(self._k("identities"), {link.global_id: first_seen_s}, nx=True)
                 if thumbnail:
                     pipe.set(self._k("thumb", link.tracklet_id), thumbnail)
-                if embedding_sum is not None:
-                    pipe.hset(self._k("stats"), "embedding_sum", np.asarray(embedding_sum, "<f8").tobytes())
-                    pipe.hincrby(self._k("stats"), "embedding_count", 1)
                 pipe.execute()
                 return True
             except redis.WatchError:
                 return False
 
-    def embedding_stats(self) -> tuple[np.ndarray | None, int]:
-        """The running ``(sum float64 [D], count)`` of every linked embedding; ``(None, 0)`` when empty."""
-        raw, count = self.r.hmget(self._k("stats"), "embedding_sum", "embedding_count")
-        if raw is None:
-            return None, 0
-        return np.frombuffer(raw, "<f8").copy(), int(count or 0)
-
-    def load_gallery(self) -> list[IdentityState]:
-        """Every identity with its centroid sum and sightings, for a matcher (re)start."""
+    def load_window(self, since_end_s: float | None = None, limit: int | None = None) -> list[WindowEntry]:
+        """Linked tracklets whose last sighting is at or after ``since_end_s`` (all when None), the
+        newest ``limit`` of them, ordered by end time; for a matcher (re)start."""
+        lo = "-inf" if since_end_s is None else repr(float(since_end_s))
+        tids = [t.decode() for t in self.r.zrangebyscore(self._k("tracklets", "end"), lo, "+inf")]
+        if limit is not None:
+            tids = tids[-limit:]
         out = []
-        for gid_b in self.r.zrange(self._k("identities"), 0, -1):
-            gid = gid_b.decode()
-            centroid = self.r.hget(self._k("identity", gid), "centroid")
-            if centroid is None:
-                continue
+        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding")
+        for i in range(0, len(tids), 1000):
+            chunk = tids[i:i + 1000]
+            with self.r.pipeline(transaction=False) as pipe:
+                for tid in chunk:
+                    pipe.hmget(self._k("tracklet", tid), *fields)
+                rows = pipe.execute()
+            for tid, (cam, s, e, q, gid, emb) in zip(chunk, rows):
+                if cam is None or emb is None:
+                    continue
+                out.append(WindowEntry(tid, cam.decode(), float(s), float(e), int(q or 1), gid.decode(),
+                                       np.frombuffer(emb, "<f4").copy()))
+        return out
+
+    def identity_sightings(self, global_ids: Iterable[str]) -> dict[str, list[tuple[str, str, float, float]]]:
+        """Every member ``(tracklet_id, camera, start_s, end_s)`` of each identity (also those outside
+        the matcher's window)."""
+        out: dict[str, list[tuple[str, str, float, float]]] = {}
+        for gid in global_ids:
             tids = [t.decode() for t in self.r.zrange(self._k("identity", gid, "tracklets"), 0, -1)]
-            sightings = []
             with self.r.pipeline(transaction=False) as pipe:
                 for tid in tids:
                     pipe.hmget(self._k("tracklet", tid), "camera", "start_s", "end_s")
-                for tid, (cam, s, e) in zip(tids, pipe.execute()):
-                    if cam is not None:
-                        sightings.append(Sighting(tid, cam.decode(), float(s), float(e)))
-            out.append(IdentityState(gid, np.frombuffer(centroid, "<f4").copy(), tuple(sightings)))
+                rows = pipe.execute()
+            out[gid] = [(tid, c.decode(), float(s), float(e)) for tid, (c, s, e) in zip(tids, rows) if c is not None]
         return out
+
+    def identity_sizes(self, global_ids: Iterable[str]) -> dict[str, int]:
+        """Number of member tracklets of each identity (also those outside the matcher's window)."""
+        ids = list(global_ids)
+        with self.r.pipeline(transaction=False) as pipe:
+            for gid in ids:
+                pipe.zcard(self._k("identity", gid, "tracklets"))
+            return {gid: int(n) for gid, n in zip(ids, pipe.execute())}
+
+    def apply_reassociation(self, change: Reassignment) -> None:
+        """Write a re-association atomically: move tracklets, refresh the identities they left and
+        joined, retire emptied identities (``{ns}:merged:{gid}`` points at the survivor), append the
+        audit records, and update ``{ns}:reassociation``. Idempotent: writing the same change twice
+        leaves the same state.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable (nothing is written).
+        """
+        touched = {g for old_new in change.moves.values() for g in old_new}
+        members = self.identity_sightings(touched)
+        for tid, (old, new) in change.moves.items():
+            row = next((m for m in members.get(old, []) if m[0] == tid), None) or \
+                next((m for m in members.get(new, []) if m[0] == tid), None)
+            members[old] = [m for m in members.get(old, []) if m[0] != tid]
+            if row is not None and all(m[0] != tid for m in members.get(new, [])):
+                members.setdefault(new, []).append(row)
+        with self.r.pipeline(transaction=True) as pipe:
+            for tid, (old, new) in change.moves.items():
+                pipe.hset(self._k("tracklet", tid), "global_id", new)
+                pipe.zrem(self._k("identity", old, "tracklets"), tid)
+            for gid in sorted(touched):
+                rows = members.get(gid, [])
+                if not rows:
+                    pipe.delete(self._k("identity", gid), self._k("identity", gid, "tracklets"))
+                    pipe.zrem(self._k("identities"), gid)
+                    continue
+                pipe.zadd(self._k("identity", gid, "tracklets"), {tid: s for tid, _, s, _ in rows})
+                first = min(s for _, _, s, _ in rows)
+                pipe.hset(self._k("identity", gid), mapping={
+                    "first_seen_s": repr(first), "last_seen_s": repr(max(e for *_, e in rows)),
+                    "cameras": json.dumps(sorted({c for _, c, _, _ in rows})), "n_tracklets": len(rows)})
+                pipe.zadd(self._k("identities"), {gid: first})
+            for gid, into in change.retired.items():
+                if into is not None:
+                    pipe.set(self._k("merged", gid), into)
+            for record in change.audit:
+                pipe.xadd(self._k("audit"), {"record": json.dumps(record)})
+            pipe.hset(self._k("reassociation"), mapping={k: repr(v) for k, v in change.summary.items()})
+            pipe.execute()
+
+    def resolve(self, global_id: str) -> str:
+        """The current id of ``global_id``: itself, or the identity it was (transitively) merged into."""
+        seen = {global_id}
+        gid = global_id
+        while (nxt := self.r.get(self._k("merged", gid))) is not None:
+            gid = nxt.decode()
+            if gid in seen:
+                break
+            seen.add(gid)
+        return gid
+
+    def audit(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Merge and split records, oldest first (the newest ``limit`` when given); each has the
+        stream ``id`` added."""
+        if limit is None:
+            entries = self.r.xrange(self._k("audit"))
+        else:
+            entries = list(reversed(self.r.xrevrange(self._k("audit"), count=limit)))
+        return [{"id": eid.decode(), **json.loads(fields[b"record"])} for eid, fields in entries]
+
+    def save_matcher_state(self, fields: dict[str, bytes | str | float | int]) -> None:
+        """Store the matcher's scoring space, threshold and transit statistics (``{ns}:matcher``)."""
+        self.r.hset(self._k("matcher"), mapping=fields)
+
+    def matcher_state(self) -> dict[str, bytes]:
+        """``{ns}:matcher`` as raw bytes per field (empty when never saved)."""
+        return {k.decode(): v for k, v in self.r.hgetall(self._k("matcher")).items()}
+
+    def reassociation_status(self) -> dict[str, float]:
+        """``{ns}:reassociation`` (empty before the first re-association)."""
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self._k("reassociation")).items()}
+
+    def count_all_links(self) -> int:
+        """How many tracklets of this namespace are linked."""
+        return int(self.r.zcard(self._k("tracklets")))
 
     # ---------------------------------------------------------------------------------------------
     # query side
