@@ -5,16 +5,22 @@ stops merging. It is estimated, never tuned against labels, from what the footag
 
 1. **Known negatives**: the cannot-link pairs (two tracklets at the same time on one camera, or on two
    cameras beyond the border slack) are different people.
-2. **Held-out constraints**: a random half of those cannot-links is hidden, the window is clustered
-   with the other half at every threshold ``t`` of a grid, and ``v(t)``, the share of hidden pairs that
-   ended up in one cluster, estimates how often the clustering joins two different people who are *not*
-   protected by a constraint: exactly the situation of a cross-camera candidate pair. Repeated over a
-   few seeded draws and averaged.
+2. **Unconstrained merges**: the window is clustered *without* the cannot-links at every threshold
+   ``t`` of a grid; ``v(t)``, the share of cannot-link pairs that end up in one cluster, estimates how
+   often the clustering joins two different people when nothing protects them: the situation of a
+   cross-camera candidate pair. (Hiding only part of the constraints underestimates it: people who walk
+   together are still kept apart by their companions' constraints.) Pairs of one camera that overlap in
+   time only slightly can be one person tracked twice; that small contamination of the negatives makes
+   the estimate conservative.
 3. **Linked pairs**: clustered with every constraint, ``L(t)`` cross-camera pairs share a cluster.
    Of the ``M`` cross-camera candidate pairs (not cannot-linked), about ``v(t) · M`` of those are false
    (nearly all candidates are negatives), so ``TP(t) ≈ L(t) − v(t) · M``.
 4. With ``P ≈ max_t TP(t)`` (the true pairs the method can reach), the estimated pairwise F1 is
    ``2 TP(t) / (L(t) + P)``; the threshold is the grid point that maximises it (the highest one on ties).
+
+Assumption: the people seen together (the cannot-link pairs) look as different from each other as any
+two people do. Groups that always walk together break it a little; a scene with few co-occurrences
+gives few negatives (calibration refuses fewer than ``min_negatives``).
 
 :func:`write_calibration` stores the result as JSON with a diagnostic plot (score histograms of the
 known negatives and the candidates, the estimated curves and the chosen threshold).
@@ -51,7 +57,7 @@ class Calibration:
         threshold: Least mean score (cosine in the scoring space) of a merge.
         grid: ``[G]`` thresholds tried.
         linked_pairs: ``L(t)`` cross-camera pairs in one cluster, ``[G]``.
-        violation_rate: ``v(t)`` share of held-out cannot-link pairs merged, ``[G]``.
+        violation_rate: ``v(t)`` share of cannot-link pairs merged by the unconstrained clustering, ``[G]``.
         est_precision: ``[G]``; est_recall: ``[G]``; est_f1: ``[G]`` (see the module docstring).
         negatives: Pairwise scores of the cannot-link pairs (for the plot).
         candidates: Pairwise scores of the cross-camera candidate pairs.
@@ -85,8 +91,7 @@ class Calibration:
 
 
 def calibrate(scores: np.ndarray, cannot: np.ndarray, cross: np.ndarray, grid: np.ndarray | None = None,
-              holdout: float = 0.5, repeats: int = 5, seed: int = 0, min_negatives: int = 10,
-              source: str = "", cameras: int | None = None) -> Calibration:
+              min_negatives: int = 10, source: str = "", cameras: int | None = None) -> Calibration:
     """Estimate the association threshold of one window without labels (see the module docstring).
 
     Args:
@@ -94,56 +99,41 @@ def calibrate(scores: np.ndarray, cannot: np.ndarray, cross: np.ndarray, grid: n
         cannot: ``bool [N, N]`` cannot-links (:func:`stages.matcher.association.cannot_link`).
         cross: ``bool [N, N]`` True for pairs on different cameras.
         grid: Thresholds to try (default ``-0.2 … 0.8`` in steps of 0.01).
-        holdout: Share of cannot-link pairs hidden per repeat, in (0, 1).
-        repeats: Seeded draws averaged.
-        seed: Seed of the draws (the result depends on the data and the seed only).
         min_negatives: Fewest cannot-link pairs needed.
         source: Description stored with the result.
         cameras: Number of cameras (stored; default: not counted).
 
     Returns:
-        The :class:`Calibration`.
+        The :class:`Calibration`; it depends on the data alone.
 
     Raises:
         CalibrationError: Fewer than ``min_negatives`` cannot-link pairs or no candidate pair.
-        ValueError: ``holdout`` or ``repeats`` out of range, or shapes disagree.
+        ValueError: Shapes disagree.
     """
     s = np.asarray(scores, np.float64)
     n = s.shape[0]
     if s.shape != (n, n) or np.shape(cannot) != (n, n) or np.shape(cross) != (n, n):
         raise ValueError("scores, cannot and cross must all be [N, N]")
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
     grid = np.round(np.arange(-0.2, 0.8001, 0.01), 4) if grid is None else np.asarray(grid, np.float64)
     iu = np.triu_indices(n, 1)
     cl = np.asarray(cannot, bool)
-    neg_pairs = np.flatnonzero(cl[iu])
-    cand_mask = (~cl[iu]) & np.asarray(cross, bool)[iu]
-    if neg_pairs.size < min_negatives:
-        raise CalibrationError(f"only {neg_pairs.size} cannot-link pairs (need {min_negatives}): calibrate on "
+    neg = cl[iu]
+    cand_mask = (~neg) & np.asarray(cross, bool)[iu]
+    if int(neg.sum()) < min_negatives:
+        raise CalibrationError(f"only {int(neg.sum())} cannot-link pairs (need {min_negatives}): calibrate on "
                                f"more footage, with people seen at the same time")
     if not cand_mask.any():
         raise CalibrationError("no cross-camera candidate pair: calibration needs tracklets from >= 2 cameras")
     m = int(cand_mask.sum())
-
-    full = linkage_tree(s, cl)
-    linked = np.array([_pairs_linked(cut_tree(full, n, t), iu, cand_mask) for t in grid], np.float64)
-    rng = np.random.default_rng(seed)
+    constrained = linkage_tree(s, cl)
+    free = linkage_tree(s, np.zeros_like(cl))
+    linked = np.zeros(len(grid))
     viol = np.zeros(len(grid))
-    for _ in range(repeats):
-        hidden = rng.random(neg_pairs.size) < holdout
-        if not hidden.any():
-            hidden[rng.integers(neg_pairs.size)] = True
-        kept = cl.copy()
-        hi, hj = iu[0][neg_pairs[hidden]], iu[1][neg_pairs[hidden]]
-        kept[hi, hj] = kept[hj, hi] = False
-        tree = linkage_tree(s, kept)
-        for g, t in enumerate(grid):
-            labels = cut_tree(tree, n, t)
-            viol[g] += np.mean(labels[hi] == labels[hj])
-    viol /= repeats
+    for g, t in enumerate(grid):
+        lab = cut_tree(constrained, n, t)
+        linked[g] = np.sum((lab[iu[0]] == lab[iu[1]]) & cand_mask)
+        lab = cut_tree(free, n, t)
+        viol[g] = np.mean((lab[iu[0]] == lab[iu[1]])[neg])
     tp = np.maximum(linked - viol * m, 0.0)
     reach = max(float(tp.max()), 1e-9)
     precision = np.where(linked > 0, tp / np.maximum(linked, 1e-9), 1.0)
@@ -153,15 +143,11 @@ def calibrate(scores: np.ndarray, cannot: np.ndarray, cross: np.ndarray, grid: n
     threshold = float(grid[best[-1]])
     cal = Calibration(threshold, tuple(map(float, grid)), tuple(map(float, linked)), tuple(map(float, viol)),
                       tuple(map(float, precision)), tuple(map(float, recall)), tuple(map(float, f1)),
-                      tuple(map(float, s[iu][neg_pairs])), tuple(map(float, s[iu][cand_mask])), n,
+                      tuple(map(float, s[iu][neg])), tuple(map(float, s[iu][cand_mask])), n,
                       int(cameras or 0), source)
     log.info("calibration: threshold %.2f on %d tracklets (%d known-negative, %d candidate pairs; est. F1 %.2f)",
-             threshold, n, neg_pairs.size, m, f1[best[-1]])
+             threshold, n, int(neg.sum()), m, f1[best[-1]])
     return cal
-
-
-def _pairs_linked(labels: np.ndarray, iu: tuple[np.ndarray, np.ndarray], mask: np.ndarray) -> int:
-    return int(np.sum((labels[iu[0]] == labels[iu[1]]) & mask))
 
 
 def write_calibration(cal: Calibration, path: str | Path, plot: bool = True) -> list[Path]:
@@ -218,7 +204,7 @@ def plot_calibration(cal: Calibration, path: str | Path) -> Path:
     ax2.plot(cal.grid, cal.est_precision, label="est. precision")
     ax2.plot(cal.grid, cal.est_recall, label="est. recall")
     ax2.plot(cal.grid, cal.est_f1, label="est. F1")
-    ax2.plot(cal.grid, cal.violation_rate, label="held-out cannot-links merged")
+    ax2.plot(cal.grid, cal.violation_rate, label="cannot-link pairs merged without constraints")
     ax2.axvline(cal.threshold, color="k", ls="--")
     ax2.set_xlabel("threshold")
     ax2.set_ylim(0, 1.05)
