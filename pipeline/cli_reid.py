@@ -1,6 +1,6 @@
-"""``reidstream mine | train | evaluate | export``: the re-id model workflow on the command line.
+"""``reidstream mine | train | evaluate | export | adapt``: the re-id model workflow on the command line.
 
-:func:`register` adds the four commands to the main typer app (``pipeline/cli.py``). Importing this
+:func:`register` adds the five commands to the main typer app (``pipeline/cli.py``). Importing this
 module imports neither torch nor any stage: every command imports its work lazily.
 
 * ``mine``: run ingest + detection + tracking over the config's cameras and write tracklet folders
@@ -458,8 +458,47 @@ def export_command(
         out.print(f"ONNX Runtime vs torch: max |difference| {diff:.2e}", highlight=False)
 
 
+# --------------------------------------------------------------------------------------------------
+# adapt
+def adapt_command(
+    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", "-c", help="Pipeline YAML config (cameras, "
+                                "the zero-shot model of round 0, the matcher rules)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory of the rounds, model.pt and its calibration."),
+    tracklets: Path | None = typer.Option(None, "--tracklets", help="Mined tracklet folders (default: mine the "
+                                          "configured cameras into OUTPUT/mined)."),
+    model: str = typer.Option("sta", "--model", help="Seed network to adapt."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Cluster-then-train rounds."),
+    epochs: int = typer.Option(6, "--epochs", min=1, help="Training epochs per round."),
+    seq_len: int = typer.Option(4, "--seq-len", min=1, help="T of the adapted network."),
+    height: int = typer.Option(128, "--height", min=16, help="Input height of the adapted network, pixels."),
+    width: int = typer.Option(64, "--width", min=8, help="Input width of the adapted network, pixels."),
+    max_steps_per_epoch: int | None = typer.Option(40, "--max-steps-per-epoch", min=1, help="Batches per epoch at most."),
+    option: list[str] | None = typer.Option(None, "--option", "-O", help="Model option key=value (repeat)."),
+) -> None:
+    """Adapt a seed network to your cameras without labels: mine, pseudo-identities by the matcher's
+    constrained clustering, train, repeat; writes OUTPUT/model.pt and OUTPUT/model.calibration.json."""
+    _setup_logging()
+    from pipeline.config import load_config
+    from stages.reid.training.adapt import AdaptConfig, adapt, pipeline_overrides
+
+    cfg = _run(lambda: load_config(config))
+    acfg = _run(lambda: AdaptConfig(output_dir=output, tracklets=tracklets, model=model, rounds=rounds, epochs=epochs,
+                                    seq_len=seq_len, input_size=(height, width),
+                                    max_steps_per_epoch=max_steps_per_epoch, model_options=_parse_options(option)))
+    with _progress() as progress:
+        result = _run(lambda: adapt(cfg, acfg, _TrainProgress(progress)))
+    table = Table("round", "pseudo-identities", "tracklets used", "threshold")
+    for r in result.rounds:
+        table.add_row(str(r["round"]), str(r["pseudo_identities"]), f"{r['tracklets_used']}/{r['tracklets']}",
+                      f"{r['threshold']:.3f}")
+    out.print(table)
+    out.print(f"wrote {result.checkpoint} and {result.calibration}; serve them with:", highlight=False)
+    for k, v in pipeline_overrides(result, acfg).items():
+        out.print(f"  {k}={v}", highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``mine``, ``train``, ``evaluate`` and ``export`` to ``app``.
+    """Add ``mine``, ``train``, ``evaluate``, ``export`` and ``adapt`` to ``app``.
 
     Example:
         >>> import typer
@@ -470,3 +509,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("export")(export_command)
+    app.command("adapt")(adapt_command)

@@ -188,10 +188,7 @@ class ScoringSpace:
             return cls(mean.astype(np.float32), None)
         xc = (x - mean).astype(np.float32)
         k = min(max_dim, max(xc.shape[0] - 1, 1), xc.shape[1])
-        if xc.shape[0] <= 4 * k or k >= min(xc.shape) // 2:
-            _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-        else:
-            vt, sv = _randomized_top(xc, k)
+        vt, sv = _randomized_top(xc, k)
         keep = sv[:k] > sv[0] * 1e-6 if sv.size and sv[0] > 0 else np.zeros(0, bool)
         comps = vt[:k][keep].T.astype(np.float32)
         if comps.shape[1] == 0:
@@ -377,12 +374,28 @@ class TransitModel:
         for e in self.edges:
             if {e.a, e.b} == {a, b}:
                 return ((g >= e.min_transit_s) & (g <= e.max_transit_s)).astype(np.float64)
-        obs = np.asarray(self.gaps.get(tuple(sorted((a, b))), ()), np.float64)
-        if a == b or obs.size < self.min_links:
+        curve = self._curve(a, b)
+        if curve is None:
             return np.zeros_like(g)
-        dens = np.exp(-0.5 * ((g[..., None] - obs) / self.bandwidth_s) ** 2).sum(-1)
-        grid = np.exp(-0.5 * ((obs[:, None] - obs[None, :]) / self.bandwidth_s) ** 2).sum(-1)
-        return np.clip(dens / grid.max(), 0.0, 1.0)
+        xs, ys = curve
+        return np.interp(g, xs, ys, left=0.0, right=0.0)
+
+    def _curve(self, a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pair's Parzen density on a grid of ``bandwidth_s / 8`` steps, divided by its peak."""
+        key = tuple(sorted((a, b)))
+        cache = self.__dict__.setdefault("_curves", {})
+        if key not in cache:
+            obs = np.asarray(self.gaps.get(key, ()), np.float64)
+            if a == b or obs.size < self.min_links:
+                cache[key] = None
+            else:
+                bw = self.bandwidth_s
+                xs = np.arange(obs.min() - 4 * bw, obs.max() + 4 * bw + bw / 8, bw / 8)
+                dens = np.zeros_like(xs)
+                for chunk in np.array_split(obs, max(1, obs.size // 256)):
+                    dens += np.exp(-0.5 * ((xs[:, None] - chunk[None, :]) / bw) ** 2).sum(1)
+                cache[key] = (xs, dens / dens.max())
+        return cache[key]
 
     def support_matrix(self, cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """``float64 [N, N]`` support of every pair (0 on same-camera pairs)."""
