@@ -265,6 +265,10 @@ from pipeline.cli_reid import register as _register_reid  # noqa: E402 - mine, t
 
 _register_reid(app)
 
+from pipeline.cli_links import register as _register_links  # noqa: E402 - evaluate-links
+
+_register_links(app)
+
 
 def main() -> None:
     """Console-script entry point."""
