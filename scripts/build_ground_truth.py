@@ -86,8 +86,7 @@ def run_tracker(video: Path, out_csv: Path, device: str = "cpu") -> int:
 
     if not video.is_file():
         raise FileNotFoundError(f"{video}: no such video")
-    configure_ultralytics(Path("/work/main/.reidstream") if Path("/work/main/.reidstream").is_dir()
-                          else ROOT / ".reidstream")
+    configure_ultralytics(ROOT / ".reidstream")  # keeps YOLO_CONFIG_DIR etc. when already set
     from ultralytics import YOLO
 
     model = YOLO(str(resolve_asset(WEIGHTS)), task="detect")
