@@ -269,6 +269,10 @@ from pipeline.cli_identity import register as _register_identity  # noqa: E402 -
 
 _register_identity(app)
 
+from pipeline.cli_links import register as _register_links  # noqa: E402 - evaluate-links
+
+_register_links(app)
+
 
 def main() -> None:
     """Console-script entry point."""
