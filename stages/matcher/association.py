@@ -123,20 +123,37 @@ def cannot_link_between(cams_a: Sequence[str], starts_a: np.ndarray, ends_a: np.
     Returns:
         ``bool [M, N]``.
     """
-    ca, cb = np.asarray(cams_a), np.asarray(cams_b)
+    ca, cb = _codes(cams_a, cams_b)
     sa, ea = np.asarray(starts_a, np.float64), np.asarray(ends_a, np.float64)
     sb, eb = np.asarray(starts_b, np.float64), np.asarray(ends_b, np.float64)
-    same = ca[:, None] == cb[None, :]
-    ov = _overlap_between(sa, ea, sb, eb)
-    out = np.where(same, (ov > 0) | (not reentry), ov > max_overlap_s)
-    if topology:
-        gap = _gap_between(sa, ea, sb, eb)
-        for edge in topology:
-            for x, y in ((edge.a, edge.b), (edge.b, edge.a)):
-                block = (ca == x)[:, None] & (cb == y)[None, :]
-                if block.any():
-                    out = np.where(block, gap < edge.min_transit_s, out)
+    names = sorted(set(map(str, cams_a)) | set(map(str, cams_b)))
+    code = {c: i for i, c in enumerate(names)}
+    edges = [(code[x], code[y], e.min_transit_s) for e in topology for x, y in ((e.a, e.b), (e.b, e.a))
+             if x in code and y in code]
+    out = np.empty((len(ca), len(cb)), bool)
+    for r0 in range(0, len(ca), _BLOCK):  # row blocks bound the temporaries to _BLOCK x N
+        r1 = min(r0 + _BLOCK, len(ca))
+        same = ca[r0:r1, None] == cb[None, :]
+        ov = _overlap_between(sa[r0:r1], ea[r0:r1], sb, eb)
+        block = np.where(same, (ov > 0) | (not reentry), ov > max_overlap_s)
+        if edges:
+            gap = _gap_between(sa[r0:r1], ea[r0:r1], sb, eb)
+            for x, y, min_s in edges:
+                pair = (ca[r0:r1] == x)[:, None] & (cb == y)[None, :]
+                if pair.any():
+                    block = np.where(pair, gap < min_s, block)
+        out[r0:r1] = block
     return out
+
+
+_BLOCK = 2048
+
+
+def _codes(*camera_lists: Sequence[str]) -> list[np.ndarray]:
+    """Integer codes of camera ids (one shared code book), one ``int32`` array per list."""
+    names = sorted({str(c) for cams in camera_lists for c in cams})
+    code = {c: i for i, c in enumerate(names)}
+    return [np.fromiter((code[str(c)] for c in cams), np.int32, len(cams)) for cams in camera_lists]
 
 
 def cannot_link(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, max_overlap_s: float,
@@ -240,15 +257,28 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(a, norms, out=np.zeros_like(a), where=norms > 1e-12)
 
 
-def _randomized_top(x: np.ndarray, k: int, oversample: int = 16, iters: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` right singular vectors of ``x`` by randomized subspace iteration (Halko et al., 2011),
-    with a fixed seed so the result depends on the data alone. Returns ``(vt [k', D], s [k'])``."""
+def _orthonormal(y: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the columns of ``y`` ``[N, m]`` by Cholesky QR (two passes for accuracy),
+    much cheaper than Householder QR for tall matrices."""
+    for _ in range(2):
+        gram = y.T @ y
+        gram[np.diag_indices_from(gram)] += 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-12)
+        r = np.linalg.cholesky(gram.astype(np.float64)).T.astype(y.dtype)
+        y = np.linalg.solve(r.T, y.T).T
+    return y
+
+
+def _randomized_top(x: np.ndarray, k: int, oversample: int = 16, iters: int = 2,
+                    max_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` right singular vectors of ``x`` by randomized subspace iteration (Halko et al., 2011)
+    on at most ``max_rows`` evenly spaced rows, with a fixed seed so the result depends on the data
+    alone. Returns ``(vt [k', D], s [k'])``."""
+    if x.shape[0] > max_rows:
+        x = x[np.linspace(0, x.shape[0] - 1, max_rows).astype(np.int64)]
     rng = np.random.default_rng(0)
-    q = x @ rng.standard_normal((x.shape[1], k + oversample)).astype(np.float32)
+    q = _orthonormal(x @ rng.standard_normal((x.shape[1], k + oversample)).astype(np.float32))
     for _ in range(iters):
-        q, _ = np.linalg.qr(q)
-        q, _ = np.linalg.qr(x @ (x.T @ q))
-    q, _ = np.linalg.qr(q)
+        q = _orthonormal(x @ (x.T @ q))
     _, s, vt = np.linalg.svd(q.T @ x, full_matrices=False)
     return vt, s
 
@@ -273,16 +303,19 @@ def linkage_tree(scores: np.ndarray, cannot: np.ndarray) -> np.ndarray | None:
     """
     from scipy.cluster.hierarchy import linkage
 
-    s = np.asarray(scores, np.float64)
+    from scipy.spatial.distance import squareform
+
+    s = np.asarray(scores)
     n = s.shape[0]
     if s.shape != (n, n) or np.shape(cannot) != (n, n):
         raise ValueError(f"scores {s.shape} and cannot {np.shape(cannot)} must both be [N, N]")
     if n < 2:
         return None
-    iu = np.triu_indices(n, 1)
-    dist = np.clip(1.0 - s[iu], 0.0, 2.0)
-    dist[np.asarray(cannot)[iu]] = float(max(n * n, 16))
-    return linkage(dist, method="average")
+    dist = np.subtract(1.0, s, dtype=np.float32)
+    np.clip(dist, 0.0, 2.0, out=dist)
+    dist[np.asarray(cannot, bool)] = float(max(n * n, 16))  # exact in float32 up to N = 4096², plenty
+    np.fill_diagonal(dist, 0.0)
+    return linkage(squareform(dist, checks=False), method="average")
 
 
 def cut_tree(tree: np.ndarray | None, n: int, threshold: float) -> np.ndarray:
@@ -335,12 +368,14 @@ class TransitModel:
         bandwidth_s: Parzen window width, seconds.
         min_links: Observations a pair needs before it earns support.
         edges: Topology edges (they override learned statistics for their pair).
+        max_gap_s: Longer gaps are returns, not hand-offs, and are not learned.
     """
 
     gaps: Mapping[tuple[str, str], tuple[float, ...]] = dataclasses.field(default_factory=dict)
     bandwidth_s: float = 2.0
     min_links: int = 3
     edges: tuple[Edge, ...] = ()
+    max_gap_s: float = 300.0
 
     @classmethod
     def learn(cls, labels: np.ndarray, cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray,
@@ -375,39 +410,46 @@ class TransitModel:
             if {e.a, e.b} == {a, b}:
                 return ((g >= e.min_transit_s) & (g <= e.max_transit_s)).astype(np.float64)
         curve = self._curve(a, b)
+        out = np.zeros(g.shape)
         if curve is None:
-            return np.zeros_like(g)
+            return out
         xs, ys = curve
-        return np.interp(g, xs, ys, left=0.0, right=0.0)
+        inside = (g >= xs[0]) & (g <= xs[-1])  # most pairs of a large window are far apart in time
+        out[inside] = np.interp(g[inside], xs, ys)
+        return out
 
     def _curve(self, a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """The pair's Parzen density on a grid of ``bandwidth_s / 8`` steps, divided by its peak."""
+        """The pair's Parzen density on a grid of ``bandwidth_s / 8`` steps (a histogram smoothed with a
+        Gaussian kernel), divided by its peak; None without enough hand-offs."""
         key = tuple(sorted((a, b)))
         cache = self.__dict__.setdefault("_curves", {})
         if key not in cache:
-            obs = np.asarray(self.gaps.get(key, ()), np.float64)
+            obs = np.asarray([g for g in self.gaps.get(key, ()) if g <= self.max_gap_s], np.float64)
             if a == b or obs.size < self.min_links:
                 cache[key] = None
             else:
-                bw = self.bandwidth_s
-                xs = np.arange(obs.min() - 4 * bw, obs.max() + 4 * bw + bw / 8, bw / 8)
-                dens = np.zeros_like(xs)
-                for chunk in np.array_split(obs, max(1, obs.size // 256)):
-                    dens += np.exp(-0.5 * ((xs[:, None] - chunk[None, :]) / bw) ** 2).sum(1)
+                step = self.bandwidth_s / 8
+                xs = np.arange(obs.min() - 4 * self.bandwidth_s, obs.max() + 4 * self.bandwidth_s + step, step)
+                hist = np.bincount(np.clip(np.rint((obs - xs[0]) / step).astype(np.int64), 0, len(xs) - 1),
+                                   minlength=len(xs)).astype(np.float64)
+                taps = np.arange(-32, 33) * step
+                dens = np.convolve(hist, np.exp(-0.5 * (taps / self.bandwidth_s) ** 2), mode="same")
                 cache[key] = (xs, dens / dens.max())
         return cache[key]
 
     def support_matrix(self, cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """``float64 [N, N]`` support of every pair (0 on same-camera pairs)."""
-        cams = np.asarray(cameras)
+        """``float32 [N, N]`` support of every pair (0 on same-camera pairs)."""
+        (codes,) = _codes(cameras)
+        names = sorted({str(c) for c in cameras})
         s, e = np.asarray(starts, np.float64), np.asarray(ends, np.float64)
-        gap = _gap_between(s, e, s, e)
-        out = np.zeros(gap.shape)
-        uniq = [str(c) for c in np.unique(cams)]
-        for i, a in enumerate(uniq):
-            for b in uniq[i + 1:]:
-                ia, ib = np.flatnonzero(cams == a), np.flatnonzero(cams == b)
-                block = self.support(a, b, gap[np.ix_(ia, ib)])
+        out = np.zeros((len(codes), len(codes)), np.float32)
+        members = [np.flatnonzero(codes == i) for i in range(len(names))]
+        for i, a in enumerate(names):
+            for j in range(i + 1, len(names)):
+                ia, ib = members[i], members[j]
+                if self._curve(a, names[j]) is None and not any({x.a, x.b} == {a, names[j]} for x in self.edges):
+                    continue
+                block = self.support(a, names[j], _gap_between(s[ia], e[ia], s[ib], e[ib])).astype(np.float32)
                 out[np.ix_(ia, ib)] = block
                 out[np.ix_(ib, ia)] = block.T
         return out
@@ -499,7 +541,7 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
     emb = np.asarray(embeddings, np.float32)
     space = ScoringSpace.fit(emb, rules.projection_dim) if rules.center and n else None
     z = space.transform(emb) if space is not None else _unit_rows(emb)
-    scores = (z @ z.T).astype(np.float64)
+    scores = z @ z.T
     cannot = cannot_link(cams, starts, ends, rules.max_overlap_s, rules.reentry, rules.topology)
     calibrated = False
     if calibrate_min_negatives is not None and n > 2:
@@ -517,7 +559,9 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
         if rules.transit_learn:
             transit = TransitModel.learn(labels, cams, starts, ends, edges=rules.topology,
                                          bandwidth_s=rules.transit_bandwidth_s, min_links=rules.transit_min_links)
-        bonus = rules.transit_weight * transit.support_matrix(cams, starts, ends)
+        bonus = transit.support_matrix(cams, starts, ends)
         if bonus.any():
-            labels = cut_tree(linkage_tree(scores + bonus, cannot), n, threshold)
+            bonus *= rules.transit_weight
+            bonus += scores
+            labels = cut_tree(linkage_tree(bonus, cannot), n, threshold)
     return WindowAssociation(labels, z, space, float(threshold), calibrated, transit)

@@ -110,30 +110,31 @@ def calibrate(scores: np.ndarray, cannot: np.ndarray, cross: np.ndarray, grid: n
         CalibrationError: Fewer than ``min_negatives`` cannot-link pairs or no candidate pair.
         ValueError: Shapes disagree.
     """
-    s = np.asarray(scores, np.float64)
+    s = np.asarray(scores)
     n = s.shape[0]
     if s.shape != (n, n) or np.shape(cannot) != (n, n) or np.shape(cross) != (n, n):
         raise ValueError("scores, cannot and cross must all be [N, N]")
     grid = np.round(np.arange(-0.2, 0.8001, 0.01), 4) if grid is None else np.asarray(grid, np.float64)
-    iu = np.triu_indices(n, 1)
     cl = np.asarray(cannot, bool)
-    neg = cl[iu]
-    cand_mask = (~neg) & np.asarray(cross, bool)[iu]
-    if int(neg.sum()) < min_negatives:
-        raise CalibrationError(f"only {int(neg.sum())} cannot-link pairs (need {min_negatives}): calibrate on "
+    cr = np.asarray(cross, bool)
+    ni, nj = np.nonzero(np.triu(cl, 1))
+    if ni.size < min_negatives:
+        raise CalibrationError(f"only {ni.size} cannot-link pairs (need {min_negatives}): calibrate on "
                                f"more footage, with people seen at the same time")
-    if not cand_mask.any():
+    # cross-camera candidates = cross-camera pairs that are not cannot-linked
+    m = int(np.triu(cr & ~cl, 1).sum())
+    if m == 0:
         raise CalibrationError("no cross-camera candidate pair: calibration needs tracklets from >= 2 cameras")
-    m = int(cand_mask.sum())
+    camera_codes = np.unique(_camera_groups(cr), return_inverse=True)[1]
     constrained = linkage_tree(s, cl)
     free = linkage_tree(s, np.zeros_like(cl))
     linked = np.zeros(len(grid))
     viol = np.zeros(len(grid))
     for g, t in enumerate(grid):
-        lab = cut_tree(constrained, n, t)
-        linked[g] = np.sum((lab[iu[0]] == lab[iu[1]]) & cand_mask)
+        # a constrained cluster never holds a cannot-link pair: its cross-camera pairs are candidates
+        linked[g] = _cross_pairs(cut_tree(constrained, n, t), camera_codes)
         lab = cut_tree(free, n, t)
-        viol[g] = np.mean((lab[iu[0]] == lab[iu[1]])[neg])
+        viol[g] = np.mean(lab[ni] == lab[nj])
     tp = np.maximum(linked - viol * m, 0.0)
     reach = max(float(tp.max()), 1e-9)
     precision = np.where(linked > 0, tp / np.maximum(linked, 1e-9), 1.0)
@@ -143,11 +144,35 @@ def calibrate(scores: np.ndarray, cannot: np.ndarray, cross: np.ndarray, grid: n
     threshold = float(grid[best[-1]])
     cal = Calibration(threshold, tuple(map(float, grid)), tuple(map(float, linked)), tuple(map(float, viol)),
                       tuple(map(float, precision)), tuple(map(float, recall)), tuple(map(float, f1)),
-                      tuple(map(float, s[iu][neg])), tuple(map(float, s[iu][cand_mask])), n,
+                      tuple(map(float, s[ni, nj])), tuple(map(float, _sample_scores(s, cr & ~cl))), n,
                       int(cameras or 0), source)
     log.info("calibration: threshold %.2f on %d tracklets (%d known-negative, %d candidate pairs; est. F1 %.2f)",
-             threshold, n, int(neg.sum()), m, f1[best[-1]])
+             threshold, n, ni.size, m, f1[best[-1]])
     return cal
+
+
+def _camera_groups(cross: np.ndarray) -> np.ndarray:
+    """A camera label per tracklet from the cross-camera mask: tracklet i's label is the first
+    tracklet on the same camera."""
+    return np.argmax(~cross, axis=1)
+
+
+def _cross_pairs(labels: np.ndarray, cameras: np.ndarray) -> int:
+    """Pairs in one cluster and on different cameras: per cluster, (n² − Σ n_cam²) / 2 (O(N))."""
+    k = int(cameras.max()) + 1
+    counts = np.bincount(labels * k + cameras, minlength=(int(labels.max()) + 1) * k).reshape(-1, k)
+    sizes = counts.sum(axis=1)
+    return int(((sizes ** 2).sum() - (counts ** 2).sum()) // 2)
+
+
+def _sample_scores(scores: np.ndarray, mask: np.ndarray, limit: int = 200_000) -> np.ndarray:
+    """Scores of the upper-triangle pairs in ``mask`` (an evenly spaced subset when more than
+    ``limit``), for the histogram."""
+    i, j = np.nonzero(np.triu(mask, 1))
+    if i.size > limit:
+        keep = np.linspace(0, i.size - 1, limit).astype(np.int64)
+        i, j = i[keep], j[keep]
+    return scores[i, j]
 
 
 def write_calibration(cal: Calibration, path: str | Path, plot: bool = True) -> list[Path]:

@@ -92,7 +92,8 @@ class ReassociationResult:
 
 class _Window:
     """The recent tracklets, column-wise: ids, cameras, times, quality, current global id, raw
-    embedding ``float32 [N, D]`` and scoring-space vector ``float32 [N, K]``."""
+    embedding ``float32 [N, D]`` and scoring-space vector ``float32 [N, K]``. The numeric columns are
+    kept as numpy arrays (rebuilt lazily after a change) so that an online decision is vectorised."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -104,6 +105,7 @@ class _Window:
         self.emb: list[np.ndarray] = []
         self.z: list[np.ndarray] = []
         self.index: dict[str, int] = {}
+        self._arrays: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,6 +120,30 @@ class _Window:
         self.gids.append(e.global_id)
         self.emb.append(np.asarray(e.embedding, np.float32))
         self.z.append(z)
+        if self._arrays is not None and self._arrays["z"].shape[1] == len(z):
+            a = self._arrays  # append in place (amortised): the common case of one new link
+            for name, value in (("z", z[None, :]), ("starts", [e.start_s]), ("ends", [e.end_s])):
+                a[name] = np.concatenate([a[name], np.asarray(value, a[name].dtype)])
+            a["cams"] = np.concatenate([a["cams"], np.asarray([e.camera], object)])
+            code = a["gid_code"].setdefault(e.global_id, len(a["gid_code"]))
+            a["gidx"] = np.concatenate([a["gidx"], [code]])
+        else:
+            self._arrays = None
+
+    def changed(self) -> None:
+        """Forget the cached arrays (global ids or scoring-space vectors were rewritten)."""
+        self._arrays = None
+
+    def arrays(self) -> dict[str, Any]:
+        """``z [N, K]``, ``starts``/``ends [N]``, ``cams`` (object [N]), ``gidx`` (int [N], codes into
+        ``gid_code``)."""
+        if self._arrays is None:
+            gid_code: dict[str, int] = {}
+            gidx = np.fromiter((gid_code.setdefault(g, len(gid_code)) for g in self.gids), np.int64, len(self.gids))
+            self._arrays = {"z": np.stack(self.z).astype(np.float32), "starts": np.asarray(self.starts, np.float64),
+                            "ends": np.asarray(self.ends, np.float64), "cams": np.asarray(self.cams, object),
+                            "gidx": gidx, "gid_code": gid_code}
+        return self._arrays
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep only ``rows`` (indices, in the order given)."""
@@ -125,6 +151,7 @@ class _Window:
             col = getattr(self, name)
             setattr(self, name, [col[i] for i in rows])
         self.index = {t: i for i, t in enumerate(self.ids)}
+        self._arrays = None
 
 
 class CrossCameraMatcher:
@@ -255,11 +282,11 @@ class CrossCameraMatcher:
         if n == 0:
             self._proto = np.zeros(0, bool)
             return
-        gids = np.asarray(self.window.gids)
-        cams = np.asarray(self.window.cams)
-        order = np.lexsort((np.arange(n), -np.asarray(self.window.quality), cams, gids))
-        group = np.char.add(np.char.add(gids[order].astype(str), "|"), cams[order].astype(str))
-        starts = np.r_[True, group[1:] != group[:-1]]
+        a = self.window.arrays()
+        cams = np.unique(a["cams"].astype(str), return_inverse=True)[1]
+        group = a["gidx"] * (int(cams.max()) + 1) + cams
+        order = np.lexsort((np.arange(n), -np.asarray(self.window.quality), group))
+        starts = np.r_[True, group[order][1:] != group[order][:-1]]
         first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
         rank = np.arange(n) - first
         proto = np.zeros(n, bool)
@@ -288,14 +315,15 @@ class CrossCameraMatcher:
         if embedding.shape[0] != self.window.emb[0].shape[0]:
             raise ValueError(f"embedding dimension {embedding.shape[0]} differs from the window's "
                              f"{self.window.emb[0].shape[0]} (was the re-id model changed? use a new store namespace)")
-        w = self.window
+        a = self.window.arrays()
         z = self._transform(embedding)
-        sims = np.stack(w.z) @ z
-        starts, ends = np.asarray(w.starts), np.asarray(w.ends)
-        cannot = cannot_link_between([camera], np.array([start_s]), np.array([end_s]), w.cams, starts, ends,
+        sims = a["z"] @ z
+        starts, ends, cams = a["starts"], a["ends"], a["cams"]
+        cannot = cannot_link_between([camera], np.array([start_s]), np.array([end_s]), cams, starts, ends,
                                      self.rules.max_overlap_s, self.rules.reentry, self.rules.topology)[0]
-        sims = sims + self._transit_bonus(camera, start_s, end_s, w.cams, starts, ends)
-        gids, gidx = np.unique(np.asarray(w.gids), return_inverse=True)
+        sims = sims + self._transit_bonus(camera, start_s, end_s, cams, starts, ends)
+        gidx, codes = a["gidx"], a["gid_code"]
+        gids = np.array(list(codes), dtype=object)
         blocked = np.bincount(gidx, weights=cannot, minlength=len(gids)) > 0
         if self.gallery_ttl_s is not None:
             last = np.full(len(gids), -np.inf)
@@ -310,14 +338,13 @@ class CrossCameraMatcher:
             return Decision(str(gids[best]), float(score[best]))
         return Decision(None, None)
 
-    def _transit_bonus(self, camera: str, start_s: float, end_s: float, cams: list[str], starts: np.ndarray,
+    def _transit_bonus(self, camera: str, start_s: float, end_s: float, cams: np.ndarray, starts: np.ndarray,
                        ends: np.ndarray) -> np.ndarray:
         out = np.zeros(len(cams))
         if self.rules.transit_weight == 0:
             return out
-        cam_arr = np.asarray(cams)
-        for other in set(cams) - {camera}:
-            idx = np.flatnonzero(cam_arr == other)
+        for other in set(cams.tolist()) - {camera}:
+            idx = np.flatnonzero(cams == other)
             gap = np.where(start_s >= starts[idx], start_s - ends[idx], starts[idx] - end_s)
             out[idx] = self.rules.transit_weight * self.transit.support(camera, other, gap)
         return out
@@ -438,6 +465,7 @@ class CrossCameraMatcher:
         for j, i in enumerate(order):
             w.gids[i] = new_gids[j]
             w.z[i] = z[j]
+        w.changed()
         self.space, self.threshold, self.transit = space, threshold, transit
         state: dict[str, Any] = {"threshold": repr(threshold), "transit": json.dumps(
             {f"{a}|{b}": list(v) for (a, b), v in transit.gaps.items()})}
