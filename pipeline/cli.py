@@ -256,6 +256,7 @@ def demo(config: Path = ConfigOpt,
         table.add_row(ident["global_id"], ", ".join(ident["cameras"]), str(ident["n_tracklets"]),
                       f"{ident['first_seen_s']:.1f}", f"{ident['last_seen_s']:.1f}")
     out.print(table)
+    out.print(f"re-id model: {result['model']}; identities after re-association of every tracklet", highlight=False)
     out.print(f"wrote {output / 'links.json'}, {output / 'identities.json'}, {output / 'report.html'}")
     if result["cross_camera"] == 0:
         err.print("[yellow]warning:[/yellow] no identity spans two cameras")

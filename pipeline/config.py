@@ -284,6 +284,10 @@ class ReassociationConfig(_Model):
     min_negatives: int = Field(
         30, ge=1, description="Cannot-link pairs a window needs before it is recalibrated online."
     )
+    min_tracklets: int = Field(
+        50, ge=3, description="Tracklets a window needs before it is recalibrated online (smaller windows "
+        "keep the configured or calibrated threshold: their estimate is too noisy).",
+    )
 
 
 class MatcherConfig(_Model):

@@ -45,9 +45,28 @@ def ensure_services(cfg: Config) -> None:
     log.info("local services: kafka %s, redis %s", state["kafka"].address, state["redis"].address)
 
 
-def _spawn(args: list[str], log_path: Path, threads: int) -> subprocess.Popen:
+ADAPTED_DIR = "adapted"
+"""``services.data_dir/adapted/<namespace>/``: where ``reidstream adapt`` output is picked up by the demo."""
+
+
+def adapted_model(cfg: Config) -> tuple[dict[str, str], str] | None:
+    """The adapted network the demo serves, if ``reidstream adapt --output DATA_DIR/adapted/<namespace>``
+    wrote one: ``(REIDSTREAM__* overrides for the stage processes, description)``; None otherwise."""
+    path = Path(cfg.services.data_dir) / ADAPTED_DIR / cfg.store.namespace / "overrides.json"
+    if not path.is_file():
+        return None
+    try:
+        overrides = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+    model = overrides.get("REIDSTREAM__REID__MODEL__TYPE", "?")
+    return overrides, f"adapted {model} ({overrides.get('REIDSTREAM__REID__MODEL__CHECKPOINT')})"
+
+
+def _spawn(args: list[str], log_path: Path, threads: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "REIDSTREAM_TORCH_THREADS": str(threads),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     fh = open(log_path, "ab")  # noqa: SIM115 - closed when the process is reaped
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env)
@@ -85,15 +104,17 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
         console: A rich console for progress (None: no progress display).
         stop_services: Stop the local services at the end.
 
+    The re-id stage serves the adapted network of :func:`adapted_model` when there is one, else the
+    config's (zero-shot) model.
+
     Returns:
-        ``{"links": [...], "identities": [...], "cross_camera": int, "cameras": {name: summary}}``.
+        ``{"links": [...], "identities": [...], "cross_camera": int, "cameras": {name: summary},
+        "model": description of the re-id model used}``.
 
     Raises:
         DemoError: A process failed (its last log line is quoted) or the deadline passed.
         ServiceError, BusError, StoreError: Infrastructure problems.
     """
-    from pipeline.report import write_report
-
     if not cfg.cameras:
         raise DemoError(f"{config_path}: no cameras configured")
     output.mkdir(parents=True, exist_ok=True)
@@ -106,13 +127,16 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
     if fresh:
         log.info("fresh run: deleted %d keys of namespace %s", store.reset(), cfg.store.namespace)
 
+    adapted = adapted_model(cfg)
+    model_env, model = adapted if adapted else ({}, f"zero-shot {cfg.reid.model.type}/{cfg.reid.model.backbone}")
+    log.info("re-id model: %s", model)
     cfg_arg = ["--config", str(config_path)]
     procs: dict[str, subprocess.Popen] = {}
     summaries: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        procs["matcher"] = _spawn(["matcher", *cfg_arg], logs / "matcher.log", 1)
-        procs["reid"] = _spawn(["reid", *cfg_arg], logs / "reid.log", 1)
+        procs["matcher"] = _spawn(["matcher", *cfg_arg], logs / "matcher.log", 1, model_env)
+        procs["reid"] = _spawn(["reid", *cfg_arg], logs / "reid.log", 1, model_env)
         for cam in cfg.cameras:
             procs[cam.name] = _spawn(["camera", *cfg_arg, "--camera", cam.name, "--summary",
                                       str(logs / f"{cam.name}.summary.json")], logs / f"{cam.name}.log", 1)
@@ -139,8 +163,19 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
     finally:
         for proc in procs.values():
             _stop(proc)
+    try:
+        return _write_outputs(cfg, store, output, published, summaries, model)
+    finally:
+        store.close()
         if stop_services:
             services.down(cfg.services.data_dir)
+
+
+def _write_outputs(cfg: Config, store: IdentityStore, output: Path, published: list[str],
+                   summaries: dict[str, dict[str, Any]], model: str) -> dict[str, Any]:
+    """Write links.json, identities.json and report.html of the published tracklets; returns the
+    result of :func:`run_demo`."""
+    from pipeline.report import write_report
 
     wanted = set(published)
     links = [lk.to_json() for lk in store.links() if lk.tracklet_id in wanted]
@@ -152,9 +187,8 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
     (output / "links.json").write_text(json.dumps(links, indent=2))
     (output / "identities.json").write_text(json.dumps(identities, indent=2))
     write_report(output / "report.html", identities, links, thumbs)
-    store.close()
     cross = sum(1 for i in identities if len(i["cameras"]) >= 2)
-    return {"links": links, "identities": identities, "cross_camera": cross, "cameras": summaries}
+    return {"links": links, "identities": identities, "cross_camera": cross, "cameras": summaries, "model": model}
 
 
 def _reassociated(cfg: Config, store: IdentityStore) -> bool:

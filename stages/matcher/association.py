@@ -520,7 +520,8 @@ class WindowAssociation:
 
 
 def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embeddings: np.ndarray, rules: Rules,
-              threshold: float, calibrate_min_negatives: int | None = None) -> WindowAssociation:
+              threshold: float, calibrate_min_negatives: int | None = None,
+              calibrate_min_tracklets: int = 3) -> WindowAssociation:
     """Identities of one window: scoring space, cannot-links, (optionally) label-free calibration,
     constrained average linkage, then hand-off gaps learned from that clustering and a second linkage
     with their spatio-temporal support added to the scores.
@@ -532,6 +533,7 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
         threshold: Threshold used when no calibration applies.
         calibrate_min_negatives: Recalibrate when the window holds at least this many cannot-link pairs
             and a cross-camera candidate pair; None never recalibrates.
+        calibrate_min_tracklets: ... and at least this many tracklets.
 
     Returns:
         The :class:`WindowAssociation`; the result depends only on the inputs and their order.
@@ -544,7 +546,7 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
     scores = z @ z.T
     cannot = cannot_link(cams, starts, ends, rules.max_overlap_s, rules.reentry, rules.topology)
     calibrated = False
-    if calibrate_min_negatives is not None and n > 2:
+    if calibrate_min_negatives is not None and n >= max(calibrate_min_tracklets, 3):
         from stages.matcher.calibration import calibrate
 
         cross = cross_camera_mask(cams)

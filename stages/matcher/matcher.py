@@ -455,7 +455,8 @@ class CrossCameraMatcher:
         cfg = self.reassociation
         result = associate([w.cams[i] for i in order], np.asarray(w.starts)[order], np.asarray(w.ends)[order],
                            np.stack([w.emb[i] for i in order]), self.rules, self.base_threshold,
-                           cfg.min_negatives if cfg is not None and cfg.calibrate else None)
+                           cfg.min_negatives if cfg is not None and cfg.calibrate else None,
+                           cfg.min_tracklets if cfg is not None else 3)
         labels, z, space, threshold, transit = result.labels, result.z, result.space, result.threshold, result.transit
         calibrated = result.calibrated
         old = [w.gids[i] for i in order]

@@ -15,9 +15,10 @@ clustering:
    (:mod:`stages.reid.training.trainer`: identity loss on a BN-neck + batch-hard triplet + the
    model's regulariser), from its ImageNet backbone.
 4. After the last round: ``OUTPUT/model.pt`` (the checkpoint), ``OUTPUT/model.calibration.json``
-   (+ ``.png``, the label-free calibration of the adapted embeddings) and ``OUTPUT/adapt.json`` (what
-   each round did). The pipeline loads them by path: ``reid.model.checkpoint`` and
-   ``matcher.calibration`` (see :func:`pipeline_overrides`).
+   (+ ``.png``, the label-free calibration of the adapted embeddings), ``OUTPUT/adapt.json`` (what
+   each round did) and ``OUTPUT/overrides.json`` (the ``REIDSTREAM__*`` settings that serve them). The
+   pipeline loads them by path: ``reid.model.checkpoint`` and ``matcher.calibration`` (see
+   :func:`pipeline_overrides`); ``reidstream demo`` picks up ``services.data_dir/adapted/<namespace>``.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def adapt(cfg: Config, acfg: AdaptConfig, progress: Any = None) -> AdaptResult:
     cal = calibrate_set(adapted, ts, source=f"({acfg.model}, adapted)")
     cal_path = out / "model.calibration.json"
     write_calibration(cal, cal_path)
-    res = AdaptResult(final, cal_path, rounds)
+    res = AdaptResult(final.resolve(), cal_path.resolve(), rounds)
+    (out / "overrides.json").write_text(json.dumps(pipeline_overrides(res, acfg), indent=1))
     (out / "adapt.json").write_text(json.dumps({**res.as_dict(), "final_threshold": cal.threshold,
                                                 "config": {k: str(v) for k, v in dataclasses.asdict(acfg).items()}},
                                                indent=1))
