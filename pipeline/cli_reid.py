@@ -492,7 +492,9 @@ def adapt_command(
         table.add_row(str(r["round"]), str(r["pseudo_identities"]), f"{r['tracklets_used']}/{r['tracklets']}",
                       f"{r['threshold']:.3f}")
     out.print(table)
-    out.print(f"wrote {result.checkpoint} and {result.calibration}; serve them with:", highlight=False)
+    out.print(f"wrote {result.checkpoint}" + (f" and {result.calibration}" if result.calibration else
+                                              " (no calibration: too few cannot-links)") + "; serve with:",
+              highlight=False)
     for k, v in pipeline_overrides(result, acfg).items():
         out.print(f"  {k}={v}", highlight=False, soft_wrap=True)
 

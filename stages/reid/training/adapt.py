@@ -88,15 +88,17 @@ class AdaptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptResult:
-    """What :func:`adapt` wrote and did: ``checkpoint``, ``calibration`` paths and one dict per round
+    """What :func:`adapt` wrote and did: ``checkpoint`` and ``calibration`` paths (None when the footage
+    holds too few cannot-links to calibrate), and one dict per round
     (``pseudo_identities``, ``tracklets_used``, ``threshold``, ``train``: the last epoch's record)."""
 
     checkpoint: Path
-    calibration: Path
+    calibration: Path | None
     rounds: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"checkpoint": str(self.checkpoint), "calibration": str(self.calibration), "rounds": self.rounds}
+        return {"checkpoint": str(self.checkpoint), "calibration": self.calibration and str(self.calibration),
+                "rounds": self.rounds}
 
 
 def _model_config(cfg: Config, acfg: AdaptConfig, checkpoint: Path) -> Config:
@@ -115,8 +117,9 @@ def pipeline_overrides(result: AdaptResult, acfg: AdaptConfig) -> dict[str, str]
     env = {"REIDSTREAM__REID__MODEL__TYPE": acfg.model, "REIDSTREAM__REID__MODEL__CHECKPOINT": str(result.checkpoint),
            "REIDSTREAM__REID__MODEL__SEQ_LEN": str(acfg.seq_len), "REIDSTREAM__REID__MODEL__INPUT_HEIGHT": str(h),
            "REIDSTREAM__REID__MODEL__INPUT_WIDTH": str(w),
-           "REIDSTREAM__REID__MODEL__OPTIONS": json.dumps(acfg.model_options),
-           "REIDSTREAM__MATCHER__CALIBRATION": str(result.calibration)}
+           "REIDSTREAM__REID__MODEL__OPTIONS": json.dumps(acfg.model_options)}
+    if result.calibration is not None:
+        env["REIDSTREAM__MATCHER__CALIBRATION"] = str(result.calibration)
     return env
 
 
@@ -202,12 +205,17 @@ def adapt(cfg: Config, acfg: AdaptConfig, progress: Any = None) -> AdaptResult:
     final = out / "model.pt"
     shutil.copyfile(checkpoint, final)
     adapted = _model_config(cfg, acfg, final)
-    cal = calibrate_set(adapted, ts, source=f"({acfg.model}, adapted)")
-    cal_path = out / "model.calibration.json"
-    write_calibration(cal, cal_path)
-    res = AdaptResult(final.resolve(), cal_path.resolve(), rounds)
+    cal_path: Path | None = out / "model.calibration.json"
+    try:
+        cal = calibrate_set(adapted, ts, source=f"({acfg.model}, adapted)")
+        write_calibration(cal, cal_path)
+        final_threshold: float | None = cal.threshold
+    except CalibrationError as exc:
+        log.warning("adapt: no calibration of the adapted network (%s); the matcher keeps its threshold", exc)
+        cal_path, final_threshold = None, None
+    res = AdaptResult(final.resolve(), cal_path.resolve() if cal_path else None, rounds)
     (out / "overrides.json").write_text(json.dumps(pipeline_overrides(res, acfg), indent=1))
-    (out / "adapt.json").write_text(json.dumps({**res.as_dict(), "final_threshold": cal.threshold,
+    (out / "adapt.json").write_text(json.dumps({**res.as_dict(), "final_threshold": final_threshold,
                                                 "config": {k: str(v) for k, v in dataclasses.asdict(acfg).items()}},
                                                indent=1))
     return res
