@@ -101,7 +101,7 @@ def export_onnx(model: Any, path: Path, seq_len: int, input_size: tuple[int, int
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
-    dummy = torch.zeros(1, seq_len, 3, *input_size)
+    dummy = torch.zeros(1, seq_len, int(getattr(model, "input_channels", 3)), *input_size)
     tmp = path.with_suffix(".tmp.onnx")
     try:
         torch.onnx.export(model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

@@ -137,6 +137,7 @@ def extract_embeddings(
     if not items:
         raise ValueError("no tracklets to embed")
     n = len(items)
+    flow = (getattr(model, "config", None) or {}).get("flow")  # RCN with optical-flow channels
     was_training = model.training
     model.to(device).eval()
     dim = int(model.embedding_dim)
@@ -146,7 +147,7 @@ def extract_embeddings(
     try:
         with torch.inference_mode():
             if sampling == "evenly":
-                data = TrackletDataset(items, seq_len, "evenly", input_size, model.mean, model.std)
+                data = TrackletDataset(items, seq_len, "evenly", input_size, model.mean, model.std, flow=flow)
                 loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
                 for clips, _pids, _camids in loader:
                     emb = model(clips.to(device)).float().cpu()
@@ -156,7 +157,8 @@ def extract_embeddings(
                     if progress is not None:
                         progress(label, done, n)
             else:
-                data = TrackletDataset(items, seq_len, "all", input_size, model.mean, model.std, chunked=True)
+                data = TrackletDataset(items, seq_len, "all", input_size, model.mean, model.std, chunked=True,
+                                       flow=flow)
                 loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
                 buffer: list[torch.Tensor] = []
                 owners: list[int] = []

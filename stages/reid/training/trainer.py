@@ -601,7 +601,7 @@ class Trainer:
         cfg = self.cfg
         augment = ClipAugment() if cfg.augment else ClipAugment.none()
         data = TrackletDataset(self.dataset.train, cfg.seq_len, cfg.sampling, cfg.input_size, self.model.mean,
-                               self.model.std, train=True, augment=augment)
+                               self.model.std, train=True, augment=augment, flow=self.model.config.get("flow"))
         self.sampler = PKSampler(self.dataset.train, cfg.p, cfg.k, seed=cfg.seed)
         return torch.utils.data.DataLoader(data, batch_size=self.sampler.batch_size, sampler=self.sampler,
                                            drop_last=True, num_workers=cfg.num_workers,
