@@ -26,6 +26,7 @@ from stages.reid.training.trainer import (
     TrainingHead,
     batch_hard_triplet_loss,
     default_lr_steps,
+    default_warmup_epochs,
     siamese_forward,
 )
 
@@ -86,11 +87,47 @@ def test_batch_hard_triplet_loss_without_valid_anchor_is_zero_with_graph():
         batch_hard_triplet_loss(f, torch.tensor([0, 1]))
 
 
-def test_training_head_bn_neck_has_frozen_shift():
+def test_training_head_classifier_and_verification_map():
     head = TrainingHead(6, 3)
-    assert not head.neck.bias.requires_grad and head.classifier.bias is None
+    assert head.classifier.bias is None and not hasattr(head, "neck")  # the neck lives in the model
     assert head(torch.randn(4, 6)).shape == (4, 3)
     assert head.verification_logits(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([0.0, 5.0])
+
+
+def test_retrieval_uses_the_features_after_the_bn_neck():
+    """forward(x) = normalize(neck(f)) (Luo et al.'s inference feature), with the neck's shift frozen at 0."""
+    torch.manual_seed(0)
+    model = build_model("temporal_pool", pretrained=False)
+    assert not model.neck.bias.requires_grad
+    with torch.no_grad():  # a trained neck: per-channel statistics and scale
+        model.neck.running_mean.uniform_(-1, 1)
+        model.neck.running_var.uniform_(0.2, 3)
+        model.neck.weight.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 2, 3, *SIZE)
+    with torch.no_grad():
+        f = model.forward_train(x).features
+        bn = (f - model.neck.running_mean) / torch.sqrt(model.neck.running_var + model.neck.eps) * model.neck.weight
+        torch.testing.assert_close(model(x), F.normalize(bn, dim=1))
+        assert not torch.allclose(model(x), F.normalize(f, dim=1), atol=1e-3)
+
+
+def test_train_step_classifies_the_model_neck_output(mined, tmp_path):
+    trainer = Trainer(config(mined, tmp_path / "run", model="temporal_pool"))
+    clips, pids, _ = next(iter(trainer.loader))
+    before = trainer.model.neck.running_mean.clone()
+    trainer.train_step(clips, pids)
+    assert not torch.equal(trainer.model.neck.running_mean, before)  # the classifier's input is model.neck
+    assert trainer.model.neck.weight.grad is not None and trainer.model.neck.weight.grad.abs().sum() > 0
+
+
+def test_default_warmup_is_ten_epochs_at_most_a_quarter_of_the_run(mined, tmp_path):
+    assert [default_warmup_epochs(e) for e in (1, 8, 40, 60, 120)] == [0, 2, 10, 10, 10]
+    trainer = Trainer(config(mined, tmp_path / "run", model="temporal_pool", epochs=8))
+    assert trainer.schedule.warmup_epochs == 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * trainer.cfg.lr)
+    explicit = Trainer(config(mined, tmp_path / "run2", model="temporal_pool", epochs=8, warmup_epochs=0))
+    assert explicit.schedule.warmup_epochs == 0
 
 
 def test_epoch_schedule_step_cosine_and_warmup():
