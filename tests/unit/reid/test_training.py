@@ -306,3 +306,49 @@ def test_evaluate_split_dataset_averages_all_splits(tmp_path):
     assert one.result.mAP == pytest.approx(report.splits[3].mAP, abs=1e-6)
     with pytest.raises(ValueError, match="no splits"):
         run_evaluation("tracklets:/nowhere", model="temporal_pool", split="1")
+
+
+# ------------------------------------------------------------------------------ pairwise re-ranking
+
+
+def test_pair_rerank_reorders_only_the_top_k_hand_computed():
+    from stages.reid.training.evaluate import pair_rerank
+
+    # one query, 4 gallery items; embedding order 2, 0, 3, 1. The scorer returns the first region value of
+    # the candidate: item 0 -> 0.9, item 2 -> -0.5, so within the top 2 item 0 moves ahead of item 2.
+    dist = np.array([[0.4, 3.0, 0.1, 1.0]], np.float32)
+    query = [np.zeros((2, 1, 1), np.float32)]
+    gallery = [np.full((2, 1, 1), v, np.float32) for v in (0.9, 0.0, -0.5, 0.7)]
+    calls = []
+
+    def score(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return b[:, 0, 0, 0]
+
+    out = pair_rerank(dist, query, gallery, score, k=2)
+    assert np.argsort(out[0], kind="stable").tolist() == [0, 2, 3, 1]
+    np.testing.assert_allclose(out[0], [-1.9, 3.0, -0.5, 1.0], rtol=1e-6)  # candidates: -1 - s
+    assert calls == [((2, 2, 1, 1), (2, 2, 1, 1))]  # the k candidates scored in one batch
+    assert np.array_equal(pair_rerank(dist, query, gallery, score, k=10)[0] <= 0, [True] * 4)  # k capped at G
+    with pytest.raises(ValueError, match="k must be"):
+        pair_rerank(dist, query, gallery, score, k=0)
+    with pytest.raises(ValueError, match="region arrays"):
+        pair_rerank(dist, query, gallery[:3], score, k=1)
+
+
+def test_evaluate_model_with_sgru_pair_rerank(mined):
+    from stages.reid.training.evaluate import evaluate_model
+
+    ds = load_dataset(f"tracklets:{mined}", holdout_fraction=0.5, seed=0)
+    torch.manual_seed(0)
+    model = build_model("siamese_sgru", pretrained=False, num_regions=4, hidden_size=16).eval()
+    q = extract_embeddings(model, ds.query, T, SIZE, with_regions=True)
+    plain = extract_embeddings(model, ds.query, T, SIZE)
+    np.testing.assert_allclose(q.features, plain.features, atol=1e-5)  # same embedding from one backbone pass
+    assert q.regions is not None and len(q.regions) == len(ds.query)
+    assert all(r.shape[1:] == (4, 16) and r.shape[0] % T == 0 for r in q.regions)
+    base = evaluate_model(model, ds.query, ds.gallery, T, SIZE)
+    reranked = evaluate_model(model, ds.query, ds.gallery, T, SIZE, pair_k=3)
+    assert 0 <= reranked.mAP <= 1 and reranked.num_queries == base.num_queries
+    with pytest.raises(ValueError, match="pair score"):
+        evaluate_model(build_model("temporal_pool", pretrained=False), ds.query, ds.gallery, T, SIZE, pair_k=3)
