@@ -175,6 +175,22 @@ class SiameseSGRU(ReidModel):
         features = self.encode(v, self.context(v))
         return ReidOutput(features, self.zero(features))
 
+    def embed_with_regions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval embeddings and the region features to cache for :meth:`pair_score`, in one backbone pass.
+
+        Args:
+            x: ``float32 [B, T, 3, H, W]`` normalised RGB clips.
+
+        Returns:
+            ``(embeddings, regions)``: ``float32 [B, d]`` equal to ``forward(x)`` (L2-normalised,
+            after the neck) and ``float32 [B, T, R, d]``.
+
+        Raises:
+            ValueError: If ``x`` is not a clip batch or its map has fewer than ``R`` rows.
+        """
+        v = self.regions(x)
+        return F.normalize(self.neck(self.encode(v, self.context(v))), dim=1), v
+
     def pair_score(self, feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tensor:
         """Pair scores (W6) of clips given their cached region features.
 

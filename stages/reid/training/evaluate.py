@@ -154,10 +154,10 @@ def extract_embeddings(
     def embed(clips: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
         if not keep_regions:
             return model(clips.to(device)).float().cpu()
-        v = model.regions(clips.to(device))  # one backbone pass for the embedding and the regions
+        emb, v = model.embed_with_regions(clips.to(device))  # one backbone pass for both
         for owner, part in zip(owners, v.float().cpu()):
             region_parts[owner].append(part)
-        return F.normalize(model.neck(model.encode(v, model.context(v))), dim=1).float().cpu()
+        return emb.float().cpu()
 
     was_training = model.training
     model.to(device).eval()
@@ -214,8 +214,8 @@ def extract_embeddings(
 
 
 def has_pair_score(model: Any) -> bool:
-    """Whether ``model`` scores pairs from region features (``regions``, ``context``, ``encode``, ``pair_score``)."""
-    return all(callable(getattr(model, name, None)) for name in ("regions", "context", "encode", "pair_score"))
+    """Whether ``model`` scores pairs from cached region features (``embed_with_regions``, ``pair_score``)."""
+    return all(callable(getattr(model, name, None)) for name in ("embed_with_regions", "pair_score"))
 
 
 def pair_rerank(

@@ -521,7 +521,11 @@ def test_sgru_pair_score_equals_similarity_of_clips() -> None:
     model = _build("siamese_sgru", hidden_size=32).eval()
     a, b = _clips(2, 3, seed=1), _clips(2, 4, seed=2)
     with torch.no_grad():
-        torch.testing.assert_close(model.pair_score(model.regions(a), model.regions(b)), model.similarity(a, b))
+        emb_a, va = model.embed_with_regions(a)
+        _, vb = model.embed_with_regions(b)
+        torch.testing.assert_close(emb_a, model(a))  # the cached regions come with the served embedding
+        assert tuple(va.shape) == (2, 3, model.num_regions, 32)
+        torch.testing.assert_close(model.pair_score(va, vb), model.similarity(a, b))
 
 
 @pytest.mark.parametrize(
