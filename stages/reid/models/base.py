@@ -6,6 +6,7 @@ Shapes used throughout: ``B`` clips per batch, ``T`` frames per clip, ``C`` back
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ __all__ = [
     "part_masks",
     "validate_clips",
 ]
+
+logger = logging.getLogger(__name__)
 
 TINY = 1e-12
 """Lower bound of denominators of normalisations, so that an all-zero input gives zeros, not NaN.
@@ -257,9 +260,22 @@ class ReidModel(nn.Module):
         return F.normalize(self.neck(self.forward_train(x).features), dim=1)
 
     def add_neck(self) -> None:
-        """Create the retrieval batch-norm neck over ``embedding_dim`` (call at the end of ``__init__``)."""
+        """Create the retrieval batch-norm neck over ``embedding_dim`` (call at the end of ``__init__``).
+
+        A state dict without any ``neck.*`` entry (a checkpoint saved before the neck moved into the
+        model) loads with an untrained neck, so such a checkpoint embeds as it did (a warning says so).
+        """
         self.neck = nn.BatchNorm1d(self.embedding_dim)
         self.neck.bias.requires_grad_(False)
+        self._register_load_state_dict_pre_hook(self._fill_missing_neck)
+
+    def _fill_missing_neck(self, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+        keys = {prefix + "neck." + name: value for name, value in self.neck.state_dict().items()}
+        if not any(key in state_dict for key in keys):
+            logger.warning("state dict has no BN-neck (saved before retrieval moved after the neck): "
+                           "using an untrained neck, embeddings as before")
+            for key, value in keys.items():
+                state_dict[key] = value.detach().clone()
 
     @staticmethod
     def zero(reference: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,22 @@ def test_config_rebuilds_the_model(name: str) -> None:
         torch.testing.assert_close(rebuilt(x), model(x))
 
 
+def test_state_dict_without_neck_loads_with_an_untrained_neck(caplog: pytest.LogCaptureFixture) -> None:
+    model = _build("temporal_pool").eval()
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("neck.")}  # a pre-neck checkpoint
+    rebuilt = build_model("temporal_pool", pretrained=False).eval()
+    with caplog.at_level("WARNING"):
+        rebuilt.load_state_dict(old)  # strict
+    assert "no BN-neck" in caplog.text
+    x = _clips(2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), F.normalize(model.forward_train(x).features, dim=1), atol=1e-5, rtol=0)
+    partial = dict(model.state_dict())
+    del partial["neck.weight"]  # a damaged state dict is still an error
+    with pytest.raises(RuntimeError, match="neck.weight"):
+        rebuilt.load_state_dict(partial)
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 @pytest.mark.parametrize(
     "bad",
