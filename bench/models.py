@@ -15,7 +15,7 @@ eval mode:
   ``cpu_ms_per_batch``: that median, milliseconds;
 * with ``--cuda``: ``cuda_fp16_tracklets_per_s`` / ``cuda_fp16_ms_per_batch`` the same on the GPU under
   float16 autocast at batch ``--cuda-batch`` (synchronised timing), and ``cuda_fp32_tracklets_per_s``;
-* ``siamese_sgru`` also gets ``pair_ms_per_pair`` / ``pairs_per_s``: the cost of one pair score
+* ``siamese_sgru`` also gets ``pair_gflops``, ``pair_ms_per_pair`` / ``pairs_per_s``: the cost of one pair score
   (:meth:`~stages.reid.models.siamese_sgru.SiameseSGRU.pair_score`) over cached region features
   ``[T, R, d]``, scored ``--pairs`` at a time (the re-ranking of one query's top k), CPU (and CUDA);
 * ``rcn+flow-*`` rows add ``flow_ms_per_tracklet``: the OpenCV optical flow of one clip's ``T`` crops
@@ -110,7 +110,11 @@ def bench_model(name: str, backbone: str, seq_len: int, size: tuple[int, int], b
             a, b = v[:1].expand(pairs, -1, -1, -1).contiguous(), v[1:].expand(pairs, -1, -1, -1).contiguous()
             pair_inputs = (a, b)
             sec = _median_seconds(lambda: model.pair_score(a, b), max(repeats, 5))
+            pair_counter = FlopCounterMode(display=False)
+            with pair_counter:
+                model.pair_score(a[:1], b[:1])
             result.update(pairs_per_call=pairs, region_features_shape=list(v.shape[1:]),
+                          pair_gflops=round(pair_counter.get_total_flops() / 1e9, 4),
                           pair_ms_per_pair=round(sec * 1e3 / pairs, 3), pairs_per_s=round(pairs / sec, 1))
         if options.get("flow"):
             result["flow_ms_per_tracklet"] = round(_flow_ms(options["flow"], seq_len, size, max(repeats, 5)), 2)
