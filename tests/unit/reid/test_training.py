@@ -121,6 +121,22 @@ def test_train_step_classifies_the_model_neck_output(mined, tmp_path):
     assert trainer.model.neck.weight.grad is not None and trainer.model.neck.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [("drsta", {"num_models": 3, "attention_dim": 16}), ("conv_attention", {"hidden_channels": 8, "steps": 2}),
+     ("rcn", {"cell": "convgru", "hidden_size": 8}), ("rcn", {"flow": "dis", "hidden_size": 8})],
+    ids=["drsta", "conv_attention", "rcn-convgru", "rcn-flow"],
+)
+def test_fixed_networks_train_a_step(mined, tmp_path, model, options):
+    trainer = Trainer(config(mined, tmp_path / "run", model=model, model_options=options))
+    clips, pids, _ = next(iter(trainer.loader))
+    assert clips.shape[2] == trainer.model.input_channels  # flow channels come from the data set
+    stats = trainer.train_step(clips, pids)
+    assert math.isfinite(stats["loss"]) and stats["loss"] > 0
+    if model == "drsta":
+        assert stats["regularizer"] > 0  # the released-form diversity term is in the loss
+
+
 def test_default_warmup_is_ten_epochs_at_most_a_quarter_of_the_run(mined, tmp_path):
     assert [default_warmup_epochs(e) for e in (1, 8, 40, 60, 120)] == [0, 2, 10, 10, 10]
     trainer = Trainer(config(mined, tmp_path / "run", model="temporal_pool", epochs=8))
