@@ -242,7 +242,8 @@ def train_command(
     lr: float = typer.Option(3.5e-4, "--lr", min=0.0, help="Adam learning rate."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
     scheduler: Schedule = typer.Option(Schedule.step, "--scheduler", help="Per-epoch learning-rate schedule."),
-    warmup: int = typer.Option(0, "--warmup", min=0, help="Linear warm-up epochs."),
+    warmup: int | None = typer.Option(None, "--warmup", min=0,
+                                      help="Linear warm-up epochs from 10 % of --lr (default: 10, at most epochs/4)."),
     margin: float | None = typer.Option(0.3, "--margin", min=0.0, help="Triplet margin."),
     soft_margin: bool = typer.Option(False, "--soft-margin", help="Soft-margin triplet loss (ignores --margin)."),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99),
@@ -347,6 +348,8 @@ def evaluate_command(
     width: int | None = typer.Option(None, "--width", min=8, help="Expected input width, pixels."),
     split: str | None = typer.Option(None, "--split", help="Split index, or 'all' (default for iLIDS-VID, PRID)."),
     rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking (Zhong et al. 2017)."),
+    pair_rerank: int = typer.Option(0, "--pair-rerank", min=0, metavar="K",
+                                    help="Re-rank each query's top K by the pair score (siamese_sgru; 0: off)."),
     sampling: EvalSampling = typer.Option(EvalSampling.all, "--sampling", help="all: chunks of T, mean; evenly: "
                                           "one clip of T evenly spaced frames."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Clips per forward pass."),
@@ -377,7 +380,8 @@ def evaluate_command(
                                                                                     "mobilenet_v2"),
             pretrained=_first(pretrained, m and m.pretrained, True), model_options=options,
             seq_len=_first(seq_len, m and m.seq_len), input_size=None if h is None else (h, w), split=split,
-            rerank=rerank, sampling=sampling.value, batch_size=batch_size, device=device, num_workers=workers,
+            rerank=rerank, pair_k=pair_rerank, sampling=sampling.value, batch_size=batch_size, device=device,
+            num_workers=workers,
             dataset_options=_dataset_options(data, holdout, data_seed), progress=on_progress,
         )
 
@@ -407,7 +411,8 @@ def evaluate_command(
     out.print(table)
     out.print(f"{r.num_queries} queries ({r.num_skipped} without a match skipped), gallery {s['num_gallery']}, "
               f"T={s['seq_len']}, input {s['input_size'][0]}x{s['input_size'][1]}, sampling {s['sampling']}"
-              f"{', re-ranked' if s['rerank'] else ''}, {s['seconds']:.1f} s", highlight=False)
+              f"{', re-ranked' if s['rerank'] else ''}"
+              f"{f', top {pair_rerank} by pair score' if pair_rerank else ''}, {s['seconds']:.1f} s", highlight=False)
     for warning in report.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     if output is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "WeightsMismatchError",
     "WeightsUnavailableError",
     "build_backbone",
+    "expand_input_channels",
     "static_shape",
 ]
 
@@ -103,7 +104,10 @@ class Backbone(nn.Module):
             ``last_stride=1``, 32 with ``last_stride=2``), rounding up for sizes that are not
             multiples of it.
         pretrained: Whether ImageNet weights were loaded.
+        in_channels: Input channels: 3 (RGB), or more after :func:`expand_input_channels`.
     """
+
+    in_channels: int = 3
 
     def __init__(
         self,
@@ -128,18 +132,60 @@ class Backbone(nn.Module):
         """Compute feature maps.
 
         Args:
-            x: ``float32 [N, 3, H, W]`` RGB images, normalised with ``mean`` / ``std``.
+            x: ``float32 [N, in_channels, H, W]``: RGB images normalised with ``mean`` / ``std``
+                (then any extra channels, e.g. optical flow).
 
         Returns:
             ``float32 [N, out_channels, ceil(H / output_stride), ceil(W / output_stride)]``.
 
         Raises:
-            ValueError: If ``x`` is not a 4-D tensor with 3 channels.
+            ValueError: If ``x`` is not a 4-D tensor with ``in_channels`` channels.
         """
         shape = static_shape(x)
-        if len(shape) != 4 or shape[1] != 3:
-            raise ValueError(f"x must be [N, 3, H, W] RGB images, got shape {shape}")
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise ValueError(f"x must be [N, {self.in_channels}, H, W] images, got shape {shape}")
         return self.body(x)
+
+
+def expand_input_channels(backbone: Backbone, in_channels: int) -> Backbone:
+    """Widen the first convolution of ``backbone`` to ``in_channels`` inputs, in place.
+
+    The weights of the first 3 (RGB) input channels are kept and those of the new channels start at
+    zero, so the widened backbone computes exactly what it did on the RGB channels until training
+    moves the new weights (how McLaughlin et al.'s colour + optical-flow input can reuse an ImageNet
+    backbone).
+
+    Args:
+        backbone: The backbone (its ``in_channels`` must be 3).
+        in_channels: New number of input channels, ``>= 3``.
+
+    Returns:
+        ``backbone``, with ``in_channels`` updated.
+
+    Raises:
+        ValueError: If ``in_channels < 3``, the backbone was already widened or has no ``Conv2d``.
+    """
+    if in_channels < 3 or backbone.in_channels != 3:
+        raise ValueError(f"can widen a 3-channel backbone to >= 3 channels, got {backbone.in_channels} -> {in_channels}")
+    for name, module in backbone.body.named_modules():
+        if isinstance(module, nn.Conv2d):
+            break
+    else:
+        raise ValueError(f"backbone {backbone.name!r} has no Conv2d to widen")
+    if module.in_channels != 3 or module.groups != 1:
+        raise ValueError(f"first convolution of {backbone.name!r} does not take the 3 RGB channels")
+    wide = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                     module.dilation, bias=module.bias is not None, padding_mode=module.padding_mode)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, :3] = module.weight
+        if module.bias is not None:
+            wide.bias.copy_(module.bias)
+    parent_name, _, attr = name.rpartition(".")
+    parent = backbone.body.get_submodule(parent_name) if parent_name else backbone.body
+    setattr(parent, attr, wide)
+    backbone.in_channels = int(in_channels)
+    return backbone
 
 
 class _TimmFeatures(nn.Module):

@@ -101,7 +101,7 @@ def export_onnx(model: Any, path: Path, seq_len: int, input_size: tuple[int, int
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
-    dummy = torch.zeros(1, seq_len, 3, *input_size)
+    dummy = torch.zeros(1, seq_len, int(getattr(model, "input_channels", 3)), *input_size)
     tmp = path.with_suffix(".tmp.onnx")
     try:
         torch.onnx.export(model, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -229,10 +229,11 @@ class TensorRTEngine:
             else:
                 config.set_flag(trt.BuilderFlag.FP16)
         name = network.get_input(0).name
+        c = int(network.get_input(0).shape[2])  # static in the ONNX graph: 3 (RGB) or 5 (RGB + flow)
         h, w = self.input_size
         profile = builder.create_optimization_profile()
-        profile.set_shape(name, (1, self.seq_len, 3, h, w), (max(1, self.max_batch // 2), self.seq_len, 3, h, w),
-                          (self.max_batch, self.seq_len, 3, h, w))
+        profile.set_shape(name, (1, self.seq_len, c, h, w), (max(1, self.max_batch // 2), self.seq_len, c, h, w),
+                          (self.max_batch, self.seq_len, c, h, w))
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:

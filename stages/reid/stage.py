@@ -27,7 +27,7 @@ STAGE = "reid"
 
 
 def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int], mean: tuple[float, ...],
-               std: tuple[float, ...]) -> np.ndarray:
+               std: tuple[float, ...], flow: str | None = None) -> np.ndarray:
     """Decode and normalise one tracklet's crops into the network input.
 
     The T crops are picked with the ``evenly`` sampling of training and evaluation
@@ -39,12 +39,14 @@ def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int
         input_size: ``(height, width)`` pixels.
         mean: RGB mean for inputs in [0, 1].
         std: RGB std for inputs in [0, 1].
+        flow: None (default), ``"farneback"`` or ``"dis"``: append two optical-flow channels between
+            consecutive sampled crops (:func:`stages.reid.models.flow.clip_flow`), for RCN with ``flow``.
 
     Returns:
-        ``float32 [T, 3, H, W]``, RGB, ``(x / 255 - mean) / std``.
+        ``float32 [T, 3, H, W]``, RGB, ``(x / 255 - mean) / std``; ``[T, 5, H, W]`` with ``flow``.
 
     Raises:
-        ValueError: No crops, or a crop is not a decodable image.
+        ValueError: No crops, a crop is not a decodable image, or an unknown ``flow``.
     """
     import cv2
 
@@ -55,16 +57,23 @@ def preprocess(crops_jpeg: list[bytes], seq_len: int, input_size: tuple[int, int
     m = np.asarray(mean, np.float32).reshape(3, 1, 1)
     s = np.asarray(std, np.float32).reshape(3, 1, 1)
     decoded: dict[int, np.ndarray] = {}
-    for j, i in enumerate(sample_indices(len(crops_jpeg), seq_len, "evenly").tolist()):
+    images: dict[int, np.ndarray] = {}
+    order = sample_indices(len(crops_jpeg), seq_len, "evenly").tolist()
+    for j, i in enumerate(order):
         if i not in decoded:
             img = cv2.imdecode(np.frombuffer(crops_jpeg[i], np.uint8), cv2.IMREAD_COLOR)
             if img is None:
                 raise ValueError(f"crop {i} is not a decodable JPEG")
             if img.shape[:2] != (h, w):
                 img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+            images[i] = img
             rgb = img[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255.0
             decoded[i] = (rgb - m) / s
         out[j] = decoded[i]
+    if flow is not None:
+        from stages.reid.models.flow import append_flow
+
+        return append_flow(out, [images[i] for i in order], flow)
     return out
 
 
@@ -105,11 +114,12 @@ class ReidStage:
         output_topic: Topic of embeddings.
         max_batch: Tracklets per forward pass at most.
         clock: Unix-seconds clock.
+        flow: Optical-flow channels for the network (``model.config["flow"]`` of RCN), or None.
     """
 
     def __init__(self, engine: Any, model_name: str, seq_len: int, input_size: tuple[int, int],
                  mean: tuple[float, ...], std: tuple[float, ...], output_topic: str, max_batch: int = 8,
-                 clock=time.time) -> None:
+                 clock=time.time, flow: str | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.seq_len = seq_len
@@ -119,6 +129,7 @@ class ReidStage:
         self.output_topic = output_topic
         self.max_batch = max_batch
         self.clock = clock
+        self.flow = flow
         self._batch_size = metrics.REID_BATCH_SIZE.labels(stage=STAGE)
 
     @classmethod
@@ -130,7 +141,7 @@ class ReidStage:
         size = (r.model.input_height, r.model.input_width)
         engine = build_engine(r.engine, model, r.model.seq_len, size, r.batch.max_tracklets)
         return cls(engine, name, r.model.seq_len, size, model.mean, model.std, cfg.bus.topics.embeddings,
-                   r.batch.max_tracklets)
+                   r.batch.max_tracklets, flow=getattr(model, "config", {}).get("flow"))
 
     def setup(self) -> None:
         self.engine.setup()
@@ -144,8 +155,8 @@ class ReidStage:
         out = []
         for start in range(0, len(records), self.max_batch):
             chunk = records[start:start + self.max_batch]
-            clips = np.stack([preprocess(r.crops_jpeg, self.seq_len, self.input_size, self.mean, self.std)
-                              for r in chunk])
+            clips = np.stack([preprocess(r.crops_jpeg, self.seq_len, self.input_size, self.mean, self.std,
+                                         self.flow) for r in chunk])
             t = time.perf_counter()
             emb = self.engine.infer(clips)
             per_item = (time.perf_counter() - t) / len(chunk)

@@ -63,7 +63,7 @@ def build_model(name: str, **kwargs: Any) -> ReidModel:
         stages.reid.backbones.WeightsUnavailableError: If pretrained backbone weights are missing.
 
     Example:
-        >>> model = build_model("sta", pretrained=False, num_parts=4)
+        >>> model = build_model("sta", pretrained=False, num_parts=4, embedding_dim=None)
         >>> model.embedding_dim
         2560
     """

@@ -6,6 +6,7 @@ Shapes used throughout: ``B`` clips per batch, ``T`` frames per clip, ``C`` back
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ __all__ = [
     "part_masks",
     "validate_clips",
 ]
+
+logger = logging.getLogger(__name__)
 
 TINY = 1e-12
 """Lower bound of denominators of normalisations, so that an all-zero input gives zeros, not NaN.
@@ -46,17 +49,24 @@ class ReidOutput(NamedTuple):
     regularizer: torch.Tensor
 
 
-def validate_clips(x: Any, name: str = "x") -> None:
-    """Check that ``x`` is a clip batch ``float [B, T, 3, H, W]``.
+def validate_clips(x: Any, name: str = "x", channels: int = 3) -> None:
+    """Check that ``x`` is a clip batch ``float [B, T, channels, H, W]``.
+
+    Args:
+        x: The tensor to check.
+        name: Argument name for the error message.
+        channels: Expected channels: 3 (RGB), or 5 for RGB + optical flow ``(dx, dy)``
+            (:mod:`stages.reid.models.flow`).
 
     Raises:
-        ValueError: If ``x`` is not a floating-point tensor of that shape (B, T ≥ 1, 3 channels).
+        ValueError: If ``x`` is not a floating-point tensor of that shape (B, T ≥ 1).
     """
+    layout = "[B, T, 3, H, W] (RGB)" if channels == 3 else f"[B, T, {channels}, H, W] (RGB + flow dx, dy)"
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor [B, T, 3, H, W], got {type(x).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
     shape = static_shape(x)
-    if len(shape) != 5 or shape[2] != 3:
-        raise ValueError(f"{name} must be a clip batch [B, T, 3, H, W] (RGB), got shape {shape}")
+    if len(shape) != 5 or shape[2] != channels:
+        raise ValueError(f"{name} must be a clip batch {layout}, got shape {shape}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be floating point (normalised RGB), got dtype {x.dtype}")
     if shape[0] < 1 or shape[1] < 1:
@@ -160,8 +170,13 @@ class EmbeddingHead(nn.Module):
 class ReidModel(nn.Module):
     """Base class of the video re-id networks (the contract of ``docs/ARCHITECTURE.md``).
 
-    Subclasses build their layers after calling ``super().__init__`` and implement
-    :meth:`forward_train`; :meth:`forward` returns its L2-normalised features.
+    Subclasses build their layers after calling ``super().__init__``, set ``embedding_dim``, call
+    :meth:`add_neck` last and implement :meth:`forward_train`. :meth:`forward` returns the
+    L2-normalised features *after* the batch-norm neck (``neck``), as in the strong video
+    baselines: the trainer puts its identity classifier on ``neck(features)`` and its triplet loss
+    on ``features`` (Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person
+    Re-identification", CVPRW 2019, Sec. 4.4). An untrained neck (running mean 0, variance 1,
+    scale 1, shift 0) is the identity up to ``1/√(1 + 1e-5)``, so untrained models embed as before.
 
     Args:
         config: The subclass's constructor keyword arguments (JSON-serialisable), stored as
@@ -174,6 +189,10 @@ class ReidModel(nn.Module):
         embedding_dim: ``D``, the size of the embeddings (set by the subclass).
         mean: RGB channel means for inputs in [0, 1] (from the backbone).
         std: RGB channel standard deviations for inputs in [0, 1] (from the backbone).
+        input_channels: Channels of a frame: 3 (RGB, every model by default) or 5 (RGB + optical
+            flow, RCN with ``flow`` set).
+        neck: ``BatchNorm1d(embedding_dim)`` with its shift frozen at 0 (created by
+            :meth:`add_neck`).
 
     Raises:
         ValueError: If the backbone name or ``last_stride`` is invalid.
@@ -181,6 +200,7 @@ class ReidModel(nn.Module):
     """
 
     embedding_dim: int
+    input_channels: int = 3
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -203,7 +223,7 @@ class ReidModel(nn.Module):
         Raises:
             ValueError: If ``x`` is not a clip batch (see :func:`validate_clips`).
         """
-        validate_clips(x)
+        validate_clips(x, channels=self.input_channels)
         t = x.shape[1]
         maps = self.backbone(x.flatten(0, 1))
         return maps.reshape(-1, t, *maps.shape[1:])
@@ -231,12 +251,31 @@ class ReidModel(nn.Module):
                 ``mean`` / ``std``.
 
         Returns:
-            ``float32 [B, embedding_dim]`` embeddings with unit L2 norm per row.
+            ``float32 [B, embedding_dim]`` embeddings ``normalize(neck(features))`` with unit L2
+            norm per row.
 
         Raises:
             ValueError: If ``x`` is not a 5-D floating-point clip batch with 3 channels.
         """
-        return F.normalize(self.forward_train(x).features, dim=1)
+        return F.normalize(self.neck(self.forward_train(x).features), dim=1)
+
+    def add_neck(self) -> None:
+        """Create the retrieval batch-norm neck over ``embedding_dim`` (call at the end of ``__init__``).
+
+        A state dict without any ``neck.*`` entry (a checkpoint saved before the neck moved into the
+        model) loads with an untrained neck, so such a checkpoint embeds as it did (a warning says so).
+        """
+        self.neck = nn.BatchNorm1d(self.embedding_dim)
+        self.neck.bias.requires_grad_(False)
+        self._register_load_state_dict_pre_hook(self._fill_missing_neck)
+
+    def _fill_missing_neck(self, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+        keys = {prefix + "neck." + name: value for name, value in self.neck.state_dict().items()}
+        if not any(key in state_dict for key in keys):
+            logger.warning("state dict has no BN-neck (saved before retrieval moved after the neck): "
+                           "using an untrained neck, embeddings as before")
+            for key, value in keys.items():
+                state_dict[key] = value.detach().clone()
 
     @staticmethod
     def zero(reference: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ class TemporalPool(ReidModel):
     ) -> None:
         super().__init__(dict(backbone=backbone, pretrained=pretrained, last_stride=last_stride))
         self.embedding_dim = self.backbone.out_channels
+        self.add_neck()
 
     def forward_train(self, x: torch.Tensor) -> ReidOutput:
         """See :meth:`ReidModel.forward_train`; the regulariser is always 0."""
@@ -86,6 +87,7 @@ class PartPool(ReidModel):
         )
         self.num_parts = num_parts
         self.embedding_dim = num_parts * self.backbone.out_channels
+        self.add_neck()
 
     def forward_train(self, x: torch.Tensor) -> ReidOutput:
         """See :meth:`ReidModel.forward_train`; the regulariser is always 0."""

@@ -6,9 +6,13 @@ Video-based Person Re-identification", IEEE Transactions on Multimedia 2018 (arX
 Local convolutional features of the horizontal regions of each frame are read, top to bottom, by a
 spatial gated recurrent unit whose update gate is an attention weight ("where"); a temporal GRU and a
 temporal attention over its outputs ("when") pool the frames. Both attentions are conditioned on a
-context vector: the partner clip's summary when a pair is compared (:meth:`SiameseSGRU.similarity`,
+context vector: the partner clip's summary when a pair is compared (:meth:`SiameseSGRU.pair_score`,
 co-attention), the clip's own summary when a single clip is embedded for gallery search
-(:meth:`SiameseSGRU.forward`). This module is our reading of the paper's design, not a port of its
+(:meth:`SiameseSGRU.forward`). Retrieval therefore runs in two stages: the self-conditioned embedding
+ranks the gallery, then the pair score, which is what the paper compares, re-ranks the top ``k``
+(:func:`stages.reid.training.evaluate.pair_rerank`). The pair score needs only each clip's region
+features ``float32 [T, R, d]`` (:meth:`SiameseSGRU.regions`), which can be cached beside the
+embedding: a pair then costs two runs of the spatial and temporal GRUs, not of the backbone. This module is our reading of the paper's design, not a port of its
 code; equation labels (W1)–(W6) are ours.
 
 * (W1) local features: ``u_t = ReLU(W_u * f_t)`` (1×1 conv of the backbone map), region ``i = 1..R``
@@ -114,6 +118,7 @@ class SiameseSGRU(ReidModel):
         self.temporal_gru = nn.GRU(d, d, batch_first=True)  # (W5)
         self.temporal_attention = _AdditiveAttention(d)
         self.embedding_dim = d
+        self.add_neck()
 
     def regions(self, x: torch.Tensor) -> torch.Tensor:
         """Region features (W1).
@@ -170,6 +175,57 @@ class SiameseSGRU(ReidModel):
         features = self.encode(v, self.context(v))
         return ReidOutput(features, self.zero(features))
 
+    def embed_with_regions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval embeddings and the region features to cache for :meth:`pair_score`, in one backbone pass.
+
+        Args:
+            x: ``float32 [B, T, 3, H, W]`` normalised RGB clips.
+
+        Returns:
+            ``(embeddings, regions)``: ``float32 [B, d]`` equal to ``forward(x)`` (L2-normalised,
+            after the neck) and ``float32 [B, T, R, d]``.
+
+        Raises:
+            ValueError: If ``x`` is not a clip batch or its map has fewer than ``R`` rows.
+        """
+        v = self.regions(x)
+        return F.normalize(self.neck(self.encode(v, self.context(v))), dim=1), v
+
+    def pair_score(self, feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tensor:
+        """Pair scores (W6) of clips given their cached region features.
+
+        Args:
+            feats_a: ``float32 [N, T_a, R, d]`` region features of the first clips
+                (:meth:`regions`).
+            feats_b: ``float32 [N, T_b, R, d]`` region features of their partners (``T_b`` may
+                differ from ``T_a``; ``R`` and ``d`` must be the model's).
+
+        Returns:
+            ``float32 [N]`` ``cos(z_{a|c_b}, z_{b|c_a})`` in ``[-1, 1]``, symmetric:
+            ``pair_score(a, b) == pair_score(b, a)``.
+
+        Raises:
+            ValueError: If the shapes are not ``[N, T, R, d]`` with equal ``N`` and the model's
+                ``R``, ``d``.
+
+        Example:
+            >>> model = SiameseSGRU(pretrained=False).eval()
+            >>> va = model.regions(torch.rand(3, 8, 3, 256, 128))  # cache these per tracklet
+            >>> model.pair_score(va, va.flip(0)).shape
+            torch.Size([3])
+        """
+        expected = (self.num_regions, self.embedding_dim)
+        for name, v in (("feats_a", feats_a), ("feats_b", feats_b)):
+            if not isinstance(v, torch.Tensor) or v.dim() != 4 or tuple(v.shape[2:]) != expected or v.shape[1] < 1:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{name} must be region features [N, T, {expected[0]}, {expected[1]}], got {shape}")
+        if feats_a.shape[0] != feats_b.shape[0]:
+            raise ValueError(f"feats_a and feats_b must hold the same number of clips, got "
+                             f"{feats_a.shape[0]} and {feats_b.shape[0]}")
+        za = self.encode(feats_a, self.context(feats_b))
+        zb = self.encode(feats_b, self.context(feats_a))
+        return F.cosine_similarity(za, zb, dim=1)
+
     def embed_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Co-attended features of clip pairs, each conditioned on its partner (W6).
 
@@ -206,5 +262,10 @@ class SiameseSGRU(ReidModel):
         Raises:
             ValueError: If an input is not a clip batch or the batch sizes differ.
         """
-        za, zb = self.embed_pair(a, b)
-        return F.cosine_similarity(za, zb, dim=1)
+        validate_clips(a, "a")
+        validate_clips(b, "b")
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(
+                f"a and b must hold the same number of clips, got {a.shape[0]} and {b.shape[0]}"
+            )
+        return self.pair_score(self.regions(a), self.regions(b))

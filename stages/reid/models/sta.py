@@ -9,17 +9,18 @@ order; the paper's own numbering may differ):
 
 * ``f_t ∈ R^{C×h×w}``: backbone map of frame ``t = 1..T``; ``f_t(i, j) ∈ R^C`` its feature at row
   ``i``, column ``j``.
-* (S1) spatial attention, the channel-wise L2 norm at each location normalised over the frame:
-  ``g_t(i, j) = ‖f_t(i, j)‖₂ / Σ_{i', j'} ‖f_t(i', j')‖₂``.
+* (S1) spatial attention, the squared channel-wise L2 norm of each location's feature (its sum of
+  squares over the ``C`` channels) normalised over the frame:
+  ``g_t(i, j) = ‖f_t(i, j)‖₂² / Σ_{i', j'} ‖f_t(i', j')‖₂²`` (the paper's Eq. 1).
 * (S2) the map is split into ``K`` horizontal parts ``P_1..P_K`` (top to bottom); part score
   ``s_{t,k} = Σ_{(i,j) ∈ P_k} g_t(i, j)``.
 * (S3) part-wise L1 normalisation across frames, giving the 2-D attention score matrix
   ``S(t, k) = s_{t,k} / Σ_{t'} s_{t',k}`` (each column sums to 1 over the T frames).
 * (S4) feature fusion, highest-score map: ``F1|_{P_k} = f_{t*_k}|_{P_k}``, ``t*_k = argmax_t S(t, k)``.
 * (S5) feature fusion, weighted map: ``F2|_{P_k} = Σ_t S(t, k) f_t|_{P_k}``.
-* (S6) clip feature: ``v = FC([GAP(F1); GAP(F2)])`` (``GAP``: global average pooling over the
+* (S6) clip feature: ``v = BN(FC([GAP(F1); GAP(F2)]))`` (``GAP``: global average pooling over the
   ``h × w`` map; the paper concatenates F1, F2 along channels then pools, which is the same vector;
-  FC is optional here).
+  the FC to 1024 + batch norm is on by default, ``embedding_dim=None`` removes it).
 * (S7) inter-frame regularisation: ``Reg = ‖g_i − g_j‖_F`` for two different frames ``i, j`` drawn at
   random from the clip; the training loss is ``L = L_triplet + L_softmax + λ Reg``.
 
@@ -45,7 +46,7 @@ __all__ = ["STA", "inter_frame_regularizer", "spatial_attention"]
 
 
 def spatial_attention(f: torch.Tensor) -> torch.Tensor:
-    """Spatial attention maps, Eq. (S1).
+    """Spatial attention maps, Eq. (S1): squared channel norm per location, L1-normalised per map.
 
     Args:
         f: ``float32 [..., C, h, w]`` feature maps.
@@ -54,8 +55,8 @@ def spatial_attention(f: torch.Tensor) -> torch.Tensor:
         ``float32 [..., h, w]`` non-negative maps; each sums to 1 over ``h × w`` (an all-zero map
         stays zero).
     """
-    norms = torch.linalg.vector_norm(f, dim=-3)  # [..., h, w]
-    return norms / norms.sum(dim=(-2, -1), keepdim=True).clamp_min(TINY)
+    energy = f.square().sum(dim=-3)  # [..., h, w]: squared L2 norm of each location's feature
+    return energy / energy.sum(dim=(-2, -1), keepdim=True).clamp_min(TINY)
 
 
 def inter_frame_regularizer(
@@ -85,14 +86,13 @@ class STA(ReidModel):
         pretrained: Load offline ImageNet weights into the backbone.
         last_stride: 1 (output stride 16: 256×128 → 16×8 maps, as in the paper) or 2.
         num_parts: ``K``, horizontal parts per map (paper: 4). The map needs at least ``K`` rows.
-        embedding_dim: ``None`` (default): no FC, the embedding is ``[GAP(F1); GAP(F2)]`` of size
-            ``2C``, so an untrained model keeps the ImageNet features meaningful. An int adds the
-            paper's final FC (here ``Linear`` + ``BatchNorm1d``) to that size.
+        embedding_dim: Size of the paper's FC after fusion (``Linear`` + ``BatchNorm1d``; default
+            1024). ``None``: no FC, the embedding is ``[GAP(F1); GAP(F2)]`` of size ``2C``.
         reg_weight: ``λ``, weight of the inter-frame regulariser (S7) returned by
-            :meth:`forward_train` in training mode (not tuned here).
+            :meth:`forward_train` in training mode (1, as in the paper's loss).
 
     Attributes:
-        embedding_dim: ``2C`` (2560 with ``mobilenet_v2``) or the given ``embedding_dim``.
+        embedding_dim: The given ``embedding_dim``, or ``2C`` (2560 with ``mobilenet_v2``) without FC.
 
     Raises:
         ValueError: If an argument is invalid.
@@ -100,7 +100,7 @@ class STA(ReidModel):
     Example:
         >>> model = STA(pretrained=False).eval()
         >>> model(torch.rand(2, 8, 3, 256, 128)).shape
-        torch.Size([2, 2560])
+        torch.Size([2, 1024])
     """
 
     def __init__(
@@ -109,7 +109,7 @@ class STA(ReidModel):
         pretrained: bool = True,
         last_stride: int = 1,
         num_parts: int = 4,
-        embedding_dim: int | None = None,
+        embedding_dim: int | None = 1024,
         reg_weight: float = 1.0,
     ) -> None:
         num_parts = check_positive_int(num_parts, "num_parts")
@@ -128,6 +128,7 @@ class STA(ReidModel):
         self.reg_weight = reg_weight
         self.head = EmbeddingHead(2 * self.backbone.out_channels, embedding_dim)
         self.embedding_dim = self.head.out_dim
+        self.add_neck()
 
     def attention_scores(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Spatial maps and the 2-D attention score matrix, Eqs. (S1)–(S3).

@@ -15,7 +15,9 @@ Steps:
    Frames are read with OpenCV (BGR), resized to the network input, turned to RGB in [0, 1] and
    normalised with the network's mean / std (:class:`stages.reid.training.sampling.TrackletDataset`).
 2. **Ranking.** Squared Euclidean distance between the unit embeddings (rank-equivalent to cosine),
-   optionally k-reciprocal re-ranking (Zhong et al., CVPR 2017); CMC Rank-1/5/10/20 and mAP with the
+   optionally k-reciprocal re-ranking (Zhong et al., CVPR 2017), and for a network with a pair score
+   (Siamese SGRU) optionally pairwise re-ranking of each query's top ``k`` by that score
+   (:func:`pair_rerank`, over region features cached with the embeddings); CMC Rank-1/5/10/20 and mAP with the
    protocol of :mod:`stages.reid.training.evaluation` (same pid *and* camera excluded, junk ignored), computed
    in chunks of queries so MARS fits in a few hundred MB.
 3. **Splits.** iLIDS-VID and PRID-2011 are reported as the mean over their 10 train/test splits
@@ -56,6 +58,7 @@ __all__ = [
     "evaluate_embeddings",
     "evaluate_model",
     "extract_embeddings",
+    "pair_rerank",
     "plot_cmc",
     "run_evaluation",
     "write_report",
@@ -77,11 +80,15 @@ class Embeddings:
         features: ``float32 [N, D]``, L2-normalised rows.
         pids: ``int64 [N]``.
         camids: ``int64 [N]``.
+        regions: For a network with a pair score and ``with_regions``: one ``float32 [T_i, R, d]``
+            array per tracklet (its region features, the frames of all its clips in time order),
+            else None.
     """
 
     features: np.ndarray
     pids: np.ndarray
     camids: np.ndarray
+    regions: tuple[np.ndarray, ...] | None = None
 
 
 def _check_sampling(sampling: str) -> None:
@@ -101,6 +108,7 @@ def extract_embeddings(
     num_workers: int = 0,
     progress: Progress | None = None,
     label: str = "embedding",
+    with_regions: bool = False,
 ) -> Embeddings:
     """Embed tracklets with ``model`` (see the module docstring for the two samplings).
 
@@ -117,6 +125,8 @@ def extract_embeddings(
         num_workers: DataLoader worker processes reading frames.
         progress: Called as ``progress(label, done, len(items))``.
         label: Name passed to ``progress``.
+        with_regions: Also keep each tracklet's region features for :func:`pair_rerank` (networks
+            with ``pair_score`` only; the backbone still runs once per clip).
 
     Returns:
         :class:`Embeddings` in the order of ``items``.
@@ -137,6 +147,18 @@ def extract_embeddings(
     if not items:
         raise ValueError("no tracklets to embed")
     n = len(items)
+    flow = (getattr(model, "config", None) or {}).get("flow")  # RCN with optical-flow channels
+    keep_regions = with_regions and has_pair_score(model)
+    region_parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
+
+    def embed(clips: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
+        if not keep_regions:
+            return model(clips.to(device)).float().cpu()
+        emb, v = model.embed_with_regions(clips.to(device))  # one backbone pass for both
+        for owner, part in zip(owners, v.float().cpu()):
+            region_parts[owner].append(part)
+        return emb.float().cpu()
+
     was_training = model.training
     model.to(device).eval()
     dim = int(model.embedding_dim)
@@ -146,23 +168,24 @@ def extract_embeddings(
     try:
         with torch.inference_mode():
             if sampling == "evenly":
-                data = TrackletDataset(items, seq_len, "evenly", input_size, model.mean, model.std)
+                data = TrackletDataset(items, seq_len, "evenly", input_size, model.mean, model.std, flow=flow)
                 loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
                 for clips, _pids, _camids in loader:
-                    emb = model(clips.to(device)).float().cpu()
+                    emb = embed(clips, range(done, done + len(clips)))
                     sums[done : done + len(emb)] = emb
                     counts[done : done + len(emb)] = 1.0
                     done += len(emb)
                     if progress is not None:
                         progress(label, done, n)
             else:
-                data = TrackletDataset(items, seq_len, "all", input_size, model.mean, model.std, chunked=True)
+                data = TrackletDataset(items, seq_len, "all", input_size, model.mean, model.std, chunked=True,
+                                       flow=flow)
                 loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
                 buffer: list[torch.Tensor] = []
                 owners: list[int] = []
 
                 def flush() -> None:
-                    emb = model(torch.cat(buffer).to(device)).float().cpu()
+                    emb = embed(torch.cat(buffer), owners)
                     index = torch.tensor(owners, dtype=torch.long)
                     sums.index_add_(0, index, emb)
                     counts.index_add_(0, index, torch.ones(len(owners)))
@@ -186,7 +209,73 @@ def extract_embeddings(
     features = F.normalize(sums / counts.clamp_min(1.0)[:, None], dim=1).numpy().astype(np.float32)
     pids = np.array([item.pid for item in items], dtype=np.int64)
     camids = np.array([item.camid for item in items], dtype=np.int64)
-    return Embeddings(features, pids, camids)
+    regions = tuple(torch.cat(parts).numpy() for parts in region_parts) if keep_regions else None
+    return Embeddings(features, pids, camids, regions)
+
+
+def has_pair_score(model: Any) -> bool:
+    """Whether ``model`` scores pairs from cached region features (``embed_with_regions``, ``pair_score``)."""
+    return all(callable(getattr(model, name, None)) for name in ("embed_with_regions", "pair_score"))
+
+
+def pair_rerank(
+    dist: np.ndarray,
+    query_regions: Sequence[np.ndarray],
+    gallery_regions: Sequence[np.ndarray],
+    score: Callable[[Any, Any], Any],
+    k: int,
+    *,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Re-rank each query's ``k`` nearest gallery items by a pairwise score (two-stage retrieval).
+
+    The embedding distance picks the ``k`` candidates; their order is then given by
+    ``score(query, candidate)`` (for the Siamese SGRU, :meth:`~stages.reid.models.siamese_sgru.
+    SiameseSGRU.pair_score`, the paper's co-attended similarity), and the rest keep their order
+    behind them. In the returned matrix the candidates get ``-1 - s`` (``s ∈ [-1, 1]``, so all are
+    ``≤ 0``), below every other entry, which keeps its distance (``≥ 0``).
+
+    Args:
+        dist: ``float [Q, G]`` non-negative distances (e.g. squared Euclidean on unit embeddings).
+        query_regions: ``Q`` arrays ``float32 [T_q, R, d]``.
+        gallery_regions: ``G`` arrays ``float32 [T_g, R, d]``.
+        score: ``score(a [N, T_a, R, d], b [N, T_b, R, d]) -> [N]`` torch tensors, similarities in
+            ``[-1, 1]`` (called with the ``k`` candidates of one query, grouped by length ``T_g``).
+        k: Candidates per query, ``>= 1`` (capped at ``G``).
+        device: Torch device of the scoring.
+
+    Returns:
+        ``float32 [Q, G]`` re-ranked distances.
+
+    Raises:
+        ValueError: ``k < 1``, negative distances, or region counts that do not match ``dist``.
+    """
+    import torch
+
+    dist = np.asarray(dist, dtype=np.float32)
+    num_q, num_g = dist.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(query_regions) != num_q or len(gallery_regions) != num_g:
+        raise ValueError(f"need {num_q} query and {num_g} gallery region arrays, got "
+                         f"{len(query_regions)} and {len(gallery_regions)}")
+    if num_g and float(dist.min()) < 0:
+        raise ValueError("pair_rerank needs non-negative distances")
+    k = min(k, num_g)
+    out = dist.copy()
+    top = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    with torch.inference_mode():
+        for q in range(num_q):
+            candidates = top[q]
+            by_length: dict[int, list[int]] = {}
+            for g in candidates.tolist():
+                by_length.setdefault(len(gallery_regions[g]), []).append(g)
+            for group in by_length.values():
+                b = torch.from_numpy(np.stack([gallery_regions[g] for g in group])).to(device)
+                a = torch.from_numpy(np.asarray(query_regions[q])).to(device).unsqueeze(0).expand(len(group), -1, -1, -1)
+                s = score(a, b).float().cpu().numpy()
+                out[q, group] = -1.0 - s
+    return out
 
 
 def evaluate_embeddings(
@@ -199,6 +288,9 @@ def evaluate_embeddings(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    pair_score: Callable[[Any, Any], Any] | None = None,
+    pair_k: int = 0,
+    device: str = "cpu",
 ) -> EvalResult:
     """CMC and mAP of query against gallery embeddings.
 
@@ -210,6 +302,10 @@ def evaluate_embeddings(
         max_rank: CMC length.
         chunk_size: Queries ranked at a time.
         k1, k2, lambda_value: Re-ranking parameters (the paper's defaults).
+        pair_score: With ``pair_k > 0``: the pair scorer of :func:`pair_rerank` (needs ``regions``
+            in both embeddings), applied after the k-reciprocal re-ranking when both are on.
+        pair_k: Candidates per query re-ranked by ``pair_score`` (0: off).
+        device: Torch device of the pair scoring.
 
     Returns:
         :class:`~stages.reid.training.evaluation.EvalResult`.
@@ -219,9 +315,17 @@ def evaluate_embeddings(
     """
     from stages.reid.training.evaluation import evaluate, evaluate_ranking, k_reciprocal_rerank, pairwise_distance
 
-    if not rerank:
+    pairs = pair_k > 0
+    if pairs and (pair_score is None or query.regions is None or gallery.regions is None):
+        raise ValueError("pairwise re-ranking needs a pair scorer and region features (a siamese_sgru network)")
+    if not rerank and not pairs:
         return evaluate(query.features, gallery.features, query.pids, gallery.pids, query.camids, gallery.camids,
                         metric="euclidean", max_rank=max_rank, chunk_size=chunk_size)
+    if not rerank:
+        dist = pair_rerank(pairwise_distance(query.features, gallery.features), query.regions, gallery.regions,
+                           pair_score, pair_k, device=device)
+        return evaluate_ranking(dist, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank,
+                                chunk_size=chunk_size)
     n = len(query.features) + len(gallery.features)
     k1_used, k2_used = min(k1, n - 1), min(k2, n)
     if (k1_used, k2_used) != (k1, k2):
@@ -230,6 +334,8 @@ def evaluate_embeddings(
     q_q = pairwise_distance(query.features, query.features)
     g_g = pairwise_distance(gallery.features, gallery.features)
     dist = k_reciprocal_rerank(q_g, q_q, g_g, k1=max(1, k1_used), k2=max(1, k2_used), lambda_value=lambda_value)
+    if pairs:
+        dist = pair_rerank(np.maximum(dist, 0.0), query.regions, gallery.regions, pair_score, pair_k, device=device)
     return evaluate_ranking(dist, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank,
                             chunk_size=chunk_size)
 
@@ -247,6 +353,7 @@ def evaluate_model(
     num_workers: int = 0,
     rerank: bool = False,
     progress: Progress | None = None,
+    pair_k: int = 0,
 ) -> EvalResult:
     """Embed query and gallery with ``model`` and rank (one split; used after each training epoch).
 
@@ -262,17 +369,28 @@ def evaluate_model(
         num_workers: DataLoader workers.
         rerank: k-reciprocal re-ranking.
         progress: See :func:`extract_embeddings`.
+        pair_k: Re-rank each query's top ``pair_k`` by the network's pair score (Siamese SGRU; 0: off).
 
     Returns:
         :class:`~stages.reid.training.evaluation.EvalResult`.
 
     Raises:
-        ValueError: Empty query or gallery, or no valid query.
+        ValueError: Empty query or gallery, no valid query, or ``pair_k`` for a network without a pair score.
     """
-    kw = dict(sampling=sampling, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+    _check_pair_k(model, pair_k)
+    kw = dict(sampling=sampling, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
+              with_regions=pair_k > 0)
     q = extract_embeddings(model, query, seq_len, input_size, label="query", **kw)
     g = extract_embeddings(model, gallery, seq_len, input_size, label="gallery", **kw)
-    return evaluate_embeddings(q, g, rerank=rerank)
+    return evaluate_embeddings(q, g, rerank=rerank, pair_k=pair_k, device=device,
+                               pair_score=getattr(model, "pair_score", None))
+
+
+def _check_pair_k(model: Any, pair_k: int) -> None:
+    if isinstance(pair_k, bool) or not isinstance(pair_k, int) or pair_k < 0:
+        raise ValueError(f"pair_k must be an int >= 0, got {pair_k!r}")
+    if pair_k and not has_pair_score(model):
+        raise ValueError(f"pairwise re-ranking (pair_k={pair_k}) needs a network with a pair score (siamese_sgru)")
 
 
 class _EmbeddingCache:
@@ -281,17 +399,22 @@ class _EmbeddingCache:
     def __init__(self, embed: Callable[[list[TrackletItem], str], Embeddings]) -> None:
         self.embed = embed
         self.features: dict[tuple[str, ...], np.ndarray] = {}
+        self.regions: dict[tuple[str, ...], np.ndarray] = {}
 
     def get(self, items: Sequence[TrackletItem], label: str) -> Embeddings:
         missing = list({item.paths: item for item in items if item.paths not in self.features}.values())
         if missing:
             new = self.embed(missing, label)
-            for item, vector in zip(missing, new.features):
+            for i, (item, vector) in enumerate(zip(missing, new.features)):
                 self.features[item.paths] = vector
+                if new.regions is not None:
+                    self.regions[item.paths] = new.regions[i]
+        has_regions = all(item.paths in self.regions for item in items)
         return Embeddings(
             np.stack([self.features[item.paths] for item in items]).astype(np.float32),
             np.array([item.pid for item in items], dtype=np.int64),
             np.array([item.camid for item in items], dtype=np.int64),
+            tuple(self.regions[item.paths] for item in items) if has_regions else None,
         )
 
 
@@ -354,6 +477,7 @@ def run_evaluation(
     num_workers: int = 0,
     dataset_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    pair_k: int = 0,
 ) -> EvaluationReport:
     """Evaluate a checkpoint (or an untrained network) on a data set's query / gallery.
 
@@ -381,6 +505,8 @@ def run_evaluation(
             default a checkpoint is evaluated on the held-out part of its own training data);
             otherwise the loader's defaults.
         progress: See :func:`extract_embeddings`.
+        pair_k: Re-rank each query's top ``pair_k`` gallery tracklets by the network's pair score
+            (Siamese SGRU, :func:`pair_rerank`; 0: off).
 
     Returns:
         :class:`EvaluationReport`.
@@ -434,11 +560,12 @@ def run_evaluation(
         if net is None or path != loaded_for:
             net, ckpt, t_used, size_used = _load_network(path, model, backbone, pretrained, dict(model_options or {}),
                                                          seq_len, input_size)
+            _check_pair_k(net, pair_k)
             net.to(device)
             loaded_for = path
             cache = _EmbeddingCache(lambda items, label, _net=net, _t=t_used, _size=size_used: extract_embeddings(
                 _net, items, _t, _size, sampling=sampling, batch_size=batch_size, device=device,
-                num_workers=num_workers, progress=progress, label=label))
+                num_workers=num_workers, progress=progress, label=label, with_regions=pair_k > 0))
         trained_on = (ckpt or {}).get("dataset") or {}
         options = dict(trained_on.get("options") or {}) if trained_on.get("spec") == data else {}
         options.update(dataset_options or {})
@@ -459,7 +586,8 @@ def run_evaluation(
             log.warning(msg)
         q = cache.get(ds.query, "query")
         g = cache.get(ds.gallery, "gallery")
-        result = evaluate_embeddings(q, g, rerank=rerank)
+        result = evaluate_embeddings(q, g, rerank=rerank, pair_k=pair_k, device=device,
+                                     pair_score=getattr(net, "pair_score", None))
         if s is None:
             single = result
         else:
@@ -475,6 +603,7 @@ def run_evaluation(
             "input_size": list(size_used),
             "sampling": sampling,
             "rerank": rerank,
+            "pair_rerank_k": pair_k,
             "metric": "squared euclidean on L2-normalised embeddings",
             "num_query": len(ds.query),
             "num_gallery": len(ds.gallery),

@@ -387,7 +387,8 @@ def k_reciprocal_rerank(
 
     1. k-reciprocal neighbours (Eq. 4): ``R(p, k) = {g in N(p, k) : p in N(g, k)}``.
     2. Expansion (Eq. 6): ``R*(p, k) = R(p, k) U R(q, k/2)`` for each ``q in R(p, k)`` with
-       ``|R(p, k) ∩ R(q, k/2)| >= 2/3 |R(q, k/2)|`` (``k/2`` rounded half to even).
+       ``|R(p, k) ∩ R(q, k/2)| > 2/3 |R(q, k/2)|`` (strictly, as in the released code; ``k/2``
+       rounded half to even).
     3. Gaussian-kernel encoding (Eqs. 7-8): ``V[p, g] = exp(-d(p, g))`` for ``g in R*(p, k)``, else
        0; each row is normalised to sum to 1 (as in the authors' released code).
     4. Local query expansion (Eq. 11): ``V[p] <- mean of V[g]`` over the ``k2`` nearest items of
@@ -463,7 +464,7 @@ def k_reciprocal_rerank(
     half_sizes = np.asarray(recip_half.sum(axis=1)).ravel()
     # Expansion (Eq. 6): overlap[p, q] = |R(p, k1) ∩ R(q, k1/2)| for q in R(p, k1).
     overlap = (recip @ recip_half.T).multiply(recip).tocoo()
-    ok = 3 * overlap.data >= 2 * half_sizes[overlap.col]
+    ok = 3 * overlap.data > 2 * half_sizes[overlap.col]  # strictly more than 2/3, as released
     accepted = sparse.csr_matrix(
         (np.ones(int(ok.sum()), dtype=np.int32), (overlap.row[ok], overlap.col[ok])), shape=(n, n)
     )

@@ -210,6 +210,9 @@ class TrackletDataset(Dataset):
       with ``sampling="all"`` ``T`` is the tracklet's frame count, and with ``chunked=True`` the clip
       is ``[C, T, 3, H, W]`` (``C = ceil(frames / seq_len)`` chunks of ``seq_len`` frames), ready to
       be fed to a model as a batch; with ``"all"`` use a DataLoader ``batch_size`` of 1.
+    * with ``flow`` set, each frame gets two optical-flow channels after RGB (``[..., 5, H, W]``),
+      computed between consecutive frames of the clip, after augmentation
+      (:func:`stages.reid.models.flow.clip_flow`; for RCN with ``flow``).
     * ``pid``, ``camid``: ints from the :class:`TrackletItem`.
 
     Randomness: in training, each call draws a fresh seed from torch's global generator, so
@@ -228,10 +231,11 @@ class TrackletDataset(Dataset):
             ``ClipAugment.none()`` to disable). Must be None when not training.
         chunked: With ``"all"``: return ``[C, seq_len, 3, H, W]`` chunks.
         seed: Seed of test-time random draws.
+        flow: None, ``"farneback"`` or ``"dis"``: append optical-flow channels.
 
     Raises:
         ValueError: Bad ``seq_len``, ``sampling``, ``input_size``, ``mean``/``std``, ``"all"`` in
-            training, ``augment`` outside training, or ``chunked`` without ``"all"``.
+            training, ``augment`` outside training, ``chunked`` without ``"all"``, unknown ``flow``.
 
     Example:
         >>> train_set = TrackletDataset(ds.train, 8, "restricted", train=True)  # doctest: +SKIP
@@ -252,7 +256,11 @@ class TrackletDataset(Dataset):
         augment: ClipAugment | None = None,
         chunked: bool = False,
         seed: int = 0,
+        flow: str | None = None,
     ) -> None:
+        from stages.reid.models.flow import check_flow_method
+
+        check_flow_method(flow)
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
         if sampling not in SAMPLING_MODES:
@@ -277,6 +285,7 @@ class TrackletDataset(Dataset):
         self.augment = (augment or ClipAugment()) if train else None
         self.chunked = chunked
         self.seed = seed
+        self.flow = flow
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -299,7 +308,13 @@ class TrackletDataset(Dataset):
         clip = read_frames([item.paths[i] for i in unique], self.input_size)[torch.from_numpy(inverse.ravel())]
         if self.augment is not None:
             clip = self.augment(clip, rng, self.mean)
+        rgb01 = clip
         clip = (clip - self._mean_t) / self._std_t
+        if self.flow is not None:
+            from stages.reid.models.flow import clip_flow
+
+            bgr = rgb01.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()[..., ::-1]
+            clip = torch.cat([clip, torch.from_numpy(clip_flow(np.ascontiguousarray(bgr), self.flow))], dim=1)
         if self.chunked:
             clip = clip[torch.from_numpy(chunk_indices(len(item), self.seq_len))]
         return clip, item.pid, item.camid

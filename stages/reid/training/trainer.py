@@ -10,8 +10,9 @@ Every network of :mod:`stages.reid.models` is trained the same way (``reidstream
   batch-norm "neck" on the clip features (Luo et al., "Bag of Tricks and a Strong Baseline for Deep
   Person Re-identification", CVPRW 2019), optionally with label smoothing (Szegedy et al.,
   "Rethinking the Inception Architecture for Computer Vision", CVPR 2016):
-  ``L_id = CE(W · BN(f), y)``. The neck and classifier are training-only (:class:`TrainingHead`); the
-  embedding used for retrieval is the model's own ``forward`` output (L2-normalised ``f``).
+  ``L_id = CE(W · BN(f), y)``. The neck belongs to the model (``model.neck``) and the retrieval
+  embedding is taken after it, ``forward(x) = BN(f) / ‖BN(f)‖`` (Luo et al.'s inference feature);
+  only the classifier is training-only (:class:`TrainingHead`).
 * **Triplet loss**: batch-hard triplet loss (Hermans, Beyer, Leibe, "In Defense of the Triplet Loss
   for Person Re-Identification", arXiv 1703.07737, 2017, Eq. 5) on the un-normalised features ``f``
   with Euclidean distance ``D``: for every anchor ``a`` of the batch,
@@ -30,8 +31,9 @@ Every network of :mod:`stages.reid.models` is trained the same way (``reidstream
   stronger form of that pair loss).
 
 Total: ``L = w_id L_id + w_tri L_tri + Reg + w_ver L_ver``. Optimiser Adam with weight decay; the
-learning rate follows a per-epoch schedule (optional linear warm-up from 10 %, then ``step`` decays by
-``gamma`` at the given epochs, or ``cosine`` annealing to 1 % of the base rate). Mixed precision
+learning rate follows a per-epoch schedule (linear warm-up from 10 % of the rate, by default over 10
+epochs as in Luo et al. but at most a quarter of the run, then ``step`` decays by ``gamma`` at the
+given epochs, or ``cosine`` annealing to 1 % of the base rate). Mixed precision
 (float16 autocast + gradient scaling) is used on CUDA only.
 
 Outputs in ``output_dir`` (written every epoch):
@@ -117,7 +119,8 @@ class TrainConfig:
         lr_steps: Epochs (1-based) after which the ``step`` schedule multiplies the rate by
             ``gamma``; None: after 50 % and 75 % of ``epochs``.
         gamma: Decay factor of the ``step`` schedule.
-        warmup_epochs: Epochs of linear warm-up from 10 % of ``lr`` (0: none).
+        warmup_epochs: Epochs of linear warm-up from 10 % of ``lr`` (0: none; None: the default of
+            :func:`default_warmup_epochs`, 10 epochs but at most ``epochs // 4``).
         label_smoothing: Label smoothing ``ε`` of the identity loss, in ``[0, 1)``.
         triplet_margin: Margin ``m`` of the triplet loss (distance units of the features), or None
             for the soft margin.
@@ -161,7 +164,7 @@ class TrainConfig:
     scheduler: Scheduler = "step"
     lr_steps: tuple[int, ...] | None = None
     gamma: float = 0.1
-    warmup_epochs: int = 0
+    warmup_epochs: int | None = None
     label_smoothing: float = 0.1
     triplet_margin: float | None = 0.3
     id_weight: float = 1.0
@@ -191,6 +194,8 @@ class TrainConfig:
             positive("max_steps_per_epoch")
         for name in ("warmup_epochs", "eval_every", "num_workers"):
             value = getattr(self, name)
+            if name == "warmup_epochs" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
         if len(self.input_size) != 2 or any(int(v) != v or v < 1 for v in self.input_size):
@@ -255,6 +260,11 @@ class EpochSchedule:
             progress = min(1.0, (index - self.warmup_epochs) / span)
             return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.gamma ** sum(1 for s in self.lr_steps if index >= s)
+
+
+def default_warmup_epochs(epochs: int) -> int:
+    """Default warm-up: 10 epochs (Luo et al., CVPRW 2019: 10 of 120), at most a quarter of ``epochs``."""
+    return min(10, epochs // 4)
 
 
 def default_lr_steps(epochs: int) -> tuple[int, ...]:
@@ -331,10 +341,11 @@ def batch_hard_triplet_loss(features: torch.Tensor, pids: torch.Tensor, margin: 
 
 
 class TrainingHead(nn.Module):
-    """Training-only layers: BN-neck + identity classifier, and the verification affine map.
+    """Training-only layers: identity classifier and the verification affine map.
 
-    The neck is a ``BatchNorm1d`` whose shift is frozen at 0 (Luo et al., CVPRW 2019); the classifier
-    a bias-free ``Linear`` initialised with ``N(0, 0.001²)``. The verification map turns a pair
+    The classifier is a bias-free ``Linear`` initialised with ``N(0, 0.001²)``, applied to the
+    model's BN-neck output ``model.neck(features)`` (the neck, a ``BatchNorm1d`` with its shift
+    frozen at 0, lives in the model so that retrieval uses the same normalised features). The verification map turns a pair
     similarity ``sim ∈ [-1, 1]`` into a logit ``s · sim + c`` (``s`` initialised to 5, ``c`` to 0).
 
     Args:
@@ -349,16 +360,14 @@ class TrainingHead(nn.Module):
         super().__init__()
         if in_dim < 1 or num_classes < 1:
             raise ValueError(f"in_dim and num_classes must be >= 1, got {in_dim}, {num_classes}")
-        self.neck = nn.BatchNorm1d(in_dim)
-        self.neck.bias.requires_grad_(False)
         self.classifier = nn.Linear(in_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
         self.verification_scale = nn.Parameter(torch.tensor(5.0))
         self.verification_bias = nn.Parameter(torch.tensor(0.0))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Identity logits ``float32 [B, num_classes]`` of features ``float32 [B, D]``."""
-        return self.classifier(self.neck(features))
+    def forward(self, necked: torch.Tensor) -> torch.Tensor:
+        """Identity logits ``float32 [B, num_classes]`` of BN-neck features ``float32 [B, D]``."""
+        return self.classifier(necked)
 
     def verification_logits(self, similarity: torch.Tensor) -> torch.Tensor:
         """Logits ``s · sim + c`` of pair similarities ``float32 [N]``."""
@@ -535,7 +544,8 @@ class Trainer:
         params = [p for p in [*self.model.parameters(), *self.head.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.lr_steps if cfg.lr_steps is not None else default_lr_steps(cfg.epochs)
-        self.schedule = EpochSchedule(cfg.scheduler, cfg.epochs, cfg.warmup_epochs, steps, cfg.gamma)
+        warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else default_warmup_epochs(cfg.epochs)
+        self.schedule = EpochSchedule(cfg.scheduler, cfg.epochs, warmup, steps, cfg.gamma)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
@@ -601,7 +611,7 @@ class Trainer:
         cfg = self.cfg
         augment = ClipAugment() if cfg.augment else ClipAugment.none()
         data = TrackletDataset(self.dataset.train, cfg.seq_len, cfg.sampling, cfg.input_size, self.model.mean,
-                               self.model.std, train=True, augment=augment)
+                               self.model.std, train=True, augment=augment, flow=self.model.config.get("flow"))
         self.sampler = PKSampler(self.dataset.train, cfg.p, cfg.k, seed=cfg.seed)
         return torch.utils.data.DataLoader(data, batch_size=self.sampler.batch_size, sampler=self.sampler,
                                            drop_last=True, num_workers=cfg.num_workers,
@@ -637,7 +647,7 @@ class Trainer:
                 features, regularizer = out.features, out.regularizer
                 similarity = target = None
         features = features.float()
-        logits = self.head(features)
+        logits = self.head(self.model.neck(features))
         id_loss = F.cross_entropy(logits, pids, label_smoothing=cfg.label_smoothing)
         triplet = batch_hard_triplet_loss(features, pids, cfg.triplet_margin)
         loss = cfg.id_weight * id_loss + cfg.triplet_weight * triplet.loss + regularizer.float()

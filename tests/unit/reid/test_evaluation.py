@@ -210,7 +210,7 @@ def test_mean_over_splits():
 # ----------------------------------------------------------------------------------------- re-ranking
 
 
-def naive_rerank(qg, qq, gg, k1, k2, lam):
+def naive_rerank(qg, qq, gg, k1, k2, lam, strict=True):
     """Set-based transcription of Zhong et al. (CVPR 2017), Eqs. 4, 6, 8, 10, 11, 12, with dense loops."""
     num_q, num_g = qg.shape
     n = num_q + num_g
@@ -231,7 +231,8 @@ def naive_rerank(qg, qq, gg, k1, k2, lam):
         r_star = set(r)
         for q in r:
             r_q = reciprocal(q, half)
-            if 3 * len(r & r_q) >= 2 * len(r_q):
+            overlap, needed = 3 * len(r & r_q), 2 * len(r_q)
+            if overlap > needed or (not strict and overlap == needed):  # released code: strictly more
                 r_star |= r_q
         idx = sorted(r_star)
         w = np.exp(-d[p, idx])
@@ -258,6 +259,21 @@ def test_rerank_matches_set_based_transcription(seed, k1, k2, lam):
     out = k_reciprocal_rerank(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam, block_size=7)
     assert out.shape == qg.shape and out.dtype == np.float32
     np.testing.assert_allclose(out, naive_rerank(qg, qq, gg, k1, k2, lam), atol=1e-6)
+
+
+def test_rerank_expansion_needs_strictly_more_than_two_thirds():
+    """Zhong et al.'s released code expands with R(q, k/2) only if the overlap is *more* than 2/3 of it:
+    on a set where the 2/3 tie occurs, the result follows the strict test and not the inclusive one."""
+    for seed in range(40):
+        qg, qq, gg = _distances(seed, num_q=6, num_g=12, dim=3)
+        strict = naive_rerank(qg, qq, gg, 6, 1, 0.0, strict=True)
+        inclusive = naive_rerank(qg, qq, gg, 6, 1, 0.0, strict=False)
+        if not np.allclose(strict, inclusive, atol=1e-6):
+            out = k_reciprocal_rerank(qg, qq, gg, k1=6, k2=1, lambda_value=0.0)
+            np.testing.assert_allclose(out, strict, atol=1e-6)
+            assert not np.allclose(out, inclusive, atol=1e-6)
+            return
+    pytest.fail("no seed produced a 2/3 tie; widen the search")
 
 
 def test_rerank_lambda_one_keeps_the_ranking():

@@ -26,6 +26,7 @@ from stages.reid.training.trainer import (
     TrainingHead,
     batch_hard_triplet_loss,
     default_lr_steps,
+    default_warmup_epochs,
     siamese_forward,
 )
 
@@ -86,11 +87,63 @@ def test_batch_hard_triplet_loss_without_valid_anchor_is_zero_with_graph():
         batch_hard_triplet_loss(f, torch.tensor([0, 1]))
 
 
-def test_training_head_bn_neck_has_frozen_shift():
+def test_training_head_classifier_and_verification_map():
     head = TrainingHead(6, 3)
-    assert not head.neck.bias.requires_grad and head.classifier.bias is None
+    assert head.classifier.bias is None and not hasattr(head, "neck")  # the neck lives in the model
     assert head(torch.randn(4, 6)).shape == (4, 3)
     assert head.verification_logits(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([0.0, 5.0])
+
+
+def test_retrieval_uses_the_features_after_the_bn_neck():
+    """forward(x) = normalize(neck(f)) (Luo et al.'s inference feature), with the neck's shift frozen at 0."""
+    torch.manual_seed(0)
+    model = build_model("temporal_pool", pretrained=False)
+    assert not model.neck.bias.requires_grad
+    with torch.no_grad():  # a trained neck: per-channel statistics and scale
+        model.neck.running_mean.uniform_(-1, 1)
+        model.neck.running_var.uniform_(0.2, 3)
+        model.neck.weight.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 2, 3, *SIZE)
+    with torch.no_grad():
+        f = model.forward_train(x).features
+        bn = (f - model.neck.running_mean) / torch.sqrt(model.neck.running_var + model.neck.eps) * model.neck.weight
+        torch.testing.assert_close(model(x), F.normalize(bn, dim=1))
+        assert not torch.allclose(model(x), F.normalize(f, dim=1), atol=1e-3)
+
+
+def test_train_step_classifies_the_model_neck_output(mined, tmp_path):
+    trainer = Trainer(config(mined, tmp_path / "run", model="temporal_pool"))
+    clips, pids, _ = next(iter(trainer.loader))
+    before = trainer.model.neck.running_mean.clone()
+    trainer.train_step(clips, pids)
+    assert not torch.equal(trainer.model.neck.running_mean, before)  # the classifier's input is model.neck
+    assert trainer.model.neck.weight.grad is not None and trainer.model.neck.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [("drsta", {"num_models": 3, "attention_dim": 16}), ("conv_attention", {"hidden_channels": 8, "steps": 2}),
+     ("rcn", {"cell": "convgru", "hidden_size": 8}), ("rcn", {"flow": "dis", "hidden_size": 8})],
+    ids=["drsta", "conv_attention", "rcn-convgru", "rcn-flow"],
+)
+def test_fixed_networks_train_a_step(mined, tmp_path, model, options):
+    trainer = Trainer(config(mined, tmp_path / "run", model=model, model_options=options))
+    clips, pids, _ = next(iter(trainer.loader))
+    assert clips.shape[2] == trainer.model.input_channels  # flow channels come from the data set
+    stats = trainer.train_step(clips, pids)
+    assert math.isfinite(stats["loss"]) and stats["loss"] > 0
+    if model == "drsta":
+        assert stats["regularizer"] > 0  # the released-form diversity term is in the loss
+
+
+def test_default_warmup_is_ten_epochs_at_most_a_quarter_of_the_run(mined, tmp_path):
+    assert [default_warmup_epochs(e) for e in (1, 8, 40, 60, 120)] == [0, 2, 10, 10, 10]
+    trainer = Trainer(config(mined, tmp_path / "run", model="temporal_pool", epochs=8))
+    assert trainer.schedule.warmup_epochs == 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * trainer.cfg.lr)
+    explicit = Trainer(config(mined, tmp_path / "run2", model="temporal_pool", epochs=8, warmup_epochs=0))
+    assert explicit.schedule.warmup_epochs == 0
 
 
 def test_epoch_schedule_step_cosine_and_warmup():
@@ -269,3 +322,49 @@ def test_evaluate_split_dataset_averages_all_splits(tmp_path):
     assert one.result.mAP == pytest.approx(report.splits[3].mAP, abs=1e-6)
     with pytest.raises(ValueError, match="no splits"):
         run_evaluation("tracklets:/nowhere", model="temporal_pool", split="1")
+
+
+# ------------------------------------------------------------------------------ pairwise re-ranking
+
+
+def test_pair_rerank_reorders_only_the_top_k_hand_computed():
+    from stages.reid.training.evaluate import pair_rerank
+
+    # one query, 4 gallery items; embedding order 2, 0, 3, 1. The scorer returns the first region value of
+    # the candidate: item 0 -> 0.9, item 2 -> -0.5, so within the top 2 item 0 moves ahead of item 2.
+    dist = np.array([[0.4, 3.0, 0.1, 1.0]], np.float32)
+    query = [np.zeros((2, 1, 1), np.float32)]
+    gallery = [np.full((2, 1, 1), v, np.float32) for v in (0.9, 0.0, -0.5, 0.7)]
+    calls = []
+
+    def score(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return b[:, 0, 0, 0]
+
+    out = pair_rerank(dist, query, gallery, score, k=2)
+    assert np.argsort(out[0], kind="stable").tolist() == [0, 2, 3, 1]
+    np.testing.assert_allclose(out[0], [-1.9, 3.0, -0.5, 1.0], rtol=1e-6)  # candidates: -1 - s
+    assert calls == [((2, 2, 1, 1), (2, 2, 1, 1))]  # the k candidates scored in one batch
+    assert np.array_equal(pair_rerank(dist, query, gallery, score, k=10)[0] <= 0, [True] * 4)  # k capped at G
+    with pytest.raises(ValueError, match="k must be"):
+        pair_rerank(dist, query, gallery, score, k=0)
+    with pytest.raises(ValueError, match="region arrays"):
+        pair_rerank(dist, query, gallery[:3], score, k=1)
+
+
+def test_evaluate_model_with_sgru_pair_rerank(mined):
+    from stages.reid.training.evaluate import evaluate_model
+
+    ds = load_dataset(f"tracklets:{mined}", holdout_fraction=0.5, seed=0)
+    torch.manual_seed(0)
+    model = build_model("siamese_sgru", pretrained=False, num_regions=4, hidden_size=16).eval()
+    q = extract_embeddings(model, ds.query, T, SIZE, with_regions=True)
+    plain = extract_embeddings(model, ds.query, T, SIZE)
+    np.testing.assert_allclose(q.features, plain.features, atol=1e-5)  # same embedding from one backbone pass
+    assert q.regions is not None and len(q.regions) == len(ds.query)
+    assert all(r.shape[1:] == (4, 16) and r.shape[0] % T == 0 for r in q.regions)
+    base = evaluate_model(model, ds.query, ds.gallery, T, SIZE)
+    reranked = evaluate_model(model, ds.query, ds.gallery, T, SIZE, pair_k=3)
+    assert 0 <= reranked.mAP <= 1 and reranked.num_queries == base.num_queries
+    with pytest.raises(ValueError, match="pair score"):
+        evaluate_model(build_model("temporal_pool", pretrained=False), ds.query, ds.gallery, T, SIZE, pair_k=3)
