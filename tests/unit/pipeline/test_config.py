@@ -31,7 +31,8 @@ def test_demo_config_loads():
     cfg = load_config(ROOT / "configs" / "demo.yaml", environ={})
     assert [c.name for c in cfg.cameras] == ["left", "right"]
     assert cfg.cameras[0].roi == (0, 0, 384, 576)
-    assert cfg.reid.model.type == "sta"
+    assert cfg.reid.model.type == "part_pool"  # the zero-shot default (docs/IDENTITIES.md)
+    assert cfg.matcher.reassociation.enabled
 
 
 def test_defaults_merge_key_by_key_and_camera_wins():
