@@ -20,8 +20,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cli_common import err, out, run_reporting
+from pipeline.cli_common import EXIT_SOURCE_INCOMPLETE, EXIT_UNDELIVERED, err, out, run_reporting
 from pipeline.config import Config, load_config
+from pipeline.redact import redact, register_config_secrets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Streaming cross-camera person re-identification.")
 query_app = typer.Typer(no_args_is_help=True, help="Query global identities and cross-camera links in Redis.")
@@ -44,7 +45,9 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _config(path: Path) -> Config:
-    return _run(lambda: load_config(path))
+    cfg = _run(lambda: load_config(path))
+    register_config_secrets(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,8 +81,8 @@ def status(config: Path = ConfigOpt) -> None:
 
     cfg = _config(config)
     st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
-    out.print(f"kafka  {cfg.bus.bootstrap_servers}: {'ready' if st['kafka'] else 'DOWN'}")
-    out.print(f"redis  {cfg.store.url}: {'ready' if st['redis'] else 'DOWN'}")
+    out.print(redact(f"kafka  {cfg.bus.bootstrap_servers}: {'ready' if st['kafka'] else 'DOWN'}"), highlight=False)
+    out.print(redact(f"redis  {cfg.store.url}: {'ready' if st['redis'] else 'DOWN'}"), highlight=False)
     if not all(st.values()):
         raise typer.Exit(1)
 
@@ -102,9 +105,16 @@ def camera(camera_name: str = typer.Option(..., "--camera", help="Camera name fr
     result = _run(lambda: run_camera(cfg, camera_name, stop))
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"camera": result.camera, "frames": result.frames,
-                                       "detections": result.detections, "seconds": result.seconds,
-                                       "fps": result.fps, "tracklet_ids": list(result.tracklet_ids)}))
+        summary.write_text(json.dumps(result.to_json()))
+    if result.unacknowledged:
+        err.print(f"[red]error:[/red] camera {camera_name}: {len(result.unacknowledged)} of "
+                  f"{len(result.tracklet_ids)} tracklet(s) were not acknowledged by the broker", highlight=False)
+        raise typer.Exit(EXIT_UNDELIVERED)
+    if result.source_incomplete:
+        err.print(f"[yellow]warning:[/yellow] camera {camera_name}: the source ended after {result.frames} "
+                  f"frame(s) of the {result.frames_declared} its container declares (truncated or corrupt)",
+                  highlight=False)
+        raise typer.Exit(EXIT_SOURCE_INCOMPLETE)
 
 
 @app.command()
