@@ -156,12 +156,20 @@ class ReidStage:
         return np.concatenate(out, axis=0).astype(np.float32)
 
     def process(self, records: list[TrackletRecord]) -> list[Output]:
-        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order)."""
+        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order).
+
+        Raises:
+            ValueError: A record's crops cannot be decoded, or the network returned a zero or non-finite
+                embedding (the runner dead-letters the tracklet).
+        """
         if not records:
             return []
         vectors = self.embed(records)
         now = self.clock()
         outputs = []
+        # re-normalise in float32: an FP16 engine's rows can miss unit norm by more than the wire tolerance
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+        vectors = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         for rec, vec in zip(records, vectors):
             thumb = rec.crops_jpeg[len(rec.crops_jpeg) // 2]
             emb = EmbeddingRecord.from_tracklet(rec.meta(), vec, self.model_name, thumb, now)
