@@ -49,7 +49,7 @@ def check_broker(cfg: BusConfig) -> None:
 
     deadline = time.monotonic() + cfg.connect_timeout_s
     while True:
-        if kafka_ready(cfg.bootstrap_servers, timeout_s=min(2.0, cfg.connect_timeout_s)):
+        if kafka_ready(cfg.bootstrap_servers, timeout_s=min(2.0, cfg.connect_timeout_s), **cfg.client_options()):
             return
         if time.monotonic() >= deadline:
             raise BusError(

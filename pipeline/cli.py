@@ -59,7 +59,10 @@ def up(config: Path = ConfigOpt) -> None:
 
     cfg = _config(config)
     s = cfg.services
-    state = _run(lambda: services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage))
+    password = cfg.store.password.get_secret_value() if cfg.store.password else None
+    state = _run(lambda: services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage, redis_password=password,
+                                     redis_username=cfg.store.username, s3_port=s.s3_port,
+                                     s3_endpoint=s.s3_endpoint))
     for name, info in state.items():
         out.print(f"{name:6s} {info.address}  (pid {info.pid}, log {info.log_path})")
 
@@ -80,7 +83,8 @@ def status(config: Path = ConfigOpt) -> None:
     from pipeline import services
 
     cfg = _config(config)
-    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
+    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url, cfg.bus.client_options(),
+                         services.redis_options(cfg.store))
     out.print(redact(f"kafka  {cfg.bus.bootstrap_servers}: {'ready' if st['kafka'] else 'DOWN'}"), highlight=False)
     out.print(redact(f"redis  {cfg.store.url}: {'ready' if st['redis'] else 'DOWN'}"), highlight=False)
     if not all(st.values()):
@@ -161,7 +165,10 @@ def api(config: Path = ConfigOpt, host: str = typer.Option("127.0.0.1"), port: i
     store = IdentityStore.from_config(cfg.store)
     _run(store.check)
     metrics.serve(cfg.metrics.api_port, cfg.metrics.host)
-    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+    token = cfg.api.token.get_secret_value() if cfg.api.token else None
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("api: serving on %s without a bearer token (set api.token)", host)
+    uvicorn.run(create_app(store, token), host=host, port=port, log_level="warning")
 
 
 def _set_threads() -> None:
@@ -241,6 +248,51 @@ def query_tracklet(tracklet_id: str, config: Path = ConfigOpt,
     for key, value in row.items():
         table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
     out.print(table)
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds from ``text``: a number, or an ISO 8601 date/time (UTC when it has no offset).
+
+    Raises:
+        typer.BadParameter: Neither.
+    """
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+@app.command()
+def purge(config: Path = ConfigOpt,
+          identity: str | None = typer.Option(None, "--identity", help="Global id whose data to delete."),
+          camera_name: str | None = typer.Option(None, "--camera", help="Camera whose tracklets to delete."),
+          before: str | None = typer.Option(None, "--before", help="Delete tracklets closed before this time "
+                                            "(Unix seconds or ISO 8601, UTC by default).")) -> None:
+    """Delete stored links, embeddings, crops, identities and audit entries of one identity, one camera,
+    or everything before a time. Run it with the matcher stopped (a running matcher keeps its gallery
+    in memory until restarted)."""
+    chosen = [o for o in (identity, camera_name, before) if o is not None]
+    if len(chosen) != 1:
+        err.print("[red]error:[/red] give exactly one of --identity, --camera, --before")
+        raise typer.Exit(2)
+    store = _store(config)
+    if identity is not None:
+        n, what = _run(lambda: store.purge_identity(identity)), f"identity {identity}"
+    elif camera_name is not None:
+        n, what = _run(lambda: store.purge_camera(camera_name)), f"camera {camera_name}"
+    else:
+        t = parse_time(before)
+        n, what = _run(lambda: store.purge_before(t)), f"tracklets closed before {t:.0f} (Unix s)"
+    out.print(f"purged {what}: {n} tracklet(s)", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -164,7 +164,12 @@ class ServicesConfig(_Model):
     redis_port: int = Field(26379, ge=1, le=65535, description="Port of the local Redis started by `up`.")
     kafka_storage: str = Field(
         "memory://tansu/",
-        description="Tansu storage engine URL: memory:// (default) or s3:// (durable, see ENVIRONMENT notes).",
+        description="Tansu storage engine URL: memory:// (default; a broker restart loses every topic and "
+        "offset) or s3://BUCKET/ (durable: see docs/RELIABILITY.md).",
+    )
+    s3_port: int = Field(29000, ge=1, le=65535, description="Port of the local S3 server (moto) of durable mode.")
+    s3_endpoint: str | None = Field(
+        None, description="An existing S3-compatible endpoint (MinIO, AWS) for s3:// storage; null starts moto."
     )
 
 

@@ -37,11 +37,14 @@ def ensure_services(cfg: Config) -> None:
     Raises:
         ServiceError: They could not be started.
     """
-    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
+    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url, cfg.bus.client_options(),
+                         services.redis_options(cfg.store))
     if all(st.values()):
         return
     s = cfg.services
-    state = services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage)
+    password = cfg.store.password.get_secret_value() if cfg.store.password else None
+    state = services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage, redis_password=password,
+                        redis_username=cfg.store.username, s3_port=s.s3_port, s3_endpoint=s.s3_endpoint)
     log.info("local services: kafka %s, redis %s", state["kafka"].address, state["redis"].address)
 
 

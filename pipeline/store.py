@@ -22,6 +22,12 @@ key                                  type    content
 
 A link is written in one MULTI/EXEC transaction together with the identity update, so readers never
 see half of it, and :meth:`IdentityStore.has_tracklet` makes replays no-ops.
+
+Retention: with ``store.retention_days`` set, every per-tracklet and per-identity key written gets that
+TTL, renewed on each write (an identity lives ``retention_days`` after its last link). Shared indexes
+(``{ns}:identities``, ``{ns}:tracklets``, camera sightings) keep dangling members of expired keys until
+:meth:`IdentityStore.purge_before` trims them; readers skip them. ``purge_identity``, ``purge_camera``
+and ``purge_before`` remove a person's, a camera's or an era's data explicitly.
 """
 
 from __future__ import annotations
@@ -115,29 +121,70 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
+def redis_auth_errors() -> tuple[type[BaseException], ...]:
+    """redis-py's exceptions for missing or wrong credentials (NOAUTH, WRONGPASS, NOPERM)."""
+    import redis
+
+    return (redis.AuthenticationError, redis.exceptions.NoPermissionError, redis.ResponseError)
+
+
 class IdentityStore:
     """Redis-backed identity store.
 
     Args:
-        url: Redis URL (``redis://host:port/db``).
+        url: Redis URL (``redis://[user:password@]host:port/db``; ``rediss://`` for TLS).
         namespace: Key prefix.
         connect_timeout_s: Socket connect/read timeout, seconds.
+        username: ACL user (overrides the URL's).
+        password: Password (overrides the URL's); never logged: :attr:`url` is the redacted URL.
+        tls: Connect with TLS.
+        tls_ca_file: CA bundle (PEM) for the server certificate.
+        tls_cert_file: Client certificate (PEM), mutual TLS.
+        tls_key_file: Client key (PEM), mutual TLS.
+        retention_days: TTL of every per-tracklet and per-identity key written, days; None: no expiry.
 
     Raises:
-        StoreError: From :meth:`check` when Redis does not answer.
+        StoreError: From :meth:`check` when Redis does not answer or refuses the credentials.
     """
 
-    def __init__(self, url: str, namespace: str = "reidstream", connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, namespace: str = "reidstream", connect_timeout_s: float = 5.0,
+                 username: str | None = None, password: str | None = None, tls: bool = False,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 retention_days: float | None = None) -> None:
         import redis
 
-        self.url = url
+        from pipeline.redact import redact, register_secret
+
+        register_secret(password)
+        self.url = redact(url)  # for messages; the client keeps the credentials
         self.ns = namespace
+        self.retention_s = int(retention_days * 86400) if retention_days else None
+        opts: dict[str, Any] = {}
+        if username is not None:
+            opts["username"] = username
+        if password is not None:
+            opts["password"] = password
+        if tls:
+            opts["connection_class"] = redis.SSLConnection
+        for key, value in (("ssl_ca_certs", tls_ca_file), ("ssl_certfile", tls_cert_file),
+                           ("ssl_keyfile", tls_key_file)):
+            if value is not None:
+                opts[key] = str(value)
         self.r = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
-                                      socket_timeout=max(connect_timeout_s, 5.0), health_check_interval=30)
+                                      socket_timeout=max(connect_timeout_s, 5.0), health_check_interval=30, **opts)
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> IdentityStore:
-        return cls(cfg.url, cfg.namespace, cfg.connect_timeout_s)
+        return cls(cfg.url, cfg.namespace, cfg.connect_timeout_s, username=cfg.username,
+                   password=cfg.password.get_secret_value() if cfg.password else None, tls=cfg.tls,
+                   tls_ca_file=cfg.tls_ca_file, tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,
+                   retention_days=cfg.retention_days)
+
+    def _retain(self, pipe: Any, *keys: str) -> None:
+        """Give ``keys`` the retention TTL (``store.retention_days``) in ``pipe``; no-op without one."""
+        if self.retention_s:
+            for key in keys:
+                pipe.expire(key, self.retention_s)
 
     # ---------------------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -151,6 +198,9 @@ class IdentityStore:
         """
         try:
             self.r.ping()
+        except redis_auth_errors() as exc:  # before connection errors: AuthenticationError is one
+            raise StoreError(f"Redis at {self.url} refused the credentials ({type(exc).__name__}: {exc}); "
+                             f"set store.username / store.password") from None
         except _redis_errors() as exc:
             raise StoreError(f"Redis at {self.url} is not reachable ({exc}); start local services with "
                              f"`reidstream up`, or set store.url") from None
@@ -230,6 +280,8 @@ class IdentityStore:
                 pipe.zadd(self._k("identities"), {link.global_id: first_seen_s}, nx=True)
                 if thumbnail:
                     pipe.set(self._k("thumb", link.tracklet_id), thumbnail)
+                self._retain(pipe, tkey, ikey, self._k("identity", link.global_id, "tracklets"),
+                             self._k("thumb", link.tracklet_id))
                 if embedding_sum is not None:
                     pipe.hset(self._k("stats"), "embedding_sum", np.asarray(embedding_sum, "<f8").tobytes())
                     pipe.hincrby(self._k("stats"), "embedding_count", 1)
@@ -326,3 +378,129 @@ class IdentityStore:
     def thumbnail(self, tracklet_id: str) -> bytes | None:
         """The JPEG thumbnail of a tracklet, or None."""
         return self.r.get(self._k("thumb", tracklet_id))
+
+    # ---------------------------------------------------------------------------------------------
+    # erasure: everything stored about one identity, one camera, or before a time
+    def purge_identity(self, global_id: str) -> int:
+        """Delete identity ``global_id``: its tracklets' links, embeddings and crops, its sightings, the
+        identity itself, its share of the centring statistics, and any key named after it or its
+        tracklets (audit entries included).
+
+        Returns:
+            Tracklets removed (0 when the identity is unknown; the identity's keys are removed anyway).
+        """
+        tids = [t.decode() for t in self.r.zrange(self._k("identity", global_id, "tracklets"), 0, -1)]
+        n = self._purge_tracklets(tids)
+        self._rebuild_identity(global_id)
+        return n
+
+    def purge_camera(self, camera: str) -> int:
+        """Delete every tracklet of ``camera`` (links, embeddings, crops, sightings, keys named after
+        them); identities left without tracklets are deleted, the others are rebuilt from their
+        remaining members (centroid, cameras, time span, count).
+
+        Returns:
+            Tracklets removed.
+        """
+        tids = [t.decode() for t in self.r.zrange(self._k("camera", camera, "sightings"), 0, -1)]
+        n = self._purge_tracklets(tids)
+        self.r.delete(self._k("camera", camera, "sightings"))
+        return n
+
+    def purge_before(self, wall_s: float) -> int:
+        """Delete every tracklet its camera closed before ``wall_s`` (Unix seconds, ``closed_wall_s``),
+        rebuilding or deleting their identities, and trim index entries whose keys already expired.
+
+        Returns:
+            Tracklets removed (expired leftovers included).
+        """
+        tids = [t.decode() for t in self.r.zrange(self._k("tracklets"), 0, -1)]
+        old: list[str] = []
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hget(self._k("tracklet", tid), "closed_wall_s")
+            for tid, closed in zip(tids, pipe.execute()):
+                if closed is None or float(closed) < wall_s:
+                    old.append(tid)
+        return self._purge_tracklets(old)
+
+    def _keys_named_after(self, *idents: str) -> list[bytes]:
+        """Keys of this namespace with one of ``idents`` as a ``:``-separated component (audit
+        trails...), found in one SCAN of the namespace."""
+        wanted = set(idents)
+        if not wanted:
+            return []
+        return [key for key in self.r.scan_iter(match=f"{self.ns}:*", count=1000)
+                if wanted.intersection(key.decode("utf-8", "replace").split(":")[1:])]
+
+    def _purge_tracklets(self, tids: list[str]) -> int:
+        if not tids:
+            return 0
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hmget(self._k("tracklet", tid), "global_id", "camera", "embedding")
+            rows = pipe.execute()
+        removed_sum: np.ndarray | None = None
+        removed = 0
+        gids: set[str] = set()
+        with self.r.pipeline(transaction=True) as pipe:
+            for tid, (gid, cam, emb) in zip(tids, rows):
+                pipe.delete(self._k("tracklet", tid), self._k("thumb", tid))
+                pipe.zrem(self._k("tracklets"), tid)
+                if gid is not None:
+                    gids.add(gid.decode())
+                    pipe.zrem(self._k("identity", gid.decode(), "tracklets"), tid)
+                if cam is not None:
+                    pipe.zrem(self._k("camera", cam.decode(), "sightings"), tid)
+                if emb:
+                    vec = np.frombuffer(emb, "<f4").astype(np.float64)
+                    removed_sum = vec if removed_sum is None else removed_sum + vec
+                    removed += 1
+            pipe.execute()
+        if removed:
+            self._subtract_stats(removed_sum, removed)
+        named = self._keys_named_after(*tids)
+        for start in range(0, len(named), 1000):
+            self.r.delete(*named[start:start + 1000])
+        for gid in gids:
+            self._rebuild_identity(gid)
+        return len(tids)
+
+    def _subtract_stats(self, removed_sum: np.ndarray, removed: int) -> None:
+        total, count = self.embedding_stats()
+        if total is None or total.shape != removed_sum.shape:
+            return
+        left = count - removed
+        with self.r.pipeline(transaction=True) as pipe:
+            if left <= 0:
+                pipe.delete(self._k("stats"))
+            else:
+                pipe.hset(self._k("stats"), mapping={"embedding_sum": (total - removed_sum).astype("<f8").tobytes(),
+                                                     "embedding_count": left})
+            pipe.execute()
+
+    def _rebuild_identity(self, global_id: str) -> None:
+        """Recompute an identity from its remaining tracklets, or delete it when none is left."""
+        ikey = self._k("identity", global_id)
+        tids = [t.decode() for t in self.r.zrange(self._k("identity", global_id, "tracklets"), 0, -1)]
+        rows = []
+        if tids:
+            with self.r.pipeline(transaction=False) as pipe:
+                for tid in tids:
+                    pipe.hmget(self._k("tracklet", tid), "camera", "start_s", "end_s", "embedding")
+                rows = [r for r in pipe.execute() if r[0] is not None]
+        if not rows:
+            named = self._keys_named_after(global_id)
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.delete(ikey, self._k("identity", global_id, "tracklets"), *named)
+                pipe.zrem(self._k("identities"), global_id)
+                pipe.execute()
+            return
+        centroid = np.sum([np.frombuffer(r[3], "<f4") for r in rows if r[3]], axis=0).astype("<f4")
+        first = min(float(r[1]) for r in rows)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(ikey, mapping={"first_seen_s": repr(first), "last_seen_s": repr(max(float(r[2]) for r in rows)),
+                                     "cameras": json.dumps(sorted({r[0].decode() for r in rows})),
+                                     "centroid": centroid.tobytes(), "n_tracklets": len(rows)})
+            pipe.zadd(self._k("identities"), {global_id: first})
+            pipe.execute()
