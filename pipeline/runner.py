@@ -362,22 +362,23 @@ def setup_logging(role: str, camera: str | None = None, level: str | int | None 
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # kafka-python's own warnings and errors (rejected produce requests, lost connections) are kept at
     # WARNING; repeats of one line within a minute are folded so a broker outage does not flood the log.
-    kafka_log = logging.getLogger("kafka")
-    kafka_log.setLevel(logging.DEBUG if debug else logging.WARNING)
-    if not any(isinstance(f, RepeatFilter) for f in kafka_log.filters):
-        kafka_log.addFilter(RepeatFilter())
+    logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.WARNING)
+    handler.addFilter(RepeatFilter(prefix="kafka"))
 
 
 class RepeatFilter(logging.Filter):
     """Drop a log line whose (logger, level, format string) was emitted less than ``window_s`` ago;
-    the next one that passes says how many were folded."""
+    the next one that passes says how many were folded. Only loggers named ``prefix…`` are folded."""
 
-    def __init__(self, window_s: float = 60.0) -> None:
+    def __init__(self, window_s: float = 60.0, prefix: str = "") -> None:
         super().__init__()
         self.window_s = window_s
+        self.prefix = prefix
         self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
         key = (record.name, record.levelno, str(record.msg))
         now = time.monotonic()
         last, folded = self._last.get(key, (-1e18, 0))

@@ -287,8 +287,12 @@ class IdentityStore:
                     pipe.hincrby(self._k("stats"), "embedding_count", 1)
                 pipe.execute()
                 return True
-            except redis.WatchError:
-                return False
+            except redis.WatchError as exc:
+                # redis-py raises WatchError also when the connection drops while watching: that is an
+                # outage (retry later), not a replay; only a link written meanwhile makes it one
+                if self.r.exists(tkey):
+                    return False
+                raise redis.ConnectionError(f"link transaction of {link.tracklet_id} interrupted: {exc}") from None
 
     def embedding_stats(self) -> tuple[np.ndarray | None, int]:
         """The running ``(sum float64 [D], count)`` of every linked embedding; ``(None, 0)`` when empty."""

@@ -170,9 +170,15 @@ def test_checked_sender_refuses_oversized_without_retrying():
 
 
 def test_repeat_filter_folds_repeats():
-    f = RepeatFilter(window_s=60)
+    f = RepeatFilter(window_s=60, prefix="kafka")
     rec = lambda: logging.LogRecord("kafka.conn", logging.ERROR, __file__, 1, "connection to %s lost", ("b",), None)  # noqa: E731
     assert f.filter(rec()) and not f.filter(rec()) and not f.filter(rec())
     f.window_s = 0
     r = rec()
     assert f.filter(r) and "2 similar" in r.msg
+
+
+def test_repeat_filter_leaves_other_loggers_alone():
+    f = RepeatFilter(window_s=60, prefix="kafka")
+    rec = lambda: logging.LogRecord("pipeline.bus", logging.ERROR, __file__, 1, "x", (), None)  # noqa: E731
+    assert f.filter(rec()) and f.filter(rec())
