@@ -286,13 +286,17 @@ class CheckedSender:
             self.on_failure(ident, exc)
 
     def _reap(self, block: bool) -> None:
-        from kafka.errors import MessageSizeTooLargeError
+        from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
         deadline = time.monotonic() + self.timeout_s
         while self._pending:
             if block:
-                self.producer.flush(timeout=max(deadline - time.monotonic(), 0.1))
+                try:
+                    self.producer.flush(timeout=max(deadline - time.monotonic(), 0.1))
+                except KafkaTimeoutError:  # unfinished futures are handled below (and at the deadline)
+                    time.sleep(0.05)
             keep: list[_Pending] = []
+            resend: list[_Pending] = []
             for item in self._pending:
                 fut = item.future
                 if not fut.is_done:
@@ -303,12 +307,14 @@ class CheckedSender:
                     log.warning("%sresending %s after %s: %s (attempt %d)", f"{self.context}: " if self.context else "",
                                 item.ident, type(fut.exception).__name__, fut.exception, item.attempts + 1)
                     item.attempts += 1
-                    time.sleep(min(0.2 * item.attempts, 2.0))
-                    self._submit(item)
-                    keep.append(item)
+                    resend.append(item)
                 else:
                     self._give_up(item.ident, fut.exception)
-            self._pending = keep
+            if resend:  # one backoff per round, growing with the attempts
+                time.sleep(min(0.2 * max(i.attempts for i in resend), 2.0))
+                for item in resend:
+                    self._submit(item)
+            self._pending = keep + resend
             if not block:
                 return
             if time.monotonic() > deadline:

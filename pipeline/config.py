@@ -372,6 +372,10 @@ class Config(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"camera names must be unique, repeated: {dupes}")
+        too_many = [c.name for c in self.cameras if c.tracklets.crops > self.bus.limits.max_crops]
+        if too_many:
+            raise ValueError(f"cameras {too_many} keep more crops per tracklet than bus.limits.max_crops "
+                             f"({self.bus.limits.max_crops}): the re-id stage would reject their tracklets")
         return self
 
     def camera(self, name: str) -> CameraConfig:

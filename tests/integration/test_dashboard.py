@@ -103,7 +103,10 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
         m.SOURCE_UP.labels("ingest", camera).set(1)
         m.RECONNECTS.labels("ingest", camera)
         m.DROPPED.labels("ingest", camera, "queue_full")
+        m.UNDELIVERED.labels("camera", camera)
+        m.SOURCE_INCOMPLETE.labels("ingest", camera)
     m.DEAD_LETTERS.labels("reid", "decode_error")
+    m.REJECTED.labels("reid", "oversized")
     tick = 0
     while not stop.is_set():
         for camera in CAMERAS:
@@ -131,6 +134,7 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
         m.IDENTITIES.labels("matcher").set(identities)
         if tick % 10 == 0:
             m.DEAD_LETTERS.labels("reid", "decode_error").inc()
+            m.REJECTED.labels("reid", "oversized").inc()
         tick += 1
         stop.wait(tick_s)
 
@@ -202,7 +206,7 @@ def test_dashboard_uses_every_reidstream_metric():
         for metric in vars(m).values()
         if isinstance(metric, Counter | Gauge | Histogram)
     }
-    assert len(names) == 14
+    assert len(names) == 17
     unused = sorted(n for n in names if not re.search(rf"\b{n}(_total|_bucket|_sum|_count)?\b", exprs))
     assert not unused, f"metrics without a panel: {unused}"
 

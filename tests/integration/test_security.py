@@ -47,7 +47,7 @@ def test_redis_acl_user(tmp_path):
     info = services.start_redis(services.free_port(), tmp_path, password=SECRET, username="reidstream")
     try:
         IdentityStore(info.address, "sec", username="reidstream", password=SECRET).check()
-        for kwargs in ({}, {"password": SECRET}, {"username": "reidstream", "password": "nope"}):
+        for kwargs in ({}, {"password": SECRET}, {"username": "reidstream", "password": "wrong-password-2"}):
             with pytest.raises(StoreError, match="refused the credentials"):
                 IdentityStore(info.address, "sec", **kwargs).check()
     finally:

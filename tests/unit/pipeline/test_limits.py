@@ -182,3 +182,21 @@ def test_repeat_filter_leaves_other_loggers_alone():
     f = RepeatFilter(window_s=60, prefix="kafka")
     rec = lambda: logging.LogRecord("pipeline.bus", logging.ERROR, __file__, 1, "x", (), None)  # noqa: E731
     assert f.filter(rec()) and f.filter(rec())
+
+
+def test_checked_sender_survives_a_flush_timeout():
+    class Pending(Future):
+        def __init__(self) -> None:
+            super().__init__()
+            self.is_done = False
+
+    class Stuck(FakeProducer):
+        def send(self, topic, value=None, key=None, headers=None):
+            return Pending()
+
+        def flush(self, timeout=None):
+            raise KafkaTimeoutError("Timeout waiting for future")
+
+    sender = CheckedSender(Stuck(), retries=1, timeout_s=0.3)
+    sender.send("t", None, b"v", ident="x")
+    assert sender.finish() == (0, ["x"])

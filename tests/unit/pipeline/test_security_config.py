@@ -41,3 +41,11 @@ def test_deploy_sasl_overrides_parse():
                        environ={"REIDSTREAM__BUS__SASL_PASSWORD": "x" * 12, "REIDSTREAM__STORE__PASSWORD": "y" * 12})
     assert cfg.bus.security_protocol == "SASL_PLAINTEXT" and cfg.store.username == "reidstream"
     assert cfg.reid.blur_faces and cfg.store.retention_days == 30
+
+
+def test_camera_crops_must_fit_the_message_limits():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_crops"):
+        parse_config("bus: {limits: {max_crops: 4}}\ncameras: [{name: a, source: x.avi}]\n", environ={})
+    parse_config("bus: {limits: {max_crops: 8}}\ncameras: [{name: a, source: x.avi}]\n", environ={})
