@@ -262,7 +262,10 @@ class CheckedSender:
     def send(self, topic: str, key: bytes | None, value: bytes, ident: str = "") -> None:
         """Queue ``value`` for ``topic``; never raises for a broker failure (see :meth:`finish`)."""
         if self.max_value_bytes is not None and len(value) > self.max_value_bytes:
-            self._give_up(ident or topic, ValueError(f"{len(value)} bytes over the limit of {self.max_value_bytes}"))
+            from kafka.errors import MessageSizeTooLargeError
+
+            self._give_up(ident or topic,
+                          MessageSizeTooLargeError(f"{len(value)} bytes over the limit of {self.max_value_bytes}"))
             return
         item = _Pending(ident or topic, topic, key, value, None)
         self._submit(item)

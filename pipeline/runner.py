@@ -166,7 +166,7 @@ class StageRunner:
             too_large: dict[str, BaseException] = {}
 
             def note(ident: str, exc: BaseException) -> None:
-                if isinstance(exc, (MessageSizeTooLargeError, ValueError)):
+                if isinstance(exc, MessageSizeTooLargeError):
                     too_large[ident] = exc
 
             sender = CheckedSender(self.producer, self.send_retries, self.delivery_timeout_s,

@@ -200,3 +200,26 @@ def test_checked_sender_survives_a_flush_timeout():
     sender = CheckedSender(Stuck(), retries=1, timeout_s=0.3)
     sender.send("t", None, b"v", ident="x")
     assert sender.finish() == (0, ["x"])
+
+
+def test_runner_dead_letters_an_oversized_output_instead_of_blocking():
+    import threading
+
+    from pipeline.runner import Output, StageRunner
+    from tests.unit.pipeline import fakes
+
+    class Bloat:
+        def setup(self) -> None: ...
+
+        def close(self) -> None: ...
+
+        def process(self, records):
+            return [Output("out", r.camera, b"x" * (100_000 if r.tracklet_id == "big" else 10)) for r in records]
+
+    values = [encode(make_tracklet(tracklet_id=t)) for t in ("a", "big", "b")]
+    producer, consumer = fakes.Producer(), fakes.Consumer(values)
+    stats = StageRunner(Bloat(), "bloat", consumer, producer, TrackletRecord, "dead", 8, 1, threading.Event(),
+                        limits=SMALL).run(idle_exit_s=0.0)
+    assert len(producer.sent["out"]) == 2 and consumer.committed == 3 and stats.dead_lettered == 1
+    (_, env, headers), = producer.sent["dead"]
+    assert dict(headers)["truncated"] == b"1" and json.loads(env)["original_value_bytes"] == 100_000
