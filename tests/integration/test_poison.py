@@ -75,7 +75,7 @@ def test_unacknowledged_sends_are_counted(tmp_path, unique):
     port = services.free_port()
     info = services.start_kafka(port, tmp_path)
     try:
-        cfg = BusConfig(bootstrap_servers=info.address, partitions=1, delivery_timeout_s=4.0, send_retries=1)
+        cfg = BusConfig(bootstrap_servers=info.address, partitions=1, delivery_timeout_s=2.0, send_retries=1)
         ensure_topics(cfg, [f"t-{unique}"])
         producer = make_producer(cfg, "test-checked")
         sender = CheckedSender(producer, retries=1, timeout_s=20)
