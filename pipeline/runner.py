@@ -8,8 +8,12 @@ and ``close()``; it never touches Kafka. :class:`StageRunner` owns the loop:
 3. call ``stage.process`` on the batch; if it raises, retry the messages one by one so that only the
    poison ones are dead-lettered; :class:`TransientError` (a store or broker outage) is instead
    retried with backoff, forever, without committing;
-4. publish the outputs and flush the producer;
+4. publish the outputs and wait until the broker acknowledged each (failed sends are retried; an
+   output too large for the limits is dead-lettered as a truncated envelope);
 5. commit the consumed offsets — only now, so a crash replays the batch (stages are idempotent).
+
+A poll that fails because the broker is unreachable (restarting) is retried with backoff; nothing was
+consumed, so nothing is lost.
 
 Every process starts through :func:`setup_process`: logging tagged with the camera id, SIGTERM/SIGINT
 handlers that set a stop event (the current batch finishes and is committed), and a process title.
@@ -112,10 +116,21 @@ class StageRunner:
         Returns:
             The counts.
         """
+        from kafka.errors import KafkaError
+
         self.stage.setup()
+        outage_delay = 0.5
         try:
             while not self.stop.is_set():
-                polled = self.consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                try:
+                    polled = self.consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                except KafkaError as exc:  # the broker is restarting: nothing was consumed, wait and rejoin
+                    log.warning("%s: poll failed (%s: %s); retrying in %.1f s", self.name, type(exc).__name__, exc,
+                                outage_delay)
+                    self.stop.wait(outage_delay)
+                    outage_delay = min(outage_delay * 2, 10.0)
+                    continue
+                outage_delay = 0.5
                 messages = [m for batch in polled.values() for m in batch]
                 if not messages:
                     self._update_lag()

@@ -103,3 +103,24 @@ def test_reid_stage_renormalises_engine_output():
     outs = stage.process([make_tracklet(crops_jpeg=[jpeg((0, 0, 0))] * 2)])
     vec = decode(outs[0].value, EmbeddingRecord).vector
     assert isinstance(outs[0], Output) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-6
+
+
+def test_runner_waits_out_a_failing_poll():
+    from kafka.errors import KafkaConnectionError
+
+    class Flaky(fakes.Consumer):
+        def __init__(self, values):
+            super().__init__(values)
+            self.failures = 2
+
+        def poll(self, timeout_ms=0, max_records=64):
+            if self.failures:
+                self.failures -= 1
+                raise KafkaConnectionError("111 ECONNREFUSED")
+            return super().poll(timeout_ms, max_records)
+
+    good = EmbeddingRecord.from_tracklet(make_tracklet(tracklet_id="g").meta(), _unit(8), "m", None, 0.0)
+    stage, consumer = Collect(), Flaky([encode(good)])
+    StageRunner(stage, "flaky", consumer, fakes.Producer(), EmbeddingRecord, "dead", 16, 10,
+                threading.Event()).run(idle_exit_s=0.0)
+    assert stage.seen == ["g"] and consumer.failures == 0 and consumer.committed == 1
