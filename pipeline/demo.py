@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline import services
 from pipeline.bus import ensure_topics
+from pipeline.cli_common import EXIT_SOURCE_INCOMPLETE
 from pipeline.config import Config
 from pipeline.store import IdentityStore
 
@@ -37,11 +38,14 @@ def ensure_services(cfg: Config) -> None:
     Raises:
         ServiceError: They could not be started.
     """
-    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url)
+    st = services.status(cfg.bus.bootstrap_servers, cfg.store.url, cfg.bus.client_options(),
+                         services.redis_options(cfg.store))
     if all(st.values()):
         return
     s = cfg.services
-    state = services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage)
+    password = cfg.store.password.get_secret_value() if cfg.store.password else None
+    state = services.up(s.data_dir, s.kafka_port, s.redis_port, s.kafka_storage, redis_password=password,
+                        redis_username=cfg.store.username, s3_port=s.s3_port, s3_endpoint=s.s3_endpoint)
     log.info("local services: kafka %s, redis %s", state["kafka"].address, state["redis"].address)
 
 
@@ -147,12 +151,15 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
                 raise DemoError(f"demo did not finish in {timeout_s:.0f} s; logs in {logs}")
             for name, proc in procs.items():
                 code = proc.poll()
-                if code is not None and (name in ("reid", "matcher") or code != 0):
+                if code is not None and (name in ("reid", "matcher") or code not in (0, EXIT_SOURCE_INCOMPLETE)):
                     raise DemoError(f"{name} process exited with code {code}: {_last_error(logs / f'{name}.log')}")
             for cam in cfg.cameras:
                 path = logs / f"{cam.name}.summary.json"
-                if cam.name not in summaries and procs[cam.name].poll() == 0 and path.exists():
+                if cam.name not in summaries and procs[cam.name].poll() in (0, EXIT_SOURCE_INCOMPLETE) and path.exists():
                     summaries[cam.name] = json.loads(path.read_text())
+                    if summaries[cam.name].get("source_incomplete"):
+                        log.warning("camera %s: its source is truncated or corrupt (%d frames read)", cam.name,
+                                    summaries[cam.name]["frames"])
                     published.extend(summaries[cam.name]["tracklet_ids"])
             linked = store.count_links(published)
             progress.update(summaries, len(published), linked, _tail_frames(logs, cfg))

@@ -17,19 +17,71 @@ import json
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from pipeline.config import LimitsConfig
 
 TRACKLET_SCHEMA = "reidstream.tracklet.v1"
 EMBEDDING_SCHEMA = "reidstream.embedding.v1"
+JPEG_MAGIC = b"\xff\xd8"  # JPEG start-of-image marker
 
 Box = Annotated[list[float], Field(min_length=4, max_length=4)]
+DEFAULT_LIMITS = LimitsConfig()
 
 
 class MessageError(ValueError):
-    """A message could not be decoded or failed validation (a poison message)."""
+    """A message could not be decoded or failed validation (a poison message).
+
+    Attributes:
+        kind: What was wrong, for metrics: ``oversized``, ``not_json``, ``schema``, ``invalid``, or
+            ``embedding`` (a vector that is zero, not unit-norm, non-finite or of the wrong dimension).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-_WIRE = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+def _limits(info: ValidationInfo | None) -> LimitsConfig:
+    ctx = info.context if info is not None else None
+    lim = ctx.get("limits") if isinstance(ctx, dict) else None
+    return lim if isinstance(lim, LimitsConfig) else DEFAULT_LIMITS
+
+
+def _check_jpeg(data: bytes, what: str, limits: LimitsConfig) -> None:
+    if len(data) > limits.max_crop_kb * 1024:
+        raise ValueError(f"{what} has {len(data)} bytes, over the limit of {limits.max_crop_kb} KiB")
+    if not data.startswith(JPEG_MAGIC):
+        raise ValueError(f"{what} is not a JPEG (no start-of-image marker)")
+
+
+def check_embedding(vec: np.ndarray, limits: LimitsConfig = DEFAULT_LIMITS) -> None:
+    """Reject an embedding that cannot be a model's L2-normalised output.
+
+    Args:
+        vec: ``float32 [D]``.
+        limits: Dimension bounds and the norm tolerance.
+
+    Raises:
+        ValueError: Empty, over ``max_embedding_dim`` or not ``embedding_dim``, non-finite, zero, or an L2
+            norm outside ``1 ± norm_tolerance``; the message starts with ``embedding``.
+    """
+    d = int(vec.shape[0])
+    if d == 0 or d > limits.max_embedding_dim:
+        raise ValueError(f"embedding dimension {d} is outside 1..{limits.max_embedding_dim}")
+    if limits.embedding_dim is not None and d != limits.embedding_dim:
+        raise ValueError(f"embedding dimension {d} differs from the configured {limits.embedding_dim}")
+    if not np.all(np.isfinite(vec)):
+        raise ValueError("embedding has non-finite values")
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if norm == 0.0:
+        raise ValueError("embedding is the zero vector")
+    if abs(norm - 1.0) > limits.norm_tolerance:
+        raise ValueError(f"embedding has L2 norm {norm:.6g}, not 1 within {limits.norm_tolerance:g} "
+                         f"(embeddings must be L2-normalised)")
+
+
+_WIRE = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64", allow_inf_nan=False)
 
 
 class _Record(BaseModel):
@@ -79,9 +131,14 @@ class TrackletRecord(TrackletMeta):
     model_config = ConfigDict(**_WIRE, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _crops(self) -> TrackletRecord:
+    def _crops(self, info: ValidationInfo) -> TrackletRecord:
         if len(self.crops_jpeg) != len(self.frames):
             raise ValueError(f"{len(self.crops_jpeg)} crops for {len(self.frames)} frames")
+        limits = _limits(info)
+        if len(self.crops_jpeg) > limits.max_crops:
+            raise ValueError(f"{len(self.crops_jpeg)} crops, over the limit of {limits.max_crops}")
+        for i, crop in enumerate(self.crops_jpeg):
+            _check_jpeg(crop, f"crop {i}", limits)
         return self
 
 
@@ -96,12 +153,15 @@ class EmbeddingRecord(TrackletMeta):
     model_config = ConfigDict(**_WIRE, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _vector(self) -> EmbeddingRecord:
+    def _vector(self, info: ValidationInfo) -> EmbeddingRecord:
+        limits = _limits(info)
         if len(self.embedding_f32) == 0 or len(self.embedding_f32) % 4:
             raise ValueError(f"embedding_f32 has {len(self.embedding_f32)} bytes, not a float32 vector")
-        vec = np.frombuffer(self.embedding_f32, dtype="<f4")
-        if not np.all(np.isfinite(vec)):
-            raise ValueError("embedding has non-finite values")
+        if len(self.embedding_f32) > 4 * limits.max_embedding_dim:
+            raise ValueError(f"embedding dimension {len(self.embedding_f32) // 4} is outside 1..{limits.max_embedding_dim}")
+        check_embedding(np.frombuffer(self.embedding_f32, dtype="<f4"), limits)
+        if self.thumbnail_jpeg is not None:
+            _check_jpeg(self.thumbnail_jpeg, "thumbnail", limits)
         return self
 
     @property
@@ -133,35 +193,46 @@ def encode(record: TrackletRecord | EmbeddingRecord) -> bytes:
     return record.model_dump_json(by_alias=True).encode("utf-8")
 
 
-def decode(value: bytes, expected: type[_Record] | None = None) -> Any:
-    """Parse a wire message back into its record.
+def decode(value: bytes | None, expected: type[_Record] | None = None, limits: LimitsConfig | None = None) -> Any:
+    """Parse a wire message back into its record, within ``limits``.
 
     Args:
         value: Kafka message value.
         expected: Record class the caller accepts; ``None`` accepts any known schema.
+        limits: Size and embedding bounds (message bytes, crops, crop bytes, dimension, norm); ``None``
+            uses the defaults of :class:`~pipeline.config.LimitsConfig`.
 
     Returns:
         The validated record.
 
     Raises:
-        MessageError: Not JSON, an unknown or unexpected ``schema``, or invalid fields; the message
-            says which.
+        MessageError: Oversized, not JSON, an unknown or unexpected ``schema``, or invalid fields
+            (including embedding hygiene); the message says which and ``kind`` classifies it.
     """
+    limits = limits or DEFAULT_LIMITS
+    if value is None:
+        raise MessageError("empty message (no value)", "not_json")
+    if len(value) > limits.max_message_bytes:
+        raise MessageError(f"oversized: {len(value)} bytes, over the limit of {limits.max_message_mb:g} MiB",
+                           "oversized")
     try:
         obj = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-        raise MessageError(f"not a JSON record: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, RecursionError) as exc:
+        raise MessageError(f"not a JSON record: {type(exc).__name__}: {str(exc)[:200]}", "not_json") from None
     if not isinstance(obj, dict):
-        raise MessageError(f"not a JSON object: {type(obj).__name__}")
+        raise MessageError(f"not a JSON object: {type(obj).__name__}", "not_json")
     schema = obj.get("schema")
     cls = _BY_SCHEMA.get(schema) if isinstance(schema, str) else None
     if cls is None:
-        raise MessageError(f"unknown schema {schema!r}; known: {sorted(_BY_SCHEMA)}")
+        shown = repr(schema)[:100]
+        raise MessageError(f"unknown schema {shown}; known: {sorted(_BY_SCHEMA)}", "schema")
     if expected is not None and cls is not expected:
-        raise MessageError(f"expected {expected.__name__}, got schema {schema!r}")
+        raise MessageError(f"expected {expected.__name__}, got schema {schema!r}", "schema")
     try:
-        return cls.model_validate_json(value)
+        return cls.model_validate_json(value, context={"limits": limits})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise MessageError(f"invalid {schema}: {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+        msg = str(first["msg"])[:300]
+        kind = "embedding" if "embedding" in msg else "invalid"
+        raise MessageError(f"invalid {schema}: {where}: {msg} ({exc.error_count()} error(s))", kind) from None

@@ -15,6 +15,11 @@ tracklets_total                        counter    stage, camera, outcome (publis
 embeddings_total                       counter    stage, camera
 links_total                            counter    stage, camera, kind (joined|founded)
 dead_letters_total                     counter    stage, reason
+rejected_messages_total                counter    stage, kind (oversized|not_json|schema|invalid|embedding|
+                                                  output_oversized): poison messages by cause
+undelivered_total                      counter    stage, camera: messages the broker never acknowledged
+source_incomplete_total                counter    stage, camera: files that ended before their declared
+                                                  frame count (truncated or corrupt)
 reconnects_total                       counter    stage, camera
 dropped_total                          counter    stage, camera, reason
 stage_latency_seconds                  histogram  stage, camera
@@ -54,6 +59,17 @@ LINKS = Counter(
 )
 DEAD_LETTERS = Counter(
     "reidstream_dead_letters", "Messages sent to the dead-letter topic.", ["stage", "reason"]
+)
+REJECTED = Counter(
+    "reidstream_rejected_messages", "Poison messages rejected at decode or publish, by cause.", ["stage", "kind"]
+)
+UNDELIVERED = Counter(
+    "reidstream_undelivered", "Messages the broker never acknowledged after every retry.", ["stage", "camera"]
+)
+SOURCE_INCOMPLETE = Counter(
+    "reidstream_source_incomplete",
+    "Video files that ended before the frame count their container declared (truncated or corrupt).",
+    ["stage", "camera"],
 )
 RECONNECTS = Counter("reidstream_reconnects", "Source reconnect attempts.", ["stage", "camera"])
 DROPPED = Counter("reidstream_dropped", "Items dropped by a bounded queue or policy.", ["stage", "camera", "reason"])

@@ -8,8 +8,12 @@ and ``close()``; it never touches Kafka. :class:`StageRunner` owns the loop:
 3. call ``stage.process`` on the batch; if it raises, retry the messages one by one so that only the
    poison ones are dead-lettered; :class:`TransientError` (a store or broker outage) is instead
    retried with backoff, forever, without committing;
-4. publish the outputs and flush the producer;
+4. publish the outputs and wait until the broker acknowledged each (failed sends are retried; an
+   output too large for the limits is dead-lettered as a truncated envelope);
 5. commit the consumed offsets — only now, so a crash replays the batch (stages are idempotent).
+
+A poll that fails because the broker is unreachable (restarting) is retried with backoff; nothing was
+consumed, so nothing is lost.
 
 Every process starts through :func:`setup_process`: logging tagged with the camera id, SIGTERM/SIGINT
 handlers that set a stop event (the current batch finishes and is committed), and a process title.
@@ -28,8 +32,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pipeline import metrics
-from pipeline.bus import dead_letter
+from pipeline.bus import CheckedSender, DeliveryError, dead_letter
+from pipeline.config import LimitsConfig
 from pipeline.messages import MessageError, decode
+from pipeline.redact import RedactingFormatter
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +87,17 @@ class StageRunner:
         max_batch: Messages per poll at most.
         max_wait_ms: Poll timeout, ms.
         stop: Event that ends the loop after the current batch.
+        limits: Message bounds enforced at decode and publish (defaults of :class:`LimitsConfig`).
+        send_retries: Re-sends of an output or dead letter whose send failed, per attempt round.
+        delivery_timeout_s: Seconds to wait for the broker's acknowledgements of one batch.
     """
 
     def __init__(self, stage: Stage, name: str, consumer: Any, producer: Any, record_type: type,
-                 dead_letter_topic: str, max_batch: int, max_wait_ms: int, stop: threading.Event) -> None:
+                 dead_letter_topic: str, max_batch: int, max_wait_ms: int, stop: threading.Event,
+                 limits: LimitsConfig | None = None, send_retries: int = 3, delivery_timeout_s: float = 60.0) -> None:
+        self.limits = limits or LimitsConfig()
+        self.send_retries = send_retries
+        self.delivery_timeout_s = delivery_timeout_s
         self.stage = stage
         self.name = name
         self.consumer = consumer
@@ -103,10 +116,21 @@ class StageRunner:
         Returns:
             The counts.
         """
+        from kafka.errors import KafkaError
+
         self.stage.setup()
+        outage_delay = 0.5
         try:
             while not self.stop.is_set():
-                polled = self.consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                try:
+                    polled = self.consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                except KafkaError as exc:  # the broker is restarting: nothing was consumed, wait and rejoin
+                    log.warning("%s: poll failed (%s: %s); retrying in %.1f s", self.name, type(exc).__name__, exc,
+                                outage_delay)
+                    self.stop.wait(outage_delay)
+                    outage_delay = min(outage_delay * 2, 10.0)
+                    continue
+                outage_delay = 0.5
                 messages = [m for batch in polled.values() for m in batch]
                 if not messages:
                     self._update_lag()
@@ -141,17 +165,58 @@ class StageRunner:
         good: list[tuple[Any, Any]] = []
         for msg in messages:
             try:
-                good.append((msg, decode(msg.value, self.record_type)))
+                good.append((msg, decode(msg.value, self.record_type, self.limits)))
             except MessageError as exc:
+                metrics.REJECTED.labels(stage=self.name, kind=exc.kind).inc()
                 self._dead_letter(msg, f"decode: {exc}")
         if not good:
-            self.producer.flush()
             return
         outputs = self._process_with_retry([r for _, r in good], good)
-        for out in outputs:
-            self.producer.send(out.topic, key=out.key.encode("utf-8"), value=out.value)
-        self.producer.flush()
+        self._publish(outputs)
         self.stats.published += len(outputs)
+
+    def _publish(self, outputs: list[Output]) -> None:
+        """Send ``outputs`` and wait until the broker acknowledged every one.
+
+        A send that fails after the client's and :class:`CheckedSender`'s retries is retried with
+        backoff until it succeeds (nothing is committed meanwhile); an output larger than the limits is
+        dead-lettered as a truncated envelope instead of blocking the stage.
+
+        Raises:
+            DeliveryError: ``stop`` was set while outputs were still unacknowledged.
+        """
+        from kafka.errors import MessageSizeTooLargeError
+
+        pending = list(outputs)
+        delay = 0.5
+        while pending:
+            too_large: dict[str, BaseException] = {}
+
+            def note(ident: str, exc: BaseException) -> None:
+                if isinstance(exc, MessageSizeTooLargeError):
+                    too_large[ident] = exc
+
+            sender = CheckedSender(self.producer, self.send_retries, self.delivery_timeout_s,
+                                   self.limits.max_message_bytes, on_failure=note, context=self.name)
+            for i, out in enumerate(pending):
+                sender.send(out.topic, out.key.encode("utf-8"), out.value, ident=str(i))
+            _, failed = sender.finish()
+            retry = []
+            for ident in failed:
+                out = pending[int(ident)]
+                if ident in too_large:
+                    metrics.REJECTED.labels(stage=self.name, kind="output_oversized").inc()
+                    self._dead_letter(_OutputAsMessage(out), f"publish: output too large: {too_large[ident]}")
+                else:
+                    retry.append(out)
+            pending = retry
+            if pending:
+                if self.stop.is_set():
+                    raise DeliveryError(f"{self.name}: {len(pending)} output(s) unacknowledged at shutdown; "
+                                        f"the batch is not committed and will be replayed")
+                log.error("%s: %d output(s) not acknowledged, retrying in %.1f s", self.name, len(pending), delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
 
     def _process_with_retry(self, records: list[Any], pairs: list[tuple[Any, Any]]) -> list[Output]:
         delay = 0.5
@@ -180,15 +245,36 @@ class StageRunner:
                 delay = min(delay * 2, 30.0)
 
     def _dead_letter(self, msg: Any, reason: str) -> None:
-        dead_letter(self.producer, self.dead_letter_topic, self.name, msg, reason)
+        """Dead-letter ``msg``, retrying with backoff while the broker does not acknowledge.
+
+        Raises:
+            DeliveryError: ``stop`` was set before the dead letter was acknowledged.
+        """
+        delay = 0.5
+        while True:
+            try:
+                dead_letter(self.producer, self.dead_letter_topic, self.name, msg, reason, self.limits,
+                            timeout_s=self.delivery_timeout_s)
+                break
+            except DeliveryError as exc:
+                if self.stop.is_set():
+                    raise
+                log.error("%s: %s; retrying in %.1f s", self.name, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
         self.stats.dead_lettered += 1
 
     def _commit(self, polled: dict[Any, list[Any]]) -> None:
+        from kafka.errors import CommitFailedError, KafkaError
         from kafka.structs import OffsetAndMetadata
 
         offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items() if batch}
         if offsets:
-            self.consumer.commit(offsets)
+            try:
+                self.consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:  # a rebalance or broker restart: replayed later
+                log.warning("%s: commit failed (%s: %s); the batch will be replayed (stages are idempotent)",
+                            self.name, type(exc).__name__, exc)
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():
@@ -205,9 +291,32 @@ class StageRunner:
                 )
 
 
+@dataclasses.dataclass(frozen=True)
+class _OutputAsMessage:
+    """An :class:`Output` shaped like a consumed message, to dead-letter it (it has no offset)."""
+
+    out: Output
+
+    @property
+    def topic(self) -> str:
+        return self.out.topic
+
+    partition = -1
+    offset = -1
+    headers: tuple = ()
+
+    @property
+    def key(self) -> bytes:
+        return self.out.key.encode("utf-8")
+
+    @property
+    def value(self) -> bytes:
+        return self.out.value
+
+
 def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group_id: str, record_type: type,
                         max_batch: int, max_wait_ms: int, stop: threading.Event,
-                        idle_exit_s: float | None = None) -> RunnerStats:
+                        idle_exit_s: float | None = None, limits: LimitsConfig | None = None) -> RunnerStats:
     """Create the topics, a group consumer of ``topic`` and a producer, and drive ``stage`` with them.
 
     Args:
@@ -221,6 +330,7 @@ def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group
         max_wait_ms: Poll timeout, ms.
         stop: Event that ends the loop after the current batch.
         idle_exit_s: Exit after this long without messages (None: run until stopped).
+        limits: Message bounds; None uses ``bus_cfg.limits``.
 
     Returns:
         The runner's counts.
@@ -234,13 +344,16 @@ def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group
     consumer = make_consumer(bus_cfg, topic, group_id, name, max_poll_records=max_batch)
     producer = make_producer(bus_cfg, name)
     runner = StageRunner(stage, name, consumer, producer, record_type, bus_cfg.topics.dead_letter, max_batch,
-                         max_wait_ms, stop)
+                         max_wait_ms, stop, limits=limits or bus_cfg.limits, send_retries=bus_cfg.send_retries,
+                         delivery_timeout_s=bus_cfg.delivery_timeout_s)
     try:
         return runner.run(idle_exit_s=idle_exit_s)
     finally:
-        producer.flush()
-        consumer.close()
-        producer.close()
+        try:
+            producer.flush(timeout=bus_cfg.delivery_timeout_s)
+        finally:
+            consumer.close()
+            producer.close(timeout=5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,16 +380,42 @@ def setup_logging(role: str, camera: str | None = None, level: str | int | None 
     level = level or os.environ.get("REIDSTREAM_LOG_LEVEL", "INFO")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_CameraFilter(camera or "-"))
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {role}[%(camera)s] %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s %(levelname)s {role}[%(camera)s] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     debug = logging.getLevelName(level) == logging.DEBUG if isinstance(level, str) else level <= logging.DEBUG
     for noisy in ("ultralytics", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # kafka-python logs every failed connection attempt at ERROR while it retries; reidstream reports
-    # broker failures itself (BusError), so its own lines are kept for debugging only.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    # kafka-python's own warnings and errors (rejected produce requests, lost connections) are kept at
+    # WARNING; repeats of one line within a minute are folded so a broker outage does not flood the log.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.WARNING)
+    handler.addFilter(RepeatFilter(prefix="kafka"))
+
+
+class RepeatFilter(logging.Filter):
+    """Drop a log line whose (logger, level, format string) was emitted less than ``window_s`` ago;
+    the next one that passes says how many were folded. Only loggers named ``prefix…`` are folded."""
+
+    def __init__(self, window_s: float = 60.0, prefix: str = "") -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.prefix = prefix
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        last, folded = self._last.get(key, (-1e18, 0))
+        if now - last < self.window_s:
+            self._last[key] = (last, folded + 1)
+            return False
+        self._last[key] = (now, 0)
+        if folded:
+            record.msg = f"{record.msg} (and {folded} similar line(s) in the last {self.window_s:.0f} s)"
+        return True
 
 
 def install_stop_handlers(stop: threading.Event, on_stop: Callable[[], None] | None = None) -> None:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0) -> bool:
-    """Whether a Kafka broker answers a metadata request (lists topics) at ``bootstrap_servers``."""
+def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options: Any) -> bool:
+    """Whether a Kafka broker answers a metadata request (lists topics) at ``bootstrap_servers``.
+
+    Args:
+        bootstrap_servers: Comma-separated ``host:port``.
+        timeout_s: Probe deadline, seconds.
+        **client_options: kafka-python security options (:meth:`BusConfig.client_options`).
+    """
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
@@ -109,6 +116,7 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0) -> bool:
             request_timeout_ms=max(int(timeout_s * 1000), 1000) + 500,
             metadata_max_age_ms=1000,
             connections_max_idle_ms=int(timeout_s * 1000) + 5000,
+            **client_options,
         )
     except (KafkaError, OSError):
         return False
@@ -121,12 +129,14 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0) -> bool:
         consumer.close()
 
 
-def redis_ready(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether a Redis server at ``url`` answers ``PING``."""
+def redis_ready(url: str, timeout_s: float = 1.0, **redis_options: Any) -> bool:
+    """Whether a Redis server at ``url`` answers ``PING`` (with ``redis_options``: ``username``,
+    ``password``, TLS settings of redis-py)."""
     import redis
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                                      **redis_options)
         try:
             return bool(client.ping())
         finally:
@@ -150,7 +160,7 @@ def _wait(probe, what: str, timeout_s: float, proc: subprocess.Popen | None, log
 # --------------------------------------------------------------------------------------------------
 # start / stop
 def start_kafka(port: int, data_dir: Path, storage: str = "memory://tansu/", host: str = "127.0.0.1",
-                timeout_s: float = 30.0) -> ServiceInfo:
+                timeout_s: float = 30.0, env: dict[str, str] | None = None) -> ServiceInfo:
     """Start a Tansu broker on ``host:port`` and wait until it answers a metadata request.
 
     Args:
@@ -159,6 +169,7 @@ def start_kafka(port: int, data_dir: Path, storage: str = "memory://tansu/", hos
         storage: Tansu storage engine URL (``memory://…`` or ``s3://…``).
         host: Loopback address to listen on.
         timeout_s: Readiness deadline, seconds.
+        env: Extra environment (the ``AWS_*`` settings of an ``s3://`` storage engine).
 
     Returns:
         The started service.
@@ -175,7 +186,8 @@ def start_kafka(port: int, data_dir: Path, storage: str = "memory://tansu/", hos
            "--storage-engine", storage]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+                                start_new_session=True,
+                                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **(env or {})})
     address = f"{host}:{port}"
     try:
         _wait(lambda: kafka_ready(address), "Tansu broker", timeout_s, proc, log_path)
@@ -186,8 +198,14 @@ def start_kafka(port: int, data_dir: Path, storage: str = "memory://tansu/", hos
     return ServiceInfo("kafka", proc.pid, address, str(log_path))
 
 
-def start_redis(port: int, data_dir: Path, host: str = "127.0.0.1", timeout_s: float = 20.0) -> ServiceInfo:
+def start_redis(port: int, data_dir: Path, host: str = "127.0.0.1", timeout_s: float = 20.0,
+                password: str | None = None, username: str | None = None) -> ServiceInfo:
     """Start ``redis-server`` on ``host:port`` with an append-only file in ``data_dir``.
+
+    With ``password``, clients must authenticate: as ``username`` (an ACL user allowed every command on
+    every key; the ``default`` user is then disabled), or with ``AUTH password`` when ``username`` is
+    None. The password goes to Redis through a config file readable only by its owner, never on the
+    command line.
 
     Returns:
         The started service (``address`` is a ``redis://`` URL).
@@ -202,12 +220,22 @@ def start_redis(port: int, data_dir: Path, host: str = "127.0.0.1", timeout_s: f
     cmd = [str(redis_binary()), "--bind", host, "--port", str(port), "--dir", str(data_dir.resolve()),
            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
            "--protected-mode", "yes"]
+    if password is not None:
+        conf = data_dir / "auth.conf"
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
+        if username is None:
+            conf.write_text(f"requirepass {password}\n")
+        else:
+            conf.write_text(f"user default off\nuser {username} on >{password} ~* &* +@all\n")
+        cmd.insert(1, str(conf.resolve()))  # redis-server CONFIG_FILE [options]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     url = f"redis://{host}:{port}/0"
+    auth = {k: v for k, v in (("username", username), ("password", password)) if v is not None}
     try:
-        _wait(lambda: redis_ready(url), "Redis", timeout_s, proc, log_path)
+        _wait(lambda: redis_ready(url, **auth), "Redis", timeout_s, proc, log_path)
     except ServiceError:
         terminate(proc.pid)
         raise
@@ -267,11 +295,25 @@ def _write_state(data_dir: Path, state: dict[str, ServiceInfo]) -> None:
     _state_path(data_dir).write_text(json.dumps({k: dataclasses.asdict(v) for k, v in state.items()}, indent=2))
 
 
-def up(data_dir: Path, kafka_port: int, redis_port: int, storage: str = "memory://tansu/") -> dict[str, ServiceInfo]:
+def up(data_dir: Path, kafka_port: int, redis_port: int, storage: str = "memory://tansu/",
+       redis_password: str | None = None, redis_username: str | None = None, s3_port: int = 29000,
+       s3_endpoint: str | None = None) -> dict[str, ServiceInfo]:
     """Start the local broker and Redis unless they already run; record them in ``data_dir``.
 
+    Args:
+        data_dir: Where logs, data and the state file go.
+        kafka_port: Tansu's port.
+        redis_port: Redis' port.
+        storage: Tansu storage engine; ``s3://BUCKET/`` is the durable mode: without ``s3_endpoint`` a
+            local moto S3 server is started on ``s3_port`` (see :func:`start_s3`).
+        redis_password: Require this password (see :func:`start_redis`).
+        redis_username: ACL user for ``redis_password``.
+        s3_port: Port of the local S3 server in durable mode.
+        s3_endpoint: An existing S3-compatible endpoint (MinIO, AWS) for durable mode; credentials come
+            from the usual ``AWS_*`` environment variables.
+
     Returns:
-        ``{"kafka": ServiceInfo, "redis": ServiceInfo}``.
+        ``{"kafka": ServiceInfo, "redis": ServiceInfo}`` (plus ``"s3"`` when one was started).
 
     Raises:
         ServiceError: A service could not be started (port taken by something else, binary missing,
@@ -280,15 +322,100 @@ def up(data_dir: Path, kafka_port: int, redis_port: int, storage: str = "memory:
     state = read_state(data_dir)
     kafka_addr = f"127.0.0.1:{kafka_port}"
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    new_state: dict[str, ServiceInfo] = {}
+    env: dict[str, str] = {}
+    if storage.startswith("s3://"):
+        if s3_endpoint is None:
+            s3 = state.get("s3")
+            endpoint = f"http://127.0.0.1:{s3_port}"
+            if not (s3 and _alive(s3.pid) and s3.address == endpoint and port_open("127.0.0.1", s3_port)):
+                s3 = start_s3(s3_port, data_dir / "s3")
+            new_state["s3"] = s3
+            endpoint = s3.address
+        else:
+            endpoint = s3_endpoint
+        env = s3_environment(endpoint)
+        ensure_bucket(endpoint, storage)
     kafka = state.get("kafka")
     if not (kafka and _alive(kafka.pid) and kafka.address == kafka_addr and kafka_ready(kafka_addr)):
-        kafka = start_kafka(kafka_port, data_dir / "kafka", storage)
+        kafka = start_kafka(kafka_port, data_dir / "kafka", storage, env=env)
+    auth = {k: v for k, v in (("username", redis_username), ("password", redis_password)) if v is not None}
     redis_info = state.get("redis")
-    if not (redis_info and _alive(redis_info.pid) and redis_info.address == redis_url and redis_ready(redis_url)):
-        redis_info = start_redis(redis_port, data_dir / "redis")
-    state = {"kafka": kafka, "redis": redis_info}
-    _write_state(data_dir, state)
-    return state
+    if not (redis_info and _alive(redis_info.pid) and redis_info.address == redis_url
+            and redis_ready(redis_url, **auth)):
+        redis_info = start_redis(redis_port, data_dir / "redis", password=redis_password, username=redis_username)
+    new_state.update({"kafka": kafka, "redis": redis_info})
+    _write_state(data_dir, new_state)
+    return new_state
+
+
+# --------------------------------------------------------------------------------------------------
+# durable broker mode: Tansu over S3-compatible storage
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """Environment Tansu needs for an S3 endpoint (keeps ``AWS_*`` credentials already set)."""
+    return {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true" if endpoint.startswith("http://") else "false",
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+
+
+def ensure_bucket(endpoint: str, storage: str) -> None:
+    """Create the bucket of ``storage`` (``s3://BUCKET/``) at ``endpoint`` when missing (a missing
+    bucket makes Tansu panic).
+
+    Raises:
+        ServiceError: boto3 is missing or the endpoint refused.
+    """
+    bucket = storage.removeprefix("s3://").split("/", 1)[0]
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        raise ServiceError("durable mode needs boto3 (pip install 'moto[server]')") from None
+    env = s3_environment(endpoint)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=env["AWS_DEFAULT_REGION"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    try:
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as exc:
+        raise ServiceError(f"S3 endpoint {endpoint}: cannot create bucket {bucket!r}: {exc}") from None
+
+
+def start_s3(port: int, data_dir: Path, host: str = "127.0.0.1", timeout_s: float = 30.0) -> ServiceInfo:
+    """Start a local S3-compatible server (PyPI ``moto[server]``) for Tansu's durable mode.
+
+    moto keeps objects in its own memory: the broker's data survive a broker crash or restart, not a
+    restart of this server (see docs/RELIABILITY.md).
+
+    Returns:
+        The started service (``address`` is its ``http://`` endpoint).
+
+    Raises:
+        ServiceError: moto is not installed, the port is taken, or it did not answer in time.
+    """
+    import sys
+
+    if port_open(host, port):
+        raise ServiceError(f"port {host}:{port} is already in use; set services.s3_port to a free port")
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        raise ServiceError("durable mode needs moto's S3 server: pip install 'moto[server]'") from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "s3.log"
+    cmd = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        _wait(lambda: port_open(host, port), "S3 server (moto)", timeout_s, proc, log_path)
+    except ServiceError:
+        terminate(proc.pid)
+        raise
+    log.info("S3 server ready on http://%s:%d (pid %d)", host, port, proc.pid)
+    return ServiceInfo("s3", proc.pid, f"http://{host}:{port}", str(log_path))
 
 
 def down(data_dir: Path) -> list[str]:
@@ -304,6 +431,31 @@ def down(data_dir: Path) -> list[str]:
     return stopped
 
 
-def status(bootstrap_servers: str, redis_url: str) -> dict[str, bool]:
-    """Probe the configured broker and Redis: ``{"kafka": ready, "redis": ready}``."""
-    return {"kafka": kafka_ready(bootstrap_servers), "redis": redis_ready(redis_url)}
+def status(bootstrap_servers: str, redis_url: str, kafka_options: dict[str, Any] | None = None,
+           redis_options: dict[str, Any] | None = None) -> dict[str, bool]:
+    """Probe the configured broker and Redis: ``{"kafka": ready, "redis": ready}``.
+
+    Args:
+        bootstrap_servers: Kafka ``host:port`` list.
+        redis_url: Redis URL.
+        kafka_options: kafka-python security options (:meth:`BusConfig.client_options`).
+        redis_options: redis-py credentials/TLS (:func:`redis_options`).
+    """
+    return {"kafka": kafka_ready(bootstrap_servers, **(kafka_options or {})),
+            "redis": redis_ready(redis_url, **(redis_options or {}))}
+
+
+def redis_options(store_cfg: Any) -> dict[str, Any]:
+    """redis-py keyword arguments (credentials, TLS) of a :class:`~pipeline.config.StoreConfig`."""
+    import redis
+
+    opts: dict[str, Any] = {}
+    if store_cfg.username:
+        opts["username"] = store_cfg.username
+    if store_cfg.password is not None:
+        opts["password"] = store_cfg.password.get_secret_value()
+    if store_cfg.tls:
+        opts["connection_class"] = redis.SSLConnection
+        if store_cfg.tls_ca_file:
+            opts["ssl_ca_certs"] = str(store_cfg.tls_ca_file)
+    return opts

@@ -30,6 +30,12 @@ A link is written in one MULTI/EXEC transaction together with the identity updat
 see half of it, and :meth:`IdentityStore.has_tracklet` makes replays no-ops. A re-association's
 moves, identity updates and audit records are one transaction too (:meth:`apply_reassociation`);
 ``{ns}:tracklet:{tid}``'s ``global_id`` is always the tracklet's *current* identity.
+
+Retention: with ``store.retention_days`` set, every per-tracklet and per-identity key written gets that
+TTL, renewed on each write (an identity lives ``retention_days`` after its last link). Shared indexes
+(``{ns}:identities``, ``{ns}:tracklets``, camera sightings) keep dangling members of expired keys until
+:meth:`IdentityStore.purge_before` trims them; readers skip them. ``purge_identity``, ``purge_camera``
+and ``purge_before`` remove a person's, a camera's or an era's data explicitly.
 """
 
 from __future__ import annotations
@@ -155,29 +161,70 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
+def redis_auth_errors() -> tuple[type[BaseException], ...]:
+    """redis-py's exceptions for missing or wrong credentials (NOAUTH, WRONGPASS, NOPERM)."""
+    import redis
+
+    return (redis.AuthenticationError, redis.exceptions.NoPermissionError, redis.ResponseError)
+
+
 class IdentityStore:
     """Redis-backed identity store.
 
     Args:
-        url: Redis URL (``redis://host:port/db``).
+        url: Redis URL (``redis://[user:password@]host:port/db``; ``rediss://`` for TLS).
         namespace: Key prefix.
         connect_timeout_s: Socket connect/read timeout, seconds.
+        username: ACL user (overrides the URL's).
+        password: Password (overrides the URL's); never logged: :attr:`url` is the redacted URL.
+        tls: Connect with TLS.
+        tls_ca_file: CA bundle (PEM) for the server certificate.
+        tls_cert_file: Client certificate (PEM), mutual TLS.
+        tls_key_file: Client key (PEM), mutual TLS.
+        retention_days: TTL of every per-tracklet and per-identity key written, days; None: no expiry.
 
     Raises:
-        StoreError: From :meth:`check` when Redis does not answer.
+        StoreError: From :meth:`check` when Redis does not answer or refuses the credentials.
     """
 
-    def __init__(self, url: str, namespace: str = "reidstream", connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, namespace: str = "reidstream", connect_timeout_s: float = 5.0,
+                 username: str | None = None, password: str | None = None, tls: bool = False,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 retention_days: float | None = None) -> None:
         import redis
 
-        self.url = url
+        from pipeline.redact import redact, register_secret
+
+        register_secret(password)
+        self.url = redact(url)  # for messages; the client keeps the credentials
         self.ns = namespace
+        self.retention_s = int(retention_days * 86400) if retention_days else None
+        opts: dict[str, Any] = {}
+        if username is not None:
+            opts["username"] = username
+        if password is not None:
+            opts["password"] = password
+        if tls:
+            opts["connection_class"] = redis.SSLConnection
+        for key, value in (("ssl_ca_certs", tls_ca_file), ("ssl_certfile", tls_cert_file),
+                           ("ssl_keyfile", tls_key_file)):
+            if value is not None:
+                opts[key] = str(value)
         self.r = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
-                                      socket_timeout=max(connect_timeout_s, 5.0), health_check_interval=30)
+                                      socket_timeout=max(connect_timeout_s, 5.0), health_check_interval=30, **opts)
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> IdentityStore:
-        return cls(cfg.url, cfg.namespace, cfg.connect_timeout_s)
+        return cls(cfg.url, cfg.namespace, cfg.connect_timeout_s, username=cfg.username,
+                   password=cfg.password.get_secret_value() if cfg.password else None, tls=cfg.tls,
+                   tls_ca_file=cfg.tls_ca_file, tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,
+                   retention_days=cfg.retention_days)
+
+    def _retain(self, pipe: Any, *keys: str) -> None:
+        """Give ``keys`` the retention TTL (``store.retention_days``) in ``pipe``; no-op without one."""
+        if self.retention_s:
+            for key in keys:
+                pipe.expire(key, self.retention_s)
 
     # ---------------------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -191,6 +238,9 @@ class IdentityStore:
         """
         try:
             self.r.ping()
+        except redis_auth_errors() as exc:  # before connection errors: AuthenticationError is one
+            raise StoreError(f"Redis at {self.url} refused the credentials ({type(exc).__name__}: {exc}); "
+                             f"set store.username / store.password") from None
         except _redis_errors() as exc:
             raise StoreError(f"Redis at {self.url} is not reachable ({exc}); start local services with "
                              f"`reidstream up`, or set store.url") from None
@@ -267,10 +317,16 @@ class IdentityStore:
                 pipe.zadd(self._k("identities"), {link.global_id: first_seen_s}, nx=True)
                 if thumbnail:
                     pipe.set(self._k("thumb", link.tracklet_id), thumbnail)
+                self._retain(pipe, tkey, ikey, self._k("identity", link.global_id, "tracklets"),
+                             self._k("thumb", link.tracklet_id))
                 pipe.execute()
                 return True
-            except redis.WatchError:
-                return False
+            except redis.WatchError as exc:
+                # redis-py raises WatchError also when the connection drops while watching: that is an
+                # outage (retry later), not a replay; only a link written meanwhile makes it one
+                if self.r.exists(tkey):
+                    return False
+                raise redis.ConnectionError(f"link transaction of {link.tracklet_id} interrupted: {exc}") from None
 
     def load_window(self, since_end_s: float | None = None, limit: int | None = None) -> list[WindowEntry]:
         """Linked tracklets whose last sighting is at or after ``since_end_s`` (all when None), the
@@ -348,9 +404,11 @@ class IdentityStore:
                     "first_seen_s": repr(first), "last_seen_s": repr(max(e for *_, e in rows)),
                     "cameras": json.dumps(sorted({c for _, c, _, _ in rows})), "n_tracklets": len(rows)})
                 pipe.zadd(self._k("identities"), {gid: first})
+                self._retain(pipe, self._k("identity", gid), self._k("identity", gid, "tracklets"))
             for gid, into in change.retired.items():
                 if into is not None:
                     pipe.set(self._k("merged", gid), into)
+                    self._retain(pipe, self._k("merged", gid))
             for record in change.audit:
                 pipe.xadd(self._k("audit"), {"record": json.dumps(record)})
             pipe.hset(self._k("reassociation"), mapping={k: repr(v) for k, v in change.summary.items()})
@@ -454,3 +512,132 @@ class IdentityStore:
     def thumbnail(self, tracklet_id: str) -> bytes | None:
         """The JPEG thumbnail of a tracklet, or None."""
         return self.r.get(self._k("thumb", tracklet_id))
+
+    # ---------------------------------------------------------------------------------------------
+    # erasure: everything stored about one identity, one camera, or before a time
+    def purge_identity(self, global_id: str) -> int:
+        """Delete identity ``global_id``: its tracklets' links, embeddings and crops, its sightings, the
+        identity itself, merge pointers from or to it, audit records naming it or its tracklets, and any
+        key named after it or its tracklets. A running matcher keeps them in its window until it
+        restarts; its saved scoring space is refitted at its next re-association.
+
+        Returns:
+            Tracklets removed (0 when the identity is unknown; the identity's keys are removed anyway).
+        """
+        tids = [t.decode() for t in self.r.zrange(self._k("identity", global_id, "tracklets"), 0, -1)]
+        self._purge_tracklets(tids)
+        self._rebuild_identity(global_id)
+        self._purge_audit({global_id, *tids})
+        return len(tids)
+
+    def purge_camera(self, camera: str) -> int:
+        """Delete every tracklet of ``camera`` (links, embeddings, crops, sightings, audit records and
+        keys named after them); identities left without tracklets are deleted, the others are rebuilt
+        from their remaining members (cameras, time span, count).
+
+        Returns:
+            Tracklets removed.
+        """
+        tids = [t.decode() for t in self.r.zrange(self._k("camera", camera, "sightings"), 0, -1)]
+        emptied = self._purge_tracklets(tids)
+        self.r.delete(self._k("camera", camera, "sightings"))
+        self._purge_audit(set(tids) | emptied)
+        return len(tids)
+
+    def purge_before(self, wall_s: float) -> int:
+        """Delete every tracklet its camera closed before ``wall_s`` (Unix seconds, ``closed_wall_s``),
+        rebuilding or deleting their identities, and trim index entries whose keys already expired;
+        audit records older than ``wall_s`` go too.
+
+        Returns:
+            Tracklets removed (expired leftovers included).
+        """
+        tids = [t.decode() for t in self.r.zrange(self._k("tracklets"), 0, -1)]
+        old: list[str] = []
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hget(self._k("tracklet", tid), "closed_wall_s")
+            for tid, closed in zip(tids, pipe.execute()):
+                if closed is None or float(closed) < wall_s:
+                    old.append(tid)
+        emptied = self._purge_tracklets(old)
+        self._purge_audit(set(old) | emptied, before_wall_s=wall_s)
+        return len(old)
+
+    def _keys_named_after(self, *idents: str) -> list[bytes]:
+        """Keys of this namespace with one of ``idents`` as a ``:``-separated component (merge pointers
+        and the like), found in one SCAN of the namespace."""
+        wanted = set(idents)
+        if not wanted:
+            return []
+        return [key for key in self.r.scan_iter(match=f"{self.ns}:*", count=1000)
+                if wanted.intersection(key.decode("utf-8", "replace").split(":")[1:])]
+
+    def _purge_audit(self, idents: set[str], before_wall_s: float | None = None) -> int:
+        """Delete the audit records (``{ns}:audit``) that name one of ``idents`` (global ids or
+        tracklet ids), or that are older than ``before_wall_s``; returns how many."""
+        doomed = []
+        for rec in self.audit():
+            into = rec.get("into")
+            named = {rec.get("from"), *(into if isinstance(into, list) else [into]), *rec.get("tracklets", ())}
+            if named & idents or (before_wall_s is not None and rec.get("wall_s", float("inf")) < before_wall_s):
+                doomed.append(rec["id"])
+        for start in range(0, len(doomed), 1000):
+            self.r.xdel(self._k("audit"), *doomed[start:start + 1000])
+        if doomed and self.r.xlen(self._k("audit")) == 0:
+            self.r.delete(self._k("audit"))
+        return len(doomed)
+
+    def _purge_tracklets(self, tids: list[str]) -> set[str]:
+        """Delete ``tids`` everywhere; returns the identities left without tracklets (deleted)."""
+        if not tids:
+            return set()
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hmget(self._k("tracklet", tid), "global_id", "camera")
+            rows = pipe.execute()
+        gids: set[str] = set()
+        with self.r.pipeline(transaction=True) as pipe:
+            for tid, (gid, cam) in zip(tids, rows):
+                pipe.delete(self._k("tracklet", tid), self._k("thumb", tid))
+                pipe.zrem(self._k("tracklets"), tid)
+                pipe.zrem(self._k("tracklets", "end"), tid)
+                if gid is not None:
+                    gids.add(gid.decode())
+                    pipe.zrem(self._k("identity", gid.decode(), "tracklets"), tid)
+                if cam is not None:
+                    pipe.zrem(self._k("camera", cam.decode(), "sightings"), tid)
+            pipe.execute()
+        named = self._keys_named_after(*tids)
+        for start in range(0, len(named), 1000):
+            self.r.delete(*named[start:start + 1000])
+        return {gid for gid in gids if not self._rebuild_identity(gid)}
+
+    def _rebuild_identity(self, global_id: str) -> bool:
+        """Recompute an identity from its remaining tracklets, or delete it (with the merge pointers
+        from and to it) when none is left; returns whether it still exists."""
+        ikey = self._k("identity", global_id)
+        tids = [t.decode() for t in self.r.zrange(self._k("identity", global_id, "tracklets"), 0, -1)]
+        rows = []
+        if tids:
+            with self.r.pipeline(transaction=False) as pipe:
+                for tid in tids:
+                    pipe.hmget(self._k("tracklet", tid), "camera", "start_s", "end_s")
+                rows = [r for r in pipe.execute() if r[0] is not None]
+        if not rows:
+            named = self._keys_named_after(global_id)
+            pointers = [k for k in self.r.scan_iter(match=self._k("merged", "*"), count=1000)
+                        if self.r.get(k) == global_id.encode()]
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.delete(ikey, self._k("identity", global_id, "tracklets"), *named, *pointers)
+                pipe.zrem(self._k("identities"), global_id)
+                pipe.execute()
+            return False
+        first = min(float(r[1]) for r in rows)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(ikey, mapping={"first_seen_s": repr(first), "last_seen_s": repr(max(float(r[2]) for r in rows)),
+                                     "cameras": json.dumps(sorted({r[0].decode() for r in rows})),
+                                     "n_tracklets": len(rows)})
+            pipe.zadd(self._k("identities"), {global_id: first})
+            pipe.execute()
+        return True

@@ -33,6 +33,23 @@ class CameraSummary:
     detections: int
     tracklet_ids: tuple[str, ...]
     seconds: float
+    unacknowledged: tuple[str, ...] = ()  # tracklet ids the broker never acknowledged
+    source_incomplete: bool = False  # a file ended before its declared frame count
+    frames_declared: int | None = None  # the file container's frame count, when stated
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--summary`` JSON of this run."""
+        return {"camera": self.camera, "frames": self.frames, "detections": self.detections, "seconds": self.seconds,
+                "fps": self.fps, "tracklet_ids": list(self.tracklet_ids),
+                "unacknowledged": list(self.unacknowledged), "status": self.status,
+                "source_incomplete": self.source_incomplete, "frames_declared": self.frames_declared}
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``undelivered`` (tracklets not acknowledged) or ``source_incomplete``."""
+        if self.unacknowledged:
+            return "undelivered"
+        return "source_incomplete" if self.source_incomplete else "ok"
 
     @property
     def fps(self) -> float:
@@ -45,7 +62,7 @@ class CameraWorker:
     Args:
         camera: The camera's config (defaults merged).
         topic: Topic of tracklets.
-        publish: Callable ``(topic, key, value_bytes)`` — a Kafka producer's send, or a test sink.
+        publish: Callable ``(topic, key, value_bytes, tracklet_id)`` — a checked Kafka send, or a test sink.
         stop: Event that ends the run (open tracklets are still flushed).
         detector: Optional detector-tracker (built from config when None).
     """
@@ -76,7 +93,7 @@ class CameraWorker:
 
     def _emit(self, records: list[TrackletRecord], published: list[str]) -> None:
         for rec in records:
-            self.publish(self.topic, self.cfg.name, encode(rec))
+            self.publish(self.topic, self.cfg.name, encode(rec), rec.tracklet_id)
             published.append(rec.tracklet_id)
             log.debug("camera %s: tracklet %s (%s, %d frames)", self.cfg.name, rec.tracklet_id, rec.close_reason,
                       rec.observed_frames, extra={"camera": self.cfg.name})
@@ -108,7 +125,8 @@ class CameraWorker:
         seconds = time.perf_counter() - t0
         log.info("camera %s: done, %d frames in %.1f s (%.2f fps), %d tracklets", self.cfg.name, frames, seconds,
                  frames / seconds if seconds else 0, len(published), extra={"camera": self.cfg.name})
-        return CameraSummary(self.cfg.name, frames, detections, tuple(published), seconds)
+        return CameraSummary(self.cfg.name, frames, detections, tuple(published), seconds,
+                             source_incomplete=self.source.incomplete, frames_declared=self.source.frames_declared)
 
     def close(self) -> None:
         self.source.close()
@@ -118,29 +136,41 @@ class CameraWorker:
 def run_camera(cfg: Config, name: str, stop: threading.Event) -> CameraSummary:
     """Run camera ``name`` of ``cfg`` against the configured Kafka.
 
+    Every tracklet's send is checked (:class:`~pipeline.bus.CheckedSender`): a failed send is re-sent
+    ``bus.send_retries`` times, then counted (``reidstream_undelivered_total``), logged, and listed in
+    the summary's ``unacknowledged``.
+
     Raises:
         ConfigError: No such camera.
         BusError: The broker is unreachable.
         SourceError: The source cannot be opened.
     """
-    from pipeline.bus import ensure_topics, make_producer
+    from pipeline.bus import CheckedSender, ensure_topics, make_producer
 
     cam = cfg.camera(name)
-    producer = None  # created after setup(): a bad source or missing weights fail before Kafka is touched
+    sender: CheckedSender | None = None  # created after setup(): a bad source or missing weights fail first
+    undelivered = metrics.UNDELIVERED.labels(stage="camera", camera=name)
 
-    def publish(topic: str, key: str, value: bytes) -> None:
-        producer.send(topic, key=key.encode("utf-8"), value=value)
+    def publish(topic: str, key: str, value: bytes, ident: str = "") -> None:
+        sender.send(topic, key.encode("utf-8"), value, ident=ident)
 
     worker = CameraWorker(cam, cfg.bus.topics.tracklets, publish, stop)
+    producer = None
     try:
         worker.setup()
         metrics.serve(cfg.camera_metrics_port(name), cfg.metrics.host)
         ensure_topics(cfg.bus)
         producer = make_producer(cfg.bus, client_id=f"camera-{name}")
+        sender = CheckedSender(producer, cfg.bus.send_retries, cfg.bus.delivery_timeout_s,
+                               cfg.bus.limits.max_message_bytes, on_failure=lambda _i, _e: undelivered.inc(),
+                               context=f"camera {name}")
         summary = worker.process()
-        producer.flush()
-        return summary
+        _, failed = sender.finish()
+        if failed:
+            log.error("camera %s: %d of %d tracklet(s) were not acknowledged by the broker", name, len(failed),
+                      len(summary.tracklet_ids), extra={"camera": name})
+        return dataclasses.replace(summary, unacknowledged=tuple(failed))
     finally:
         worker.close()
         if producer is not None:
-            producer.close()
+            producer.close(timeout=5)

@@ -119,6 +119,8 @@ class VideoSource:
         self.stop = stop or threading.Event()
         self.fps = 0.0
         self.source_size = (0, 0)
+        self.frames_declared: int | None = None  # files: the container's frame count, when it states one
+        self.incomplete = False  # files: ended before frames_declared (truncated or corrupt)
         self._cap = None
         self._index = -1
         self._read = 0
@@ -179,6 +181,9 @@ class VideoSource:
         w = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         h = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         self.source_size = (w, h)
+        if self.kind == "file":
+            declared = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+            self.frames_declared = declared if declared > 0 else None
         if self.roi is not None and w and h:
             x, y, rw, rh = self.roi
             if x + rw > w or y + rh > h:
@@ -210,7 +215,9 @@ class VideoSource:
         """Read the next delivered frame.
 
         Returns:
-            The next :class:`Frame`, or None at the end of a file, after ``max_frames``, or on stop.
+            The next :class:`Frame`, or None at the end of a file, after ``max_frames``, or on stop. A
+            file that ends before the frame count its container declares sets :attr:`incomplete`, logs
+            a warning and counts ``reidstream_source_incomplete_total``.
 
         Raises:
             SourceError: A stream could not be reopened within ``reconnect.max_attempts``.
@@ -224,6 +231,7 @@ class VideoSource:
             if not ok or image is None:
                 if self.kind == "file":
                     self._up.set(0)
+                    self._check_complete()
                     return None
                 log.warning("camera %s: stream stopped delivering frames, reconnecting", self.camera,
                             extra={"camera": self.camera})
@@ -251,6 +259,17 @@ class VideoSource:
             return Frame(self.camera, self._index, ts, np.ascontiguousarray(image), (x, y),
                          (image.shape[1], image.shape[0]) if self.source_size == (0, 0) else self.source_size)
         return None
+
+    def _check_complete(self) -> None:
+        """At the end of a file: flag it incomplete when fewer frames decoded than the container declared."""
+        decoded = self._index + 1  # frames up to the last one decoded (seeked-over ones included)
+        if self.incomplete or self.frames_declared is None or decoded >= self.frames_declared:
+            return
+        self.incomplete = True
+        metrics.SOURCE_INCOMPLETE.labels(stage=STAGE, camera=self.camera).inc()
+        log.warning("camera %s: %s ended after %d of the %d frames its container declares: truncated or "
+                    "corrupt file", self.camera, self.source, decoded, self.frames_declared,
+                    extra={"camera": self.camera})
 
     def __iter__(self) -> Iterator[Frame]:
         while (frame := self.process()) is not None:

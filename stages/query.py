@@ -10,6 +10,9 @@ serves the same answers as JSON:
 ``GET /tracklets/{id}/thumbnail`` its JPEG crop
 ``GET /healthz``                 Redis reachable
 ===============================  ===========================================================
+
+With a token configured (``api.token``), every route, ``/openapi.json`` and ``/docs`` included, needs
+``Authorization: Bearer <token>``; a missing or wrong token gets 401 (compared in constant time).
 """
 
 from __future__ import annotations
@@ -51,11 +54,30 @@ def tracklet(store: IdentityStore, tracklet_id: str) -> dict[str, Any] | None:
             "closed_wall_s": link.closed_wall_s, "linked_wall_s": link.linked_wall_s}
 
 
-def create_app(store: IdentityStore) -> Any:
-    """The FastAPI application of the query API over ``store``."""
-    from fastapi import FastAPI, HTTPException, Response
+def create_app(store: IdentityStore, token: str | None = None) -> Any:
+    """The FastAPI application of the query API over ``store``.
+
+    Args:
+        store: The identity store.
+        token: Bearer token every request must carry; None serves without authentication.
+    """
+    import hmac
+
+    from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi.responses import JSONResponse
 
     app = FastAPI(title="reidstream query API", version="1")
+
+    if token:
+        expected = f"Bearer {token}".encode()
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next: Any) -> Any:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -82,8 +104,11 @@ def create_app(store: IdentityStore) -> Any:
             raise HTTPException(404, f"tracklet {tracklet_id!r} is not linked")
         return found
 
-    @app.get("/tracklets/{tracklet_id}/thumbnail")
-    def get_thumbnail(tracklet_id: str) -> Response:
+    # no return annotation: under `from __future__ import annotations` FastAPI cannot resolve the
+    # locally imported Response class and /openapi.json fails with 500
+    @app.get("/tracklets/{tracklet_id}/thumbnail", response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "The JPEG crop (BGR-encoded)."}})
+    def get_thumbnail(tracklet_id: str):  # noqa: ANN202
         data = store.thumbnail(tracklet_id)
         if data is None:
             raise HTTPException(404, f"no thumbnail for {tracklet_id!r}")

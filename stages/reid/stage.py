@@ -115,11 +115,13 @@ class ReidStage:
         max_batch: Tracklets per forward pass at most.
         clock: Unix-seconds clock.
         flow: Optical-flow channels for the network (``model.config["flow"]`` of RCN), or None.
+        blurrer: A :class:`stages.reid.faces.FaceBlurrer` applied to each stored thumbnail, or None.
     """
 
     def __init__(self, engine: Any, model_name: str, seq_len: int, input_size: tuple[int, int],
                  mean: tuple[float, ...], std: tuple[float, ...], output_topic: str, max_batch: int = 8,
-                 clock=time.time, flow: str | None = None) -> None:
+                 clock=time.time, flow: str | None = None, blurrer: Any | None = None) -> None:
+        self.blurrer = blurrer
         self.engine = engine
         self.model_name = model_name
         self.seq_len = seq_len
@@ -140,11 +142,24 @@ class ReidStage:
         model, name = load_model(r)
         size = (r.model.input_height, r.model.input_width)
         engine = build_engine(r.engine, model, r.model.seq_len, size, r.batch.max_tracklets)
+        blurrer = None
+        if r.blur_faces:
+            from stages.reid.faces import FaceBlurrer
+
+            blurrer = FaceBlurrer(threshold=r.face_threshold, threads=max(r.engine.threads, 1))
         return cls(engine, name, r.model.seq_len, size, model.mean, model.std, cfg.bus.topics.embeddings,
-                   r.batch.max_tracklets, flow=getattr(model, "config", {}).get("flow"))
+                   r.batch.max_tracklets, flow=getattr(model, "config", {}).get("flow"), blurrer=blurrer)
 
     def setup(self) -> None:
+        """Load the engine (and the face detector when blurring).
+
+        Raises:
+            EngineError: The engine cannot be built.
+            FaceModelUnavailableError: Blurring is on but its model is not installed.
+        """
         self.engine.setup()
+        if self.blurrer is not None:
+            self.blurrer.setup()
 
     def embed(self, records: list[TrackletRecord]) -> np.ndarray:
         """Embeddings ``float32 [N, D]`` (L2-normalised) of ``records``, in batches of ``max_batch``.
@@ -167,14 +182,24 @@ class ReidStage:
         return np.concatenate(out, axis=0).astype(np.float32)
 
     def process(self, records: list[TrackletRecord]) -> list[Output]:
-        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order)."""
+        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order).
+
+        Raises:
+            ValueError: A record's crops cannot be decoded, or the network returned a zero or non-finite
+                embedding (the runner dead-letters the tracklet).
+        """
         if not records:
             return []
         vectors = self.embed(records)
         now = self.clock()
         outputs = []
+        # re-normalise in float32: an FP16 engine's rows can miss unit norm by more than the wire tolerance
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+        vectors = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         for rec, vec in zip(records, vectors):
             thumb = rec.crops_jpeg[len(rec.crops_jpeg) // 2]
+            if self.blurrer is not None:  # raises for an undecodable crop: never store it unblurred
+                thumb = self.blurrer.blur_jpeg(thumb)
             emb = EmbeddingRecord.from_tracklet(rec.meta(), vec, self.model_name, thumb, now)
             outputs.append(Output(self.output_topic, rec.camera, encode(emb)))
             metrics.EMBEDDINGS.labels(stage=STAGE, camera=rec.camera).inc()
@@ -182,6 +207,8 @@ class ReidStage:
 
     def close(self) -> None:
         self.engine.close()
+        if self.blurrer is not None:
+            self.blurrer.close()
 
 
 def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None) -> Any:

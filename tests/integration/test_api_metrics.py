@@ -11,13 +11,14 @@ import pytest
 
 from pipeline.services import free_port
 from stages.matcher import CrossCameraMatcher
+from stages.matcher.association import Rules
 from tests.conftest import ROOT
 from tests.integration.test_matcher_store import emb, noisy, unit
 
 
 @pytest.fixture
 def filled_store(store):
-    m = CrossCameraMatcher(store, threshold=0.8, center=False)
+    m = CrossCameraMatcher(store, threshold=0.8, rules=Rules(center=False, transit_weight=0.0))
     m.setup()
     a = unit(1)
     m.process([emb("A1", "left", 0, 2, a), emb("B1", "left", 0, 2, unit(2)), emb("A2", "right", 3, 5, noisy(a, 3))])

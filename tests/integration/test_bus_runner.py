@@ -74,7 +74,7 @@ def test_poison_goes_to_dead_letter_rest_is_published_and_committed(bus_config, 
     ensure_topics(bus_config)
     good = [make_tracklet(tracklet_id=f"t{i}") for i in range(5)]
     boom = make_tracklet(tracklet_id="t-boom")
-    wrong_schema = encode(EmbeddingRecord.from_tracklet(good[0].meta(), __import__("numpy").ones(2, "f4"), "m", None, 0))
+    wrong_schema = encode(EmbeddingRecord.from_tracklet(good[0].meta(), __import__("numpy").ones(4, "f4") / 2, "m", None, 0))
     _publish(bus_config, [*good[:2], b"{not json", boom, wrong_schema, *good[2:]])
 
     stage = EchoStage(bus_config.topics.embeddings)

@@ -103,7 +103,10 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
         m.SOURCE_UP.labels("ingest", camera).set(1)
         m.RECONNECTS.labels("ingest", camera)
         m.DROPPED.labels("ingest", camera, "queue_full")
+        m.UNDELIVERED.labels("camera", camera)
+        m.SOURCE_INCOMPLETE.labels("ingest", camera)
     m.DEAD_LETTERS.labels("reid", "decode_error")
+    m.REJECTED.labels("reid", "oversized")
     tick = 0
     while not stop.is_set():
         for camera in CAMERAS:
@@ -131,6 +134,7 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
         m.IDENTITIES.labels("matcher").set(identities)
         if tick % 10 == 0:
             m.DEAD_LETTERS.labels("reid", "decode_error").inc()
+            m.REJECTED.labels("reid", "oversized").inc()
         tick += 1
         stop.wait(tick_s)
 
@@ -202,7 +206,7 @@ def test_dashboard_uses_every_reidstream_metric():
         for metric in vars(m).values()
         if isinstance(metric, Counter | Gauge | Histogram)
     }
-    assert len(names) == 14
+    assert len(names) == 17
     unused = sorted(n for n in names if not re.search(rf"\b{n}(_total|_bucket|_sum|_count)?\b", exprs))
     assert not unused, f"metrics without a panel: {unused}"
 
@@ -303,7 +307,7 @@ def test_promtool_check_config(promtool):
 def test_promtool_check_rules(promtool):
     result = _run(promtool, "check", "rules", str(ALERTS_PATH))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 7 rules found" in result.stdout + result.stderr
 
 
 def _alert(name, labels, summary, description):
@@ -335,6 +339,8 @@ _FIRING_SERIES = [
      "values": "5000-100x20"},
     {"series": 'reidstream_dead_letters_total{stage="reid",reason="decode_error"}', "values": "0 0 0 3 3 3"},
     {"series": 'reidstream_dead_letters_total{stage="matcher",reason="bad_record"}', "values": "0x5"},
+    {"series": 'reidstream_undelivered_total{stage="camera",camera="left"}', "values": "0 0 0 2 2 2"},
+    {"series": 'reidstream_undelivered_total{stage="camera",camera="right"}', "values": "0x5"},
     {"series": 'reidstream_tracklets_total{stage="tracklets",camera="left",outcome="published"}', "values": "0+60x20"},
     {"series": 'reidstream_tracklet_link_latency_seconds_bucket{camera="left",le="60"}', "values": "0x20"},
     {"series": 'reidstream_tracklet_link_latency_seconds_bucket{camera="left",le="120"}', "values": "0+10x20"},
@@ -351,6 +357,7 @@ _HEALTHY_SERIES = [
     {"series": 'reidstream_links_total{stage="matcher",camera="left",kind="joined"}', "values": "0+50x20"},
     {"series": 'reidstream_consumer_lag_messages{stage="reid",topic="tracklets",partition="0"}', "values": "3x20"},
     {"series": 'reidstream_dead_letters_total{stage="reid",reason="decode_error"}', "values": "2x20"},
+    {"series": 'reidstream_undelivered_total{stage="camera",camera="left"}', "values": "0x20"},
 ]
 
 
@@ -377,6 +384,12 @@ def test_promtool_alert_unit_tests(promtool, tmp_path):
             "reid dead-lettered messages (decode_error)",
             "About 3 messages went to the dead-letter topic from stage reid with reason decode_error in the last "
             "10 minutes; they are not re-identified. Inspect the dead-letter topic and the stage's logs.")]),
+        ("5m", "ReidstreamTrackletsUndelivered", [_alert(
+            "ReidstreamTrackletsUndelivered", {"camera": "left"},
+            "camera left lost tracklets to the broker",
+            "About 2 tracklets of camera left were not acknowledged by the Kafka broker after every retry in the "
+            "last 10 minutes. Check the broker (a restart of the in-memory Tansu loses its topics) and the camera's "
+            "log.")]),
         ("15m", "ReidstreamNoLinks", [_alert(
             "ReidstreamNoLinks", {},
             "tracklets are published but no links are stored",

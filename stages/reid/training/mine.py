@@ -120,7 +120,7 @@ class TrackletFolderSink:
         self.skipped = 0
         self.crops = 0
 
-    def __call__(self, topic: str, key: str, value: bytes) -> None:
+    def __call__(self, topic: str, key: str, value: bytes, _tracklet_id: str = "") -> None:
         """Decode one wire-format tracklet record and write its folder.
 
         Raises:

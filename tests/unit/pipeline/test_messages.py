@@ -31,10 +31,10 @@ def test_tracklet_round_trip_keeps_bytes_and_schema():
 
 def test_embedding_round_trip_and_vector():
     vec = np.array([0.6, 0.8, 0.0], np.float32)
-    emb = EmbeddingRecord.from_tracklet(make_tracklet().meta(), vec, "sta/mobilenet_v2", b"jpg", 2.0)
+    emb = EmbeddingRecord.from_tracklet(make_tracklet().meta(), vec, "sta/mobilenet_v2", b"\xff\xd8jpg", 2.0)
     back = decode(encode(emb), EmbeddingRecord)
     np.testing.assert_array_equal(back.vector, vec)
-    assert back.thumbnail_jpeg == b"jpg" and back.tracklet_id == "cam-s-1-0"
+    assert back.thumbnail_jpeg == b"\xff\xd8jpg" and back.tracklet_id == "cam-s-1-0"
 
 
 @pytest.mark.parametrize(
