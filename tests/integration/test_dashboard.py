@@ -132,6 +132,11 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
         for key in lag:  # small, bounded lag: a healthy deployment (alerts must stay quiet)
             m.CONSUMER_LAG.labels(*key).set(rng.randint(0, 20))
         m.IDENTITIES.labels("matcher").set(identities)
+        m.MATCH_THRESHOLD.labels("matcher").set(rng.uniform(0.1, 0.3))
+        m.REASSOCIATIONS.labels("matcher").inc()
+        m.REASSOCIATION_SECONDS.labels("matcher").observe(rng.uniform(0.05, 0.5))
+        m.IDENTITY_CHANGES.labels("matcher", "merge").inc(rng.randint(0, 2))
+        m.IDENTITY_CHANGES.labels("matcher", "split").inc(rng.randint(0, 1))
         if tick % 10 == 0:
             m.DEAD_LETTERS.labels("reid", "decode_error").inc()
             m.REJECTED.labels("reid", "oversized").inc()
@@ -206,7 +211,7 @@ def test_dashboard_uses_every_reidstream_metric():
         for metric in vars(m).values()
         if isinstance(metric, Counter | Gauge | Histogram)
     }
-    assert len(names) == 17
+    assert len(names) == 21
     unused = sorted(n for n in names if not re.search(rf"\b{n}(_total|_bucket|_sum|_count)?\b", exprs))
     assert not unused, f"metrics without a panel: {unused}"
 

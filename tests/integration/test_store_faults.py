@@ -39,8 +39,8 @@ def test_connection_lost_during_link_transaction_is_an_outage_not_a_replay(store
     monkeypatch.setattr(store.r, "pipeline", lambda *a, **k: DropsOnExecute(real(*a, **k)))
     vec = np.ones(4, np.float32) / 2
     with pytest.raises(redis.ConnectionError, match="interrupted"):
-        store.record_link(_link("T1"), vec, vec, ["left"], 0.0, 1.0, None)
+        store.record_link(_link("T1"), vec, ["left"], 0.0, 1.0, None)
     monkeypatch.setattr(store.r, "pipeline", real)
     assert not store.has_tracklet("T1")
-    assert store.record_link(_link("T1"), vec, vec, ["left"], 0.0, 1.0, None) is True  # the retry links it
-    assert store.record_link(_link("T1"), vec, vec, ["left"], 0.0, 1.0, None) is False  # a replay does not
+    assert store.record_link(_link("T1"), vec, ["left"], 0.0, 1.0, None) is True  # the retry links it
+    assert store.record_link(_link("T1"), vec, ["left"], 0.0, 1.0, None) is False  # a replay does not
