@@ -231,6 +231,38 @@ def query_links(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.tabl
           "links")
 
 
+@query_app.command("identity")
+def query_identity(global_id: str, config: Path = ConfigOpt,
+                   fmt: Format = typer.Option(Format.table, "--format")) -> None:
+    """One identity (an id merged away shows the identity it was merged into); exit 1 when unknown."""
+    from stages import query
+
+    row = query.identity(_store(config), global_id)
+    if row is None:
+        err.print(f"[red]error:[/red] identity {escape(repr(global_id))} is unknown")
+        raise typer.Exit(1)
+    if fmt is Format.json:
+        sys.stdout.write(json.dumps(row, indent=2) + "\n")
+        return
+    table = Table(title=f"identity {global_id}", show_header=False)
+    for key, value in row.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    out.print(table)
+
+
+@query_app.command("audit")
+def query_audit(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.table, "--format"),
+                limit: int | None = typer.Option(None, "--limit", min=1, help="The newest N records only.")) -> None:
+    """Merges and splits made by the matcher's re-association, oldest first."""
+    from stages import query
+
+    rows = query.audit(_store(config), limit)
+    _emit(rows, fmt, [("kind", lambda r: r["kind"]), ("from", lambda r: r["from"]),
+                      ("into", lambda r: ", ".join(r["into"]) if isinstance(r["into"], list) else r["into"]),
+                      ("tracklets", lambda r: str(len(r["tracklets"]))),
+                      ("threshold", lambda r: f"{r.get('threshold', float('nan')):.3f}")], "audit")
+
+
 @query_app.command("tracklet")
 def query_tracklet(tracklet_id: str, config: Path = ConfigOpt,
                    fmt: Format = typer.Option(Format.table, "--format")) -> None:

@@ -1,10 +1,13 @@
-"""Operator queries over the identity store: identities, cross-camera links, one tracklet.
+"""Operator queries over the identity store: identities, cross-camera links, one tracklet, the audit.
 
 Used by ``reidstream query …`` (table or JSON) and by the HTTP API (``reidstream api``), which
 serves the same answers as JSON:
 
 ===============================  ===========================================================
 ``GET /identities``              global identities (``?min_cameras=2`` for cross-camera ones)
+``GET /identities/{id}``         one identity; an id merged away answers with the identity it was
+                                 merged into (``merged_from`` set); 404 when unknown
+``GET /audit``                   merges and splits of the re-association, oldest first (``?limit=``)
 ``GET /links``                   tracklet → identity links (``?cross_camera=true``, ``?camera=``)
 ``GET /tracklets/{id}``          one link, 404 when unknown
 ``GET /tracklets/{id}/thumbnail`` its JPEG crop
@@ -25,6 +28,25 @@ from pipeline.store import IdentityStore
 def identities(store: IdentityStore, min_cameras: int = 1) -> list[dict[str, Any]]:
     """Identities seen on at least ``min_cameras`` cameras, as ``identities.json`` objects."""
     return [i.to_json() for i in store.identities() if len(i.cameras) >= min_cameras]
+
+
+def identity(store: IdentityStore, global_id: str) -> dict[str, Any] | None:
+    """One identity as an ``identities.json`` object, following merges (an id merged away gives the
+    surviving identity, with ``merged_from`` set to the id asked for); None when unknown."""
+    current = store.resolve(global_id)
+    ident = store.identity(current)
+    if ident is None:
+        return None
+    out = ident.to_json()
+    if current != global_id:
+        out["merged_from"] = global_id
+    return out
+
+
+def audit(store: IdentityStore, limit: int | None = None) -> list[dict[str, Any]]:
+    """Merge and split records (``kind``, ``from``, ``into``, ``tracklets``, ``wall_s``, ``reason``,
+    ``threshold``, stream ``id``), oldest first; the newest ``limit`` when given."""
+    return store.audit(limit)
 
 
 def links(store: IdentityStore, cross_camera: bool = False, camera: str | None = None) -> list[dict[str, Any]]:
@@ -92,6 +114,19 @@ def create_app(store: IdentityStore, token: str | None = None) -> Any:
     @app.get("/identities")
     def get_identities(min_cameras: int = 1) -> list[dict[str, Any]]:
         return identities(store, min_cameras)
+
+    @app.get("/identities/{global_id}")
+    def get_identity(global_id: str) -> dict[str, Any]:
+        found = identity(store, global_id)
+        if found is None:
+            raise HTTPException(404, f"identity {global_id!r} is unknown")
+        return found
+
+    @app.get("/audit")
+    def get_audit(limit: int | None = None) -> list[dict[str, Any]]:
+        if limit is not None and limit < 1:
+            raise HTTPException(422, "limit must be >= 1")
+        return audit(store, limit)
 
     @app.get("/links")
     def get_links(cross_camera: bool = False, camera: str | None = None) -> list[dict[str, Any]]:

@@ -45,6 +45,41 @@ def test_api_answers_like_the_query_functions(filled_store):
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
 
 
+def test_api_and_cli_follow_merges_and_show_the_audit(store):
+    from fastapi.testclient import TestClient
+
+    from pipeline.config import ReassociationConfig
+    from stages.query import create_app
+    from tests.conftest import run_cli
+
+    a = unit(30)
+    m = CrossCameraMatcher(store, threshold=0.9, rules=Rules(center=False, transit_weight=0.0),
+                           reassociation=ReassociationConfig(calibrate=False))
+    m.setup()
+    m.process([emb("A1", "left", 0, 2, a)])
+    m.process([emb("A2", "right", 3, 5, noisy(a, 1, 0.35))])   # below 0.9 online: founds its own identity
+    gone = store.link("A2").global_id
+    m.base_threshold = 0.6
+    assert m.reassociate().merges == 1
+    survivor = store.link("A1").global_id
+    client = TestClient(create_app(store))
+    merged = client.get(f"/identities/{gone}").json()
+    assert merged["global_id"] == survivor and merged["merged_from"] == gone
+    assert sorted(merged["tracklets"]) == ["A1", "A2"]
+    assert client.get("/identities/G999999").status_code == 404
+    (record,) = client.get("/audit").json()
+    assert record["kind"] == "merge" and record["from"] == gone and record["into"] == survivor
+    assert client.get("/audit", params={"limit": 0}).status_code == 422
+    env = {"REIDSTREAM__STORE__URL": f"redis://127.0.0.1:{store.r.connection_pool.connection_kwargs['port']}/0",
+           "REIDSTREAM__STORE__NAMESPACE": store.ns}
+    cfg = str(ROOT / "configs" / "demo.yaml")
+    shown = run_cli("query", "identity", gone, "--config", cfg, "--format", "json", env=env, timeout=60)
+    assert shown.returncode == 0 and '"merged_from"' in shown.stdout, shown.stderr
+    listed = run_cli("query", "audit", "--config", cfg, "--format", "json", env=env, timeout=60)
+    assert listed.returncode == 0 and '"merge"' in listed.stdout, listed.stderr
+    assert run_cli("query", "identity", "G999999", "--config", cfg, env=env, timeout=60).returncode == 1
+
+
 def test_matcher_process_serves_metrics(kafka_server, redis_server, unique):
     port = free_port()
     env = {"REIDSTREAM__BUS__BOOTSTRAP_SERVERS": kafka_server, "REIDSTREAM__STORE__URL": redis_server,
