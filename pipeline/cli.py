@@ -121,9 +121,17 @@ def camera(camera_name: str = typer.Option(..., "--camera", help="Camera name fr
         raise typer.Exit(EXIT_SOURCE_INCOMPLETE)
 
 
+def _touch(path: Path | None) -> Callable[[], None] | None:
+    """A readiness callback that creates ``path`` (None: no callback)."""
+    if path is None:
+        return None
+    return lambda: path.touch()
+
+
 @app.command()
 def reid(config: Path = ConfigOpt,
-         idle_exit: float | None = typer.Option(None, help="Exit after this many idle seconds.")) -> None:
+         idle_exit: float | None = typer.Option(None, help="Exit after this many idle seconds."),
+         ready_file: Path | None = typer.Option(None, help="Touch this file once the stage consumes its topic.")) -> None:
     """Run the re-id stage: embed tracklets from every camera in batches."""
     from pipeline.runner import setup_process
 
@@ -132,13 +140,14 @@ def reid(config: Path = ConfigOpt,
     _set_threads()
     from stages.reid.stage import run_reid
 
-    stats = _run(lambda: run_reid(cfg, stop, idle_exit))
+    stats = _run(lambda: run_reid(cfg, stop, idle_exit, _touch(ready_file)))
     log.info("reid: %s", stats)
 
 
 @app.command()
 def matcher(config: Path = ConfigOpt,
-            idle_exit: float | None = typer.Option(None, help="Exit after this many idle seconds.")) -> None:
+            idle_exit: float | None = typer.Option(None, help="Exit after this many idle seconds."),
+            ready_file: Path | None = typer.Option(None, help="Touch this file once the stage consumes its topic.")) -> None:
     """Run the cross-camera matcher: assign global identities, keep them in Redis."""
     from pipeline.runner import setup_process
 
@@ -146,7 +155,7 @@ def matcher(config: Path = ConfigOpt,
     stop = setup_process("matcher")
     from stages.matcher import run_matcher
 
-    stats = _run(lambda: run_matcher(cfg, stop, idle_exit))
+    stats = _run(lambda: run_matcher(cfg, stop, idle_exit, _touch(ready_file)))
     log.info("matcher: %s", stats)
 
 

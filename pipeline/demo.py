@@ -139,8 +139,13 @@ def run_demo(cfg: Config, config_path: Path, output: Path, fresh: bool = False, 
     summaries: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        procs["matcher"] = _spawn(["matcher", *cfg_arg], logs / "matcher.log", 1, model_env)
-        procs["reid"] = _spawn(["reid", *cfg_arg], logs / "reid.log", 1, model_env)
+        ready = {name: logs / f"{name}.ready" for name in ("matcher", "reid")}
+        for path in ready.values():
+            path.unlink(missing_ok=True)
+        procs["matcher"] = _spawn(["matcher", *cfg_arg, "--ready-file", str(ready["matcher"])], logs / "matcher.log",
+                                  1, model_env)
+        procs["reid"] = _spawn(["reid", *cfg_arg, "--ready-file", str(ready["reid"])], logs / "reid.log", 1, model_env)
+        _wait_ready(procs, ready, logs, min(READY_TIMEOUT_S, max(deadline - time.monotonic(), 1.0)))
         for cam in cfg.cameras:
             procs[cam.name] = _spawn(["camera", *cfg_arg, "--camera", cam.name, "--summary",
                                       str(logs / f"{cam.name}.summary.json")], logs / f"{cam.name}.log", 1)
@@ -196,6 +201,29 @@ def _write_outputs(cfg: Config, store: IdentityStore, output: Path, published: l
     write_report(output / "report.html", identities, links, thumbs)
     cross = sum(1 for i in identities if len(i["cameras"]) >= 2)
     return {"links": links, "identities": identities, "cross_camera": cross, "cameras": summaries, "model": model}
+
+
+READY_TIMEOUT_S = 120.0
+"""How long the demo waits for the re-id stage and the matcher to consume before starting the cameras."""
+
+
+def _wait_ready(procs: dict[str, subprocess.Popen], ready: dict[str, Path], logs: Path, timeout_s: float) -> None:
+    """Start the cameras only once the consuming stages have their partitions: a tracklet published
+    earlier would wait for the model to load and the group to form (seconds of link latency).
+
+    Raises:
+        DemoError: A stage exited, or did not get ready within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in ready.values()):
+        for name in ready:
+            code = procs[name].poll()
+            if code is not None:
+                raise DemoError(f"{name} process exited with code {code}: {_last_error(logs / f'{name}.log')}")
+        if time.monotonic() > deadline:
+            late = [n for n, p in ready.items() if not p.exists()]
+            raise DemoError(f"{', '.join(late)} not consuming after {timeout_s:.0f} s; logs in {logs}")
+        time.sleep(0.2)
 
 
 def _reassociated(cfg: Config, store: IdentityStore) -> bool:

@@ -90,11 +90,13 @@ class StageRunner:
         limits: Message bounds enforced at decode and publish (defaults of :class:`LimitsConfig`).
         send_retries: Re-sends of an output or dead letter whose send failed, per attempt round.
         delivery_timeout_s: Seconds to wait for the broker's acknowledgements of one batch.
+        on_ready: Called once, when the consumer first has partitions assigned (the stage takes input).
     """
 
     def __init__(self, stage: Stage, name: str, consumer: Any, producer: Any, record_type: type,
                  dead_letter_topic: str, max_batch: int, max_wait_ms: int, stop: threading.Event,
-                 limits: LimitsConfig | None = None, send_retries: int = 3, delivery_timeout_s: float = 60.0) -> None:
+                 limits: LimitsConfig | None = None, send_retries: int = 3, delivery_timeout_s: float = 60.0,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.limits = limits or LimitsConfig()
         self.send_retries = send_retries
         self.delivery_timeout_s = delivery_timeout_s
@@ -107,6 +109,7 @@ class StageRunner:
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.stop = stop
+        self.on_ready = on_ready
         self.stats = RunnerStats()
 
     def run(self, idle_exit_s: float | None = None) -> RunnerStats:
@@ -132,6 +135,10 @@ class StageRunner:
                     continue
                 outage_delay = 0.5
                 messages = [m for batch in polled.values() for m in batch]
+                if self.on_ready is not None and self.consumer.assignment():
+                    log.info("%s: ready, consuming %d partition(s)", self.name, len(self.consumer.assignment()))
+                    self.on_ready()
+                    self.on_ready = None
                 if not messages:
                     self._update_lag()
                     self._idle()
@@ -316,7 +323,8 @@ class _OutputAsMessage:
 
 def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group_id: str, record_type: type,
                         max_batch: int, max_wait_ms: int, stop: threading.Event,
-                        idle_exit_s: float | None = None, limits: LimitsConfig | None = None) -> RunnerStats:
+                        idle_exit_s: float | None = None, limits: LimitsConfig | None = None,
+                        on_ready: Callable[[], None] | None = None) -> RunnerStats:
     """Create the topics, a group consumer of ``topic`` and a producer, and drive ``stage`` with them.
 
     Args:
@@ -331,6 +339,7 @@ def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group
         stop: Event that ends the loop after the current batch.
         idle_exit_s: Exit after this long without messages (None: run until stopped).
         limits: Message bounds; None uses ``bus_cfg.limits``.
+        on_ready: Called once the consumer has its partitions (see :class:`StageRunner`).
 
     Returns:
         The runner's counts.
@@ -345,7 +354,7 @@ def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group
     producer = make_producer(bus_cfg, name)
     runner = StageRunner(stage, name, consumer, producer, record_type, bus_cfg.topics.dead_letter, max_batch,
                          max_wait_ms, stop, limits=limits or bus_cfg.limits, send_retries=bus_cfg.send_retries,
-                         delivery_timeout_s=bus_cfg.delivery_timeout_s)
+                         delivery_timeout_s=bus_cfg.delivery_timeout_s, on_ready=on_ready)
     try:
         return runner.run(idle_exit_s=idle_exit_s)
     finally:

@@ -555,7 +555,8 @@ def _gid_order(gid: str) -> tuple[int, str]:
     return (int(digits) if digits else 1 << 62, gid)
 
 
-def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None) -> Any:
+def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None,
+                on_ready: Any = None) -> Any:
     """Run the matcher against the configured Kafka and Redis until stopped.
 
     Raises:
@@ -569,7 +570,8 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
     return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,
-                               EmbeddingRecord, max_batch=64, max_wait_ms=200, stop=stop, idle_exit_s=idle_exit_s)
+                               EmbeddingRecord, max_batch=64, max_wait_ms=200, stop=stop, idle_exit_s=idle_exit_s,
+                               on_ready=on_ready)
 
 
 __all__ = ["CrossCameraMatcher", "Decision", "ReassociationResult", "run_matcher"]

@@ -211,7 +211,8 @@ class ReidStage:
             self.blurrer.close()
 
 
-def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None) -> Any:
+def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None,
+             on_ready: Any = None) -> Any:
     """Run the re-id stage against the configured Kafka until stopped.
 
     Raises:
@@ -226,4 +227,4 @@ def run_reid(cfg: Config, stop: threading.Event, idle_exit_s: float | None = Non
     stage = ReidStage.from_config(cfg)
     batch = cfg.reid.batch
     return run_consuming_stage(cfg.bus, stage, STAGE, cfg.bus.topics.tracklets, cfg.reid.group_id, TrackletRecord,
-                               batch.max_tracklets, batch.max_wait_ms, stop, idle_exit_s)
+                               batch.max_tracklets, batch.max_wait_ms, stop, idle_exit_s, on_ready=on_ready)

@@ -59,11 +59,11 @@ def _publish(bus, records_or_bytes):
     producer.close()
 
 
-def _run(bus, stage, group, idle_s=3.0):
+def _run(bus, stage, group, idle_s=3.0, on_ready=None):
     consumer = make_consumer(bus, bus.topics.tracklets, group, "test-runner")
     producer = make_producer(bus, "test-runner")
     runner = StageRunner(stage, "test", consumer, producer, TrackletRecord, bus.topics.dead_letter,
-                         max_batch=16, max_wait_ms=200, stop=threading.Event())
+                         max_batch=16, max_wait_ms=200, stop=threading.Event(), on_ready=on_ready)
     stats = runner.run(idle_exit_s=idle_s)
     consumer.close()
     producer.close()
@@ -78,7 +78,9 @@ def test_poison_goes_to_dead_letter_rest_is_published_and_committed(bus_config, 
     _publish(bus_config, [*good[:2], b"{not json", boom, wrong_schema, *good[2:]])
 
     stage = EchoStage(bus_config.topics.embeddings)
-    stats = _run(bus_config, stage, f"g-{unique}")
+    ready = []
+    stats = _run(bus_config, stage, f"g-{unique}", on_ready=lambda: ready.append(stage.setup_called))
+    assert ready == [True]  # once, after setup, when the partitions were assigned
     assert stage.setup_called and stage.closed
     assert (stats.consumed, stats.processed, stats.dead_lettered, stats.published) == (8, 5, 3, 5)
 
