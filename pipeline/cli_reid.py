@@ -479,6 +479,8 @@ def adapt_command(
     width: int = typer.Option(64, "--width", min=8, help="Input width of the adapted network, pixels."),
     max_steps_per_epoch: int | None = typer.Option(40, "--max-steps-per-epoch", min=1, help="Batches per epoch at most."),
     option: list[str] | None = typer.Option(None, "--option", "-O", help="Model option key=value (repeat)."),
+    holdout: float = typer.Option(0.0, "--holdout", min=0.0, max=0.99, help="Keep this fraction of the tracklets "
+                                  "out (the split `evaluate --data tracklets:DIR --holdout F` scores)."),
 ) -> None:
     """Adapt a seed network to your cameras without labels: mine, pseudo-identities by the matcher's
     constrained clustering, train, repeat; writes OUTPUT/model.pt and OUTPUT/model.calibration.json."""
@@ -489,7 +491,8 @@ def adapt_command(
     cfg = _run(lambda: load_config(config))
     acfg = _run(lambda: AdaptConfig(output_dir=output, tracklets=tracklets, model=model, rounds=rounds, epochs=epochs,
                                     seq_len=seq_len, input_size=(height, width),
-                                    max_steps_per_epoch=max_steps_per_epoch, model_options=_parse_options(option)))
+                                    max_steps_per_epoch=max_steps_per_epoch, model_options=_parse_options(option),
+                                    holdout=holdout))
     with _progress() as progress:
         result = _run(lambda: adapt(cfg, acfg, _TrainProgress(progress)))
     table = Table("round", "pseudo-identities", "tracklets used", "threshold")

@@ -62,6 +62,14 @@ class TrackletSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def without(self, ids: set[str]) -> TrackletSet:
+        """This set less the tracklets in ``ids``."""
+        if not ids:
+            return self
+        keep = [i for i, t in enumerate(self.ids) if t not in ids]
+        return TrackletSet(tuple(self.ids[i] for i in keep), tuple(self.cameras[i] for i in keep),
+                           self.starts[keep], self.ends[keep], self.embeddings[keep])
+
 
 def from_store(cfg: Config) -> TrackletSet:
     """The linked tracklets of the configured namespace (the matcher's window rules).

@@ -60,6 +60,11 @@ class AdaptConfig:
         crops: Crops per tracklet when mining.
         model_options: Extra constructor arguments of the network.
         seed: Seed of training.
+        holdout: Fraction of the tracklets kept out of clustering and training, drawn exactly as the
+            ``tracklets`` data set's held-out split with the same fraction and ``holdout_seed``, so
+            ``reidstream evaluate --data tracklets:DIR --holdout F`` scores the adapted network on
+            tracklets it never saw (0: adapt on everything).
+        holdout_seed: Seed of that draw.
     """
 
     output_dir: Path
@@ -77,11 +82,15 @@ class AdaptConfig:
     crops: int = 16
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    holdout: float = 0.0
+    holdout_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "epochs", "seq_len", "p", "k", "crops"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdaptConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"AdaptConfig.holdout must be in [0, 1), got {self.holdout}")
         if self.min_cluster < 2:
             raise ValueError(f"AdaptConfig.min_cluster must be >= 2, got {self.min_cluster}")
 
@@ -146,6 +155,16 @@ def _write_pseudo_labels(src: Path, dst: Path, ids: tuple[str, ...], labels: np.
     return len(keep)
 
 
+def _held_out(root: Path, acfg: AdaptConfig) -> set[str]:
+    """Tracklet ids of the ``tracklets`` data set's held-out split (query and gallery halves)."""
+    from stages.reid.training.datasets.tracklets import load_tracklets
+
+    ds = load_tracklets(root, holdout_fraction=acfg.holdout, seed=acfg.holdout_seed)
+    held = {Path(item.paths[0]).parent.name for item in (*ds.query, *ds.gallery)}
+    log.info("adapt: %d of the tracklets held out for evaluation", len(held))
+    return held
+
+
 def adapt(cfg: Config, acfg: AdaptConfig, progress: Any = None) -> AdaptResult:
     """Adapt a seed network to the configured cameras without labels (see the module docstring).
 
@@ -174,7 +193,8 @@ def adapt(cfg: Config, acfg: AdaptConfig, progress: Any = None) -> AdaptResult:
         root = out / "mined"
         mine(cfg, root, crops=acfg.crops, append=True)
     root = Path(root)
-    ts = embed_folders(cfg, root)
+    held = _held_out(root, acfg) if acfg.holdout > 0 else set()
+    ts = embed_folders(cfg, root).without(held)
     rounds: list[dict[str, Any]] = []
     checkpoint = None
     for r in range(acfg.rounds):
@@ -201,7 +221,7 @@ def adapt(cfg: Config, acfg: AdaptConfig, progress: Any = None) -> AdaptResult:
         checkpoint = Path(result.last_checkpoint)
         rounds.append({"round": r, "pseudo_identities": n_ids, "tracklets_used": used, "tracklets": len(ts),
                        "threshold": threshold, "checkpoint": str(checkpoint)})
-        ts = embed_folders(_model_config(cfg, acfg, checkpoint), root)
+        ts = embed_folders(_model_config(cfg, acfg, checkpoint), root).without(held)
     final = out / "model.pt"
     shutil.copyfile(checkpoint, final)
     adapted = _model_config(cfg, acfg, final)

@@ -62,3 +62,17 @@ def test_adapt_config_is_validated(tmp_path):
         AdaptConfig(output_dir=tmp_path, min_cluster=1)
     with pytest.raises(ValueError, match="rounds"):
         AdaptConfig(output_dir=tmp_path, rounds=0)
+    with pytest.raises(ValueError, match="holdout"):
+        AdaptConfig(output_dir=tmp_path, holdout=1.0)
+
+
+def test_held_out_tracklets_are_neither_clustered_nor_trained_on(tmp_path):
+    from stages.reid.training.adapt import AdaptConfig, _held_out
+    from stages.reid.training.datasets.tracklets import load_tracklets
+
+    _site(tmp_path / "mined", np.random.default_rng(1))
+    acfg = AdaptConfig(output_dir=tmp_path / "out", tracklets=tmp_path / "mined", holdout=0.25)
+    held = _held_out(tmp_path / "mined", acfg)
+    ds = load_tracklets(tmp_path / "mined", holdout_fraction=0.25, seed=0)
+    assert held and held == {p.split("/")[-2] for item in (*ds.query, *ds.gallery) for p in item.paths[:1]}
+    assert not held & {p.split("/")[-2] for item in ds.train for p in item.paths[:1]}
