@@ -240,23 +240,28 @@ def query_links(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.tabl
           "links")
 
 
+def _emit_one(row: dict[str, Any] | None, fmt: Format, what: str, missing: str) -> None:
+    """Print one record as a two-column table or JSON; exit 1 with ``error: <what> <missing>`` when None."""
+    if row is None:
+        kind, _, name = what.partition(" ")
+        err.print(f"[red]error:[/red] {kind} {escape(repr(name))} {missing}")
+        raise typer.Exit(1)
+    if fmt is Format.json:
+        sys.stdout.write(json.dumps(row, indent=2) + "\n")
+        return
+    table = Table(title=what, show_header=False)
+    for key, value in row.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    out.print(table)
+
+
 @query_app.command("identity")
 def query_identity(global_id: str, config: Path = ConfigOpt,
                    fmt: Format = typer.Option(Format.table, "--format")) -> None:
     """One identity (an id merged away shows the identity it was merged into); exit 1 when unknown."""
     from stages import query
 
-    row = query.identity(_store(config), global_id)
-    if row is None:
-        err.print(f"[red]error:[/red] identity {escape(repr(global_id))} is unknown")
-        raise typer.Exit(1)
-    if fmt is Format.json:
-        sys.stdout.write(json.dumps(row, indent=2) + "\n")
-        return
-    table = Table(title=f"identity {global_id}", show_header=False)
-    for key, value in row.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
-    out.print(table)
+    _emit_one(query.identity(_store(config), global_id), fmt, f"identity {global_id}", "is unknown")
 
 
 @query_app.command("audit")
@@ -278,17 +283,7 @@ def query_tracklet(tracklet_id: str, config: Path = ConfigOpt,
     """One tracklet's link; exit 1 when it is not linked."""
     from stages import query
 
-    row = query.tracklet(_store(config), tracklet_id)
-    if row is None:
-        err.print(f"[red]error:[/red] tracklet {escape(repr(tracklet_id))} is not linked")
-        raise typer.Exit(1)
-    if fmt is Format.json:
-        sys.stdout.write(json.dumps(row, indent=2) + "\n")
-        return
-    table = Table(title=f"tracklet {tracklet_id}", show_header=False)
-    for key, value in row.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
-    out.print(table)
+    _emit_one(query.tracklet(_store(config), tracklet_id), fmt, f"tracklet {tracklet_id}", "is not linked")
 
 
 def parse_time(text: str) -> float:
