@@ -44,6 +44,7 @@ __all__ = [
     "cannot_link_between",
     "cross_camera_mask",
     "cut_tree",
+    "score_vectors",
     "linkage_tree",
     "overlap_s",
 ]
@@ -523,6 +524,14 @@ class WindowAssociation:
     transit: TransitModel
 
 
+def score_vectors(embeddings: np.ndarray, rules: Rules) -> tuple[np.ndarray, ScoringSpace | None]:
+    """Unit vectors of the window in its scoring space, ``float32 [N, K]``, and that space (None with
+    ``rules.center`` off, when the vectors are the unit-normalised embeddings)."""
+    emb = np.asarray(embeddings, np.float32)
+    space = ScoringSpace.fit(emb, rules.projection_dim) if rules.center and len(emb) else None
+    return (space.transform(emb) if space is not None else _unit_rows(emb)), space
+
+
 def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embeddings: np.ndarray, rules: Rules,
               threshold: float, calibrate_min_negatives: int | None = None,
               calibrate_min_tracklets: int = 3) -> WindowAssociation:
@@ -546,8 +555,7 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
     cams = list(cameras)
     n = len(cams)
     emb = np.asarray(embeddings, np.float32)
-    space = ScoringSpace.fit(emb, rules.projection_dim) if rules.center and n else None
-    z = space.transform(emb) if space is not None else _unit_rows(emb)
+    z, space = score_vectors(emb, rules)
     scores = z @ z.T
     cannot = cannot_link(cams, starts, ends, rules.max_overlap_s, rules.reentry, rules.topology)
     calibrated = False

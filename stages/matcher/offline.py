@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from stages.matcher.association import Rules, associate, cannot_link, cross_camera_mask
+from stages.matcher.association import Rules, associate, cannot_link, cross_camera_mask, score_vectors
 from stages.matcher.calibration import Calibration, calibrate
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def calibrate_set(cfg: Config, ts: TrackletSet, source: str = "") -> Calibration
     """
     rules = Rules.from_config(cfg.matcher)
     cams = list(ts.cameras)
-    z = associate(cams, ts.starts, ts.ends, ts.embeddings, dataclasses.replace(rules, transit_weight=0.0), 0.0).z
+    z, _ = score_vectors(ts.embeddings, rules)
     cannot = cannot_link(cams, ts.starts, ts.ends, rules.max_overlap_s, rules.reentry, rules.topology)
     return calibrate((z @ z.T).astype(np.float64), cannot, cross_camera_mask(cams), source=source,
                      cameras=len(set(cams)), min_negatives=min(cfg.matcher.reassociation.min_negatives, 10))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 
@@ -15,21 +14,15 @@ from pipeline.bus import DEAD_LETTER_ENVELOPE_SCHEMA, CheckedSender, DeliveryErr
 from pipeline.config import LimitsConfig
 from pipeline.messages import EmbeddingRecord, MessageError, TrackletRecord, decode, encode
 from pipeline.runner import RepeatFilter
+from tests.unit.pipeline import fakes
 from tests.unit.pipeline.test_messages import make_tracklet
 
 SMALL = LimitsConfig(max_message_mb=0.05, max_crops=4, max_crop_kb=2, dead_letter_preview_bytes=64)
 
 
-@dataclasses.dataclass
-class Msg:
-    """Stands in for a kafka-python ConsumerRecord."""
-
-    value: bytes | None
-    key: bytes | None = b"cam"
-    topic: str = "tracklets"
-    partition: int = 1
-    offset: int = 42
-    headers: list = dataclasses.field(default_factory=lambda: [("trace", b"abc")])
+def Msg(value: bytes | None) -> fakes.Record:  # noqa: N802 - reads like the record it builds
+    """A consumer record of the ``tracklets`` topic at partition 1, offset 42, with a trace header."""
+    return fakes.Record(value, topic="tracklets", partition=1, offset=42, headers=[("trace", b"abc")])
 
 
 class Future:
@@ -206,7 +199,6 @@ def test_runner_dead_letters_an_oversized_output_instead_of_blocking():
     import threading
 
     from pipeline.runner import Output, StageRunner
-    from tests.unit.pipeline import fakes
 
     class Bloat:
         def setup(self) -> None: ...
