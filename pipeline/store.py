@@ -17,6 +17,9 @@ key                                  type    content
 ``{ns}:camera:{cam}:sightings``      zset    tracklet id → start_s
 ``{ns}:thumb:{tid}``                 string  JPEG crop (BGR-encoded)
 ``{ns}:merged:{gid}``                string  the identity ``gid`` was merged into (see :meth:`resolve`)
+``{ns}:proto:{gid}``                 string  the identity's prototypes, compact (see
+                                             :meth:`save_prototypes`): scoring-space vectors as
+                                             float16 plus camera, span, quality of each
 ``{ns}:audit``                       stream  one entry per merge or split: field ``record`` (JSON)
 ``{ns}:matcher``                     hash    the matcher's scoring space (``mean``, ``components``:
                                              float32 bytes, ``dim``), ``threshold``, ``transit``
@@ -135,6 +138,66 @@ class WindowEntry:
     quality: int
     global_id: str
     embedding: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Prototype:
+    """A member tracklet that represents its identity in the matcher's gallery.
+
+    Attributes:
+        tracklet_id: The tracklet.
+        camera: Its camera.
+        start_s: First sighting, stream seconds.
+        end_s: Last sighting, stream seconds.
+        quality: Frames the tracker saw it in (prototypes prefer the longest-observed).
+        y: ``float32 [K]`` projected, un-normalised scoring-space vector.
+        arrival: Arrival order at the matcher (ties between equal quality go to the earlier).
+    """
+
+    tracklet_id: str
+    camera: str
+    start_s: float
+    end_s: float
+    quality: int
+    y: np.ndarray
+    arrival: int
+
+
+_PROTO_MAGIC = b"RSP1"
+
+
+def encode_prototypes(protos: list[Prototype], epoch: int) -> bytes:
+    """Compact form of an identity's prototypes: ``RSP1``, then little-endian uint32 epoch, K, P and
+    the length of a JSON list of ``[tracklet_id, camera, start_s, end_s, quality, arrival]``, that
+    JSON, then ``float16 [P, K]`` vectors (512 bytes per 256-d prototype).
+
+    Raises:
+        ValueError: No prototypes, or vectors of different dimensions.
+    """
+    if not protos:
+        raise ValueError("an identity needs at least one prototype")
+    ys = np.stack([np.asarray(p.y, np.float32) for p in protos])
+    meta = json.dumps([[p.tracklet_id, p.camera, p.start_s, p.end_s, int(p.quality), int(p.arrival)]
+                       for p in protos], separators=(",", ":")).encode()
+    header = np.asarray([epoch, ys.shape[1], ys.shape[0], len(meta)], "<u4").tobytes()
+    return _PROTO_MAGIC + header + meta + ys.astype("<f2").tobytes()
+
+
+def decode_prototypes(blob: bytes) -> tuple[int, list[Prototype]]:
+    """Inverse of :func:`encode_prototypes`: ``(epoch, prototypes)``.
+
+    Raises:
+        ValueError: Not a prototype blob (wrong magic or truncated).
+    """
+    if blob[:4] != _PROTO_MAGIC or len(blob) < 20:
+        raise ValueError("not a reidstream prototype record")
+    epoch, k, n, m = (int(v) for v in np.frombuffer(blob[4:20], "<u4"))
+    meta = json.loads(blob[20:20 + m])
+    raw = blob[20 + m:]
+    if len(raw) != 2 * k * n or len(meta) != n:
+        raise ValueError("truncated reidstream prototype record")
+    ys = np.frombuffer(raw, "<f2").reshape(n, k).astype(np.float32)
+    return epoch, [Prototype(t, c, float(s), float(e), int(q), y, int(a)) for (t, c, s, e, q, a), y in zip(meta, ys)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +512,35 @@ class IdentityStore:
     def count_all_links(self) -> int:
         """How many tracklets of this namespace are linked."""
         return int(self.r.zcard(self._k("tracklets")))
+
+    def save_prototypes(self, protos: dict[str, list[Prototype]], epoch: int) -> None:
+        """Store identities' prototypes compactly (``{ns}:proto:{gid}``, :func:`encode_prototypes`);
+        an empty list deletes the record. Pipelined in batches of 1000."""
+        items = list(protos.items())
+        for start in range(0, len(items), 1000):
+            with self.r.pipeline(transaction=False) as pipe:
+                for gid, rows in items[start:start + 1000]:
+                    key = self._k("proto", gid)
+                    if rows:
+                        pipe.set(key, encode_prototypes(rows, epoch))
+                        self._retain(pipe, key)
+                    else:
+                        pipe.delete(key)
+                pipe.execute()
+
+    def load_prototypes(self, exclude: set[str] | frozenset = frozenset(),
+                        batch: int = 5000) -> dict[str, tuple[int, list[Prototype]]]:
+        """The stored prototypes of every identity (but ``exclude``): ``gid → (epoch, prototypes)``.
+        Identities without a record (never linked by a matcher of this version) are left out."""
+        gids = [g.decode() for g in self.r.zrange(self._k("identities"), 0, -1)]
+        gids = [g for g in gids if g not in exclude]
+        out: dict[str, tuple[int, list[Prototype]]] = {}
+        for start in range(0, len(gids), batch):
+            part = gids[start:start + batch]
+            for gid, blob in zip(part, self.r.mget([self._k("proto", g) for g in part])):
+                if blob:
+                    out[gid] = decode_prototypes(blob)
+        return out
 
     # ---------------------------------------------------------------------------------------------
     # query side
