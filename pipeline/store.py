@@ -714,7 +714,7 @@ class IdentityStore:
             gids = [] if lo > hi_rank else [g.decode() for g in self.r.zrange(zkey, lo, hi_rank)]
             if newest_first:
                 gids.reverse()
-            return Page(self._identities_by_id(gids), n_range, offset, limit, _next_offset(offset, limit, n_range))
+            return Page(self.identities_by_id(gids), n_range, offset, limit, _next_offset(offset, limit, n_range))
 
         narrowing = [(n, src) for n, src in ((n_camera, "camera"), (n_ending, "ending")) if n is not None]
         if narrowing and min(narrowing)[0] < n_range:
@@ -727,7 +727,7 @@ class IdentityStore:
             rows = self._identity_rows(sorted(self._global_ids_of(tids)))
             matched = sorted(((row[0], gid) for gid, row in rows.items() if keep(*row[1:])), reverse=newest_first)
             window = matched[offset:None if limit is None else offset + limit]
-            return Page(self._identities_by_id([g for _, g in window]), len(matched), offset, limit,
+            return Page(self.identities_by_id([g for _, g in window]), len(matched), offset, limit,
                         _next_offset(offset, limit, len(matched)))
 
         picked: list[str] = []
@@ -749,7 +749,7 @@ class IdentityStore:
                 break
         total = count if complete else None
         nxt = offset + limit if limit is not None and not complete else _next_offset(offset, limit, count)
-        return Page(self._identities_by_id(picked), total, offset, limit, nxt)
+        return Page(self.identities_by_id(picked), total, offset, limit, nxt)
 
     def camera_sightings(self, camera: str, since_s: float | None = None, until_s: float | None = None,
                          offset: int = 0, limit: int | None = 100) -> Page[SightingRecord] | None:
@@ -815,13 +815,13 @@ class IdentityStore:
         if not cross_camera:
             lo, hi = _rank_window(n, offset, limit, False)
             tids = [] if lo > hi else [t.decode() for t in self.r.zrange(key, lo, hi)]
-            return Page(self._links_of(tids), n, offset, limit, _next_offset(offset, limit, n))
+            return Page(self.links_of(tids), n, offset, limit, _next_offset(offset, limit, n))
         spans: dict[str, int] = {}
         picked: list[Link] = []
         count = 0
         complete = True
         for tids in self._rank_chunks(key, n, False):
-            links = self._links_of(tids)
+            links = self.links_of(tids)
             unknown = sorted({lk.global_id for lk in links} - spans.keys())
             with self.r.pipeline(transaction=False) as pipe:
                 for gid in unknown:
@@ -977,8 +977,9 @@ class IdentityStore:
                     out[gid] = (float(score), float(first), float(last), json.loads(cams))
         return out
 
-    def _identities_by_id(self, gids: list[str]) -> list[Identity]:
-        """The identities ``gids`` in that order (unknown ones skipped), one pipelined read."""
+    def identities_by_id(self, gids: list[str]) -> list[Identity]:
+        """The identities ``gids`` in that order (unknown ones skipped; merges are not followed), one
+        pipelined read."""
         with self.r.pipeline(transaction=False) as pipe:
             for gid in gids:
                 pipe.hmget(self._k("identity", gid), "first_seen_s", "last_seen_s", "cameras")
@@ -1018,8 +1019,9 @@ class IdentityStore:
                                       float(start), float(end), bool(thumb)))
         return out
 
-    def _links_of(self, tids: list[str]) -> list[Link]:
-        """Links of the linked tracklets among ``tids``, in that order (embeddings are not read)."""
+    def links_of(self, tids: list[str]) -> list[Link]:
+        """Links of the linked tracklets among ``tids``, in that order (embeddings are not read; one
+        pipelined read)."""
         fields = ("global_id", "camera", "track_id", "score", "start_s", "end_s", "frames", "boxes",
                   "closed_wall_s", "linked_wall_s")
         with self.r.pipeline(transaction=False) as pipe:
@@ -1028,6 +1030,14 @@ class IdentityStore:
             rows = pipe.execute() if tids else []
         return [self._link_from_hash(tid, {f.encode(): v for f, v in zip(fields, row)})
                 for tid, row in zip(tids, rows) if row[0] is not None]
+
+    def thumbnails(self, tids: list[str]) -> dict[str, bytes]:
+        """Tracklet id → JPEG thumbnail of those of ``tids`` that have one (one pipelined read)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.get(self._k("thumb", tid))
+            rows = pipe.execute() if tids else []
+        return {tid: data for tid, data in zip(tids, rows) if data}
 
     def _require_current(self, gids: list[str]) -> None:
         """Raise unless every id in ``gids`` is a current identity."""
