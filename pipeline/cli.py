@@ -216,7 +216,8 @@ def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[tuple[str, Call
 @query_app.command("identities")
 def query_identities(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.table, "--format"),
                      min_cameras: int = typer.Option(1, min=1, help="Only identities seen on this many cameras."),
-                     camera_name: str | None = typer.Option(None, "--camera", help="Only identities seen on this camera."),
+                     camera_name: str | None = typer.Option(None, "--camera",
+                                                            help="Only identities seen on this camera."),
                      since: str | None = typer.Option(None, help="Only identities last seen at or after this "
                                                       "(stream seconds, or ISO 8601 for Unix-time streams)."),
                      until: str | None = typer.Option(None, help="Only identities first seen at or before this."),
@@ -248,7 +249,8 @@ def query_links(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.tabl
                 cross_camera: bool = typer.Option(False, help="Only identities spanning two or more cameras."),
                 camera_name: str | None = typer.Option(None, "--camera", help="Only this camera's tracklets."),
                 page: int = typer.Option(1, "--page", min=1, help="Page number, from 1 (with --limit)."),
-                limit: int | None = typer.Option(None, "--limit", min=1, help="Links per page (default: all).")) -> None:
+                limit: int | None = typer.Option(None, "--limit", min=1,
+                                                 help="Links per page (default: all).")) -> None:
     """Tracklet → global identity links with similarity scores (as GET /links)."""
     from pipeline.cli_operator import page_line
     from stages import query
@@ -259,8 +261,8 @@ def query_links(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.tabl
     _emit(result["items"], fmt, [("tracklet", lambda r: r["tracklet_id"]), ("camera", lambda r: r["camera"]),
                                  ("global id", lambda r: r["global_id"]),
                                  ("score", lambda r: "founded" if r["score"] is None else f"{r['score']:.3f}"),
-                                 ("start s", lambda r: f"{r['start_s']:.1f}"), ("end s", lambda r: f"{r['end_s']:.1f}")],
-          "links")
+                                 ("start s", lambda r: f"{r['start_s']:.1f}"),
+                                 ("end s", lambda r: f"{r['end_s']:.1f}")], "links")
     if limit is not None:
         page_line(result, page, limit, "links", fmt is Format.json)
 

@@ -64,6 +64,11 @@ def _time(text: str | None) -> float | None:
     return None if text is None else _cli().parse_time(text)
 
 
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
 def _score(v: float | None) -> str:
     return "founded" if v is None else f"{v:.3f}"
 
@@ -100,7 +105,8 @@ _SIGHTING_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
 def timeline_command(global_id: str = typer.Argument(..., help="Global id (a merged-away id follows the merge)."),
                      config: Path = typer.Option(Path("configs/demo.yaml"), "--config", "-c", help=_CONFIG_HELP),
                      fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json."),
-                     page: int = typer.Option(1, "--page", min=1), limit: int = typer.Option(1000, "--limit", min=1)) -> None:
+                     page: int = typer.Option(1, "--page", min=1),
+                     limit: int = typer.Option(1000, "--limit", min=1)) -> None:
     """An identity's sightings ordered by start time (as GET /identities/{id}/timeline)."""
     from stages import query
 
@@ -121,8 +127,8 @@ def crops_command(global_id: str = typer.Argument(..., help="Global id."),
                   config: Path = typer.Option(Path("configs/demo.yaml"), "--config", "-c", help=_CONFIG_HELP),
                   fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json."),
                   camera_name: str | None = typer.Option(None, "--camera", help="Only this camera."),
-                  save_dir: Path | None = typer.Option(None, "--save-dir",
-                                                       help="Also write each crop as DIR/<camera>/<tracklet>.jpg.")) -> None:
+                  save_dir: Path | None = typer.Option(
+                      None, "--save-dir", help="Also write each crop as DIR/<camera>/<tracklet>.jpg.")) -> None:
     """An identity's crops per camera (as GET /identities/{id}/crops)."""
     from stages import query
 
@@ -136,8 +142,7 @@ def crops_command(global_id: str = typer.Argument(..., help="Global id."),
                 data = store.thumbnail(item["tracklet_id"])
                 if data:
                     path = save_dir / cam / f"{item['tracklet_id'].replace('/', '_')}.jpg"
-                    run_reporting(lambda p=path, d=data: (p.parent.mkdir(parents=True, exist_ok=True), p.write_bytes(d)),
-                                  (OSError,))
+                    run_reporting(lambda p=path, d=data: _write(p, d), (OSError,))
     if fmt is Fmt.json:
         _json(found)
         return
@@ -155,7 +160,8 @@ def sightings_command(camera: str = typer.Argument(..., help="Camera name."),
                       fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json."),
                       since: str | None = typer.Option(None, help="Earliest start (stream seconds or ISO 8601)."),
                       until: str | None = typer.Option(None, help="Latest start."),
-                      page: int = typer.Option(1, "--page", min=1), limit: int = typer.Option(100, "--limit", min=1)) -> None:
+                      page: int = typer.Option(1, "--page", min=1),
+                      limit: int = typer.Option(100, "--limit", min=1)) -> None:
     """A camera's tracklets starting in a time range (as GET /cameras/{camera}/sightings)."""
     from stages import query
 

@@ -778,7 +778,8 @@ class IdentityStore:
         items = self._sighting_records([t.decode() for t in tids])
         return Page(items, int(total), offset, limit, _next_offset(offset, limit, int(total)))
 
-    def identity_timeline(self, global_id: str, offset: int = 0, limit: int | None = None) -> Page[SightingRecord] | None:
+    def identity_timeline(self, global_id: str, offset: int = 0,
+                          limit: int | None = None) -> Page[SightingRecord] | None:
         """An identity's tracklets ordered by start (stream seconds), then tracklet id, with camera,
         span, join score and whether a thumbnail is stored; None when the identity is unknown (merge
         pointers are not followed: see :meth:`resolve`).

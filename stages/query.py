@@ -243,7 +243,8 @@ def merge(store: IdentityStore, into: str, sources: Sequence[str], operator: str
     return {**change.to_json(), "identity": identity(store, into), "new_identity": None}
 
 
-def split(store: IdentityStore, global_id: str, tracklets: Sequence[str], operator: str, note: str = "") -> dict[str, Any]:
+def split(store: IdentityStore, global_id: str, tracklets: Sequence[str], operator: str,
+          note: str = "") -> dict[str, Any]:
     """Operator split of ``tracklets`` off ``global_id`` into a new identity (see
     :meth:`~pipeline.store.IdentityStore.operator_split`).
 

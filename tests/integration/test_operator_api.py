@@ -37,7 +37,7 @@ def _big_plan(n: int = 30) -> dict[str, list[tuple[str, str, float, float]]]:
 
 def _vectors(plan) -> dict[str, np.ndarray]:
     out = {}
-    for k, (name, rows) in enumerate(plan.items()):
+    for k, rows in enumerate(plan.values()):
         base = unit(1000 + k)
         for j, (tid, *_rest) in enumerate(rows):
             out[tid] = near(base, 10 * k + j)
@@ -160,7 +160,7 @@ def _small(store):
             "Y": [("y1", "lobby", 1.0, 4.0), ("y2", "right", 6.0, 7.0)],
             "Z": [("z1", "left", 20.0, 21.0)]}
     vectors = {}
-    for seed, (name, rows) in enumerate(plan.items()):
+    for seed, rows in enumerate(plan.values()):
         for j, (tid, *_rest) in enumerate(rows):
             vectors[tid] = near(unit(100 * (seed + 1)), 7 * seed + j, 0.3)
     thumbs = {tid: crop_jpeg((0, 0, 200), i) for i, tid in enumerate(vectors) if tid != "x2"}

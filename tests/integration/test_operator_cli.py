@@ -90,7 +90,8 @@ def test_merge_split_and_constraints_commands(store, cli):
     (m, s) = store.audit()
     assert (m["kind"], m["operator"], m["note"], s["kind"], s["into"]) == ("merge", "carol", "same bag", "split", [new])
     rows = json.loads(cli("query", "constraints", "--format", "json").stdout)
-    assert [(r["kind"], r["b"]) for r in rows] == [("must", ["y1", "y2"]), ("cannot", ["x1", "y1", "x2", "x3"])]  # by start
+    # b of the cannot-link: what is left of X, by start
+    assert [(r["kind"], r["b"]) for r in rows] == [("must", ["y1", "y2"]), ("cannot", ["x1", "y1", "x2", "x3"])]
 
 
 @pytest.mark.parametrize("args, needle", [
