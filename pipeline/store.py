@@ -666,9 +666,10 @@ class IdentityStore:
         ``total``. With ``camera`` or ``since_s``, the candidates of the cheaper of the camera's
         sightings, the tracklets ending at or after ``since_s`` and the first-seen range are read (two
         fields each) and ``total`` is exact. When neither narrows better than the first-seen range
-        (e.g. ``min_cameras`` alone), that range is scanned in order until the page and one more match
-        are found: ``total`` is then None unless the scan reached the end, and ``next_offset`` says
-        whether another page exists.
+        (e.g. ``min_cameras`` alone), or the cheaper one holds more than ``OPERATOR_CANDIDATES``
+        tracklets, that range is scanned in order until the page and one more match are found:
+        ``total`` is then None unless the scan reached the end, and ``next_offset`` says whether
+        another page exists.
 
         Args:
             offset: Matches to skip, >= 0.
@@ -717,7 +718,7 @@ class IdentityStore:
             return Page(self.identities_by_id(gids), n_range, offset, limit, _next_offset(offset, limit, n_range))
 
         narrowing = [(n, src) for n, src in ((n_camera, "camera"), (n_ending, "ending")) if n is not None]
-        if narrowing and min(narrowing)[0] < n_range:
+        if narrowing and min(narrowing)[0] < n_range and min(narrowing)[0] <= OPERATOR_CANDIDATES:
             source = min(narrowing)[1]
             if source == "camera":
                 tids = [t.decode() for t in self.r.zrange(self._k("camera", str(camera), "sightings"), 0, -1)]
@@ -1078,6 +1079,7 @@ class IdentityStore:
 # -------------------------------------------------------------------------------------------------
 # records and errors of the operator queries
 OPERATOR_CHUNK = 1000  # commands per pipelined read of the operator queries
+OPERATOR_CANDIDATES = 50_000  # most tracklets a filter reads to count its matches exactly; beyond, it scans
 
 T = TypeVar("T")
 

@@ -124,6 +124,20 @@ def test_filters_read_only_their_candidates(big, monkeypatch):
     assert scan["total"] is None and scan["next_offset"] == 3 and len(scan["items"]) == 3  # stopped scan
 
 
+def test_a_popular_camera_is_scanned_instead_of_read_whole(big, monkeypatch):
+    import pipeline.store
+
+    store, ref = big
+    monkeypatch.setattr(pipeline.store, "OPERATOR_CANDIDATES", 3)  # 'left' has more sightings than that
+    client = TestClient(create_app(store))
+    first = client.get("/identities", params={"camera": "left", "limit": 4}).json()
+    assert first["total"] is None and first["next_offset"] == 4
+    items, pages = _all_pages(client, {"camera": "left"}, 4)
+    assert [i["global_id"] for i in items] == [r["global_id"] for r in ref if "left" in r["cameras"]]
+    assert pages[-1]["total"] == len(items)
+    assert client.get("/identities", params={"camera": "roof"}).json()["total"] == 1  # small: still exact
+
+
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1001}, {"offset": -1}, {"min_cameras": 0},
                                     {"since": 10, "until": 5}, {"since": "noon"}])
 def test_identity_query_validation(store, params):
