@@ -188,7 +188,7 @@ def _identity_section(
     all_cameras = cameras + [c for c in row_order if c not in cameras]
     multi = " multi" if len(all_cameras) >= 2 else ""
     n_total = int(identity.get("n_tracklets", len(links)) or len(links))
-    shown = f" (the {len(links)} most recent shown)" if n_total > len(links) else ""
+    shown = f" ({len(links)} shown)" if n_total > len(links) else ""
     meta = (
         f"cameras: {_e(', '.join(all_cameras))} · "
         f"seen {first_s:.1f}–{last_s:.1f} s ({last_s - first_s:.1f} s) · "
