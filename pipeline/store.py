@@ -499,6 +499,32 @@ class IdentityStore:
             entries = list(reversed(self.r.xrevrange(self._k("audit"), count=limit)))
         return [{"id": eid.decode(), **json.loads(fields[b"record"])} for eid, fields in entries]
 
+    def audit_after(self, stream_id: str | None, count: int = 1000) -> list[dict[str, Any]]:
+        """Audit records written after ``stream_id`` (None: from the start), oldest first, at most
+        ``count``; each has the stream ``id`` added."""
+        entries = self.r.xrange(self._k("audit"), min="-" if stream_id is None else f"({stream_id}", count=count)
+        return [{"id": eid.decode(), **json.loads(fields[b"record"])} for eid, fields in entries]
+
+    def last_audit_id(self) -> str | None:
+        """The id of the newest audit record, None when there is none."""
+        last = self.r.xrevrange(self._k("audit"), count=1)
+        return last[0][0].decode() if last else None
+
+    def tracklet_rows(self, tracklet_ids: list[str]) -> dict[str, tuple[str, str, float, float, int, np.ndarray]]:
+        """For each linked tracklet of ``tracklet_ids``: ``(global_id, camera, start_s, end_s, quality,
+        embedding float32 [D])``; unlinked ones are left out. Pipelined."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tracklet_ids:
+                pipe.hmget(self._k("tracklet", tid), "global_id", "camera", "start_s", "end_s", "quality", "embedding")
+            rows = pipe.execute()
+        out = {}
+        for tid, (gid, cam, start, end, quality, raw) in zip(tracklet_ids, rows):
+            if gid is None or raw is None:
+                continue
+            out[tid] = (gid.decode(), cam.decode(), float(start), float(end), int(quality or 1),
+                        decode_embedding(raw))
+        return out
+
     def save_matcher_state(self, fields: dict[str, bytes | str | float | int]) -> None:
         """Store the matcher's scoring space, threshold and transit statistics (``{ns}:matcher``)."""
         self.r.hset(self._k("matcher"), mapping=fields)

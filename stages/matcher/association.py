@@ -581,7 +581,7 @@ def score_vectors(embeddings: np.ndarray, rules: Rules) -> tuple[np.ndarray, Sco
 
 def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embeddings: np.ndarray, rules: Rules,
               threshold: float, calibrate_min_negatives: int | None = None,
-              calibrate_min_tracklets: int = 3) -> WindowAssociation:
+              calibrate_min_tracklets: int = 3, extra_cannot: np.ndarray | None = None) -> WindowAssociation:
     """Identities of one window: scoring space, cannot-links, (optionally) label-free calibration,
     constrained average linkage, then hand-off gaps learned from that clustering and a second linkage
     with their spatio-temporal support added to the scores.
@@ -595,6 +595,8 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
             and a cross-camera candidate pair; None never recalibrates.
         calibrate_min_tracklets: ... and at least this many tracklets. Windows larger than
             :data:`CALIBRATION_SAMPLE` are calibrated on an evenly spaced sample of that size.
+        extra_cannot: ``bool [N, N]`` cannot-links known otherwise (an operator's split), added to the
+            rules' ones.
 
     Returns:
         The :class:`WindowAssociation`; the result depends only on the inputs and their order.
@@ -605,6 +607,8 @@ def associate(cameras: Sequence[str], starts: np.ndarray, ends: np.ndarray, embe
     z, space = score_vectors(emb, rules)
     scores = z @ z.T
     cannot = cannot_link(cams, starts, ends, rules.max_overlap_s, rules.reentry, rules.topology)
+    if extra_cannot is not None:
+        cannot = cannot | extra_cannot
     calibrated = False
     if calibrate_min_negatives is not None and n >= max(calibrate_min_tracklets, 3):
         from stages.matcher.calibration import calibrate

@@ -242,7 +242,8 @@ class IdentityIndex:
                 np.tile(np.arange(sims.shape[1]), (b, 1))
             rows = part
         else:
-            _, rows = self._ivf.search(q, k)
+            # codes are 8-bit: fetch more than asked so that the exact re-scoring decides the last places
+            _, rows = self._ivf.search(q, max(2 * k, k + 16))
         for i in range(b):
             r = rows[i][rows[i] >= 0]
             r = r[self._keys[r] >= 0]

@@ -189,6 +189,8 @@ class CrossCameraMatcher:
         self._arrival = 0
         self._newest_end = -np.inf
         self._dim: int | None = None
+        self._epoch = 0
+        self._audit_seen: str | None = None
         self.space: ScoringSpace | None = None
         self.transit = rules.empty_transit()
         self.summaries: dict[str, dict[str, Any]] = {}
@@ -242,6 +244,7 @@ class CrossCameraMatcher:
             gaps = {tuple(k.split("|")): tuple(v) for k, v in json.loads(state["transit"]).items()}
             self.transit = dataclasses.replace(self.transit, gaps=gaps)
         self._epoch = int(state.get("epoch", b"0"))
+        self._audit_seen = self.store.last_audit_id()  # what is in Redis now is what this loads
         window_s = self.reassociation.window_s if self.reassociation else None
         limit = self.reassociation.max_tracklets if self.reassociation else None
         entries = self.store.load_window(None, limit)
@@ -401,6 +404,10 @@ class CrossCameraMatcher:
         """
         import redis
 
+        try:
+            self.follow_operators()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
         prefetched = self._prefetch(records)
         touched: list[int] = []
         for rec, pre in zip(records, prefetched):
@@ -430,6 +437,12 @@ class CrossCameraMatcher:
         Raises:
             TransientError: Redis is unreachable.
         """
+        import redis
+
+        try:
+            self.follow_operators()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
         if self.reassociation and self._since_reassociation and \
                 self.monotonic() - self._last_arrival >= self.reassociation.idle_s:
             self._reassociate_reporting()
@@ -482,11 +495,12 @@ class CrossCameraMatcher:
             return ReassociationResult(n, n, self.threshold, False, 0, 0, 0, time.perf_counter() - t0)
         order = np.lexsort((np.asarray(w.ids), np.asarray(w.starts)))
         cfg = self.reassociation
+        cannot, must = self._operator_constraints([w.ids[i] for i in order])
         result = associate([w.cams[i] for i in order], np.asarray(w.starts)[order], np.asarray(w.ends)[order],
                            np.stack([w.emb[i] for i in order]), self.rules, self.base_threshold,
                            cfg.min_negatives if cfg is not None and cfg.calibrate else None,
-                           cfg.min_tracklets if cfg is not None else 3)
-        labels, space, threshold, transit = result.labels, result.space, result.threshold, result.transit
+                           cfg.min_tracklets if cfg is not None else 3, cannot)
+        labels, space, threshold, transit = _join(result.labels, must), result.space, result.threshold, result.transit
         calibrated = result.calibrated
         old = [w.gids[i] for i in order]
         change, new_gids = self._reassignment(labels, old, [w.ids[i] for i in order], threshold)
@@ -536,6 +550,76 @@ class CrossCameraMatcher:
                  len(set(new_gids)), merges, splits, len(change.moves))
         return ReassociationResult(n, len(set(new_gids)), threshold, calibrated, merges, splits, len(change.moves),
                                    seconds)
+
+    def _operator_constraints(self, ids: list[str]) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+        """The operators' decisions over the window ``ids``: ``bool [N, N]`` cannot-links (splits; None
+        when there are none) and must-link index pairs (merges)."""
+        pos = {t: j for j, t in enumerate(ids)}
+        cannot: np.ndarray | None = None
+        must: list[tuple[int, int]] = []
+        for c in self.store.constraints():
+            a = [pos[t] for t in c.a if t in pos]
+            b = [pos[t] for t in c.b if t in pos]
+            if not a or not b:
+                continue
+            if c.kind == "cannot":
+                if cannot is None:
+                    cannot = np.zeros((len(ids), len(ids)), bool)
+                cannot[np.ix_(a, b)] = True
+                cannot[np.ix_(b, a)] = True
+            else:
+                must.extend((a[0], j) for j in [*a[1:], *b])
+        return cannot, must
+
+    def follow_operators(self) -> int:
+        """Take in the operators' merges and splits written since the last look (the audit stream,
+        records with ``reason: operator``): the identities they touched are reloaded from Redis into
+        the window and the gallery. Returns how many identities were reloaded.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable.
+        """
+        records = self.store.audit_after(self._audit_seen)
+        if not records:
+            return 0
+        self._audit_seen = records[-1]["id"]
+        touched: set[str] = set()
+        for rec in records:
+            if rec.get("reason") != "operator":
+                continue
+            into = rec.get("into")
+            touched |= {rec.get("from"), *(into if isinstance(into, list) else [into])} - {None}
+        if touched:
+            self._reload(touched)
+            log.info("matcher: took in an operator's change of %d identities", len(touched))
+        return len(touched)
+
+    def _reload(self, gids: set[str]) -> None:
+        """Rebuild identities ``gids`` from Redis (members, window ids, prototypes)."""
+        groups: dict[str, list[Member]] = {}
+        for gid in sorted(gids):
+            ident = self.store.identity(gid)
+            tids = ident.tracklets if ident is not None else []
+            outside = [t for t in tids if t not in self.window.index]
+            rows = self.store.tracklet_rows(outside) if outside else {}
+            members = []
+            for t in tids:
+                i = self.window.index.get(t)
+                if i is not None:
+                    self.window.gids[i] = gid
+                    members.append(self.window.member(i))
+                elif t in rows:
+                    _, cam, start, end, quality, vec = rows[t]
+                    members.append(Member(t, cam, start, end, quality, self._project(vec), 0))
+            groups[gid] = members
+        for i, g in enumerate(self.window.gids):  # window members that left a reloaded identity
+            if g in gids and self.window.ids[i] not in {m.tracklet_id for m in groups[g]}:
+                moved = self.store.link(self.window.ids[i])
+                if moved is not None:
+                    self.window.gids[i] = moved.global_id
+        self.gallery.replace(groups)
+        self.store.save_prototypes({g: self.gallery.prototypes(g) for g in groups}, self._epoch)
+        self._refresh_summaries(set(groups))
 
     def _reassignment(self, labels: np.ndarray, old: list[str], ids: list[str],
                       threshold: float) -> tuple[Reassignment, list[str]]:
@@ -590,6 +674,25 @@ class CrossCameraMatcher:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _join(labels: np.ndarray, must: list[tuple[int, int]]) -> np.ndarray:
+    """Labels with the clusters of every must-linked pair joined (an operator's merge stands)."""
+    if not must:
+        return labels
+    parent = {int(lab): int(lab) for lab in set(labels.tolist())}
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j in must:
+        a, b = root(int(labels[i])), root(int(labels[j]))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.asarray([root(int(lab)) for lab in labels], labels.dtype)
 
 
 REEXPRESS_TOLERANCE = 1e-2

@@ -1,0 +1,86 @@
+"""The matcher's gallery beyond the re-association window, against a real Redis: identities that left
+the window stay candidates, a restart restores them from their compact prototypes, and identities
+unseen for longer than ``gallery_ttl_s`` are archived (out of memory, still in Redis)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import ReassociationConfig
+from stages.matcher import CrossCameraMatcher
+from stages.matcher.index import IndexSettings
+from tests.integration.test_matcher_store import emb, noisy, plain, unit
+
+
+def _matcher(store, **kw) -> CrossCameraMatcher:
+    reassoc = ReassociationConfig(every_s=1e9, idle_s=1e9, max_tracklets=2, calibrate=False)
+    m = CrossCameraMatcher(store, threshold=0.8, rules=plain(), reassociation=reassoc, **kw)
+    m.setup()
+    return m
+
+
+def test_identities_outside_the_window_stay_candidates_and_survive_a_restart(store):
+    m = _matcher(store)
+    people = [unit(40 + i) for i in range(5)]
+    m.process([emb(f"P{i}", "left", 10.0 * i, 10.0 * i + 2, v) for i, v in enumerate(people)])
+    m.reassociate()                                # trims the window to the newest 2 tracklets
+    assert len(m.window) == 2 and len(m.gallery) == 5
+    m.process([emb("R0", "right", 100, 102, noisy(people[0], 7))])
+    first = store.link("P0").global_id
+    assert store.link("R0").global_id == first     # P0's identity left the window, not the gallery
+    restarted = _matcher(store)
+    assert len(restarted.window) == 2 and len(restarted.gallery) == 5
+    assert [p.tracklet_id for p in restarted.gallery.prototypes(store.link("P1").global_id)] == ["P1"]
+    restarted.process([emb("R1", "right", 110, 112, noisy(people[1], 8))])
+    assert store.link("R1").global_id == store.link("P1").global_id
+    assert restarted.decide("right", 120, 122, noisy(people[2], 9)).global_id == store.link("P2").global_id
+
+
+def test_identities_unseen_for_the_ttl_are_archived_but_kept_in_redis(store):
+    m = _matcher(store, gallery_ttl_s=50.0)
+    a, b = unit(60), unit(61)
+    m.process([emb("A", "left", 0, 2, a), emb("B", "left", 100, 102, b)])
+    assert m.archive() == [store.link("A").global_id]
+    assert store.link("A").global_id not in m.gallery and store.identity(store.link("A").global_id) is not None
+    m.process([emb("A2", "right", 104, 106, noisy(a, 3))])
+    assert store.link("A2").global_id != store.link("A").global_id   # an archived identity is no candidate
+    restarted = _matcher(store, gallery_ttl_s=50.0)
+    assert store.link("A").global_id not in restarted.gallery and len(restarted.gallery) == 2
+
+
+def test_a_large_gallery_switches_to_the_index_and_keeps_deciding_right(store):
+    m = _matcher(store, index=IndexSettings(kind="auto", exact_below=40, nprobe=10_000))
+    vecs = [unit(200 + i) for i in range(60)]
+    m.process([emb(f"T{i}", "left", 5.0 * i, 5.0 * i + 1, v) for i, v in enumerate(vecs)])
+    assert m.gallery.index.approximate and len(m.gallery) == 60
+    m.process([emb(f"S{i}", "right", 400.0 + i, 400.5 + i, noisy(vecs[i], 500 + i)) for i in range(0, 60, 7)])
+    for i in range(0, 60, 7):
+        assert store.link(f"S{i}").global_id == store.link(f"T{i}").global_id
+    restarted = _matcher(store, index=IndexSettings(kind="auto", exact_below=40))
+    assert restarted.gallery.index.approximate and len(restarted.gallery) == 60
+    z = np.stack([restarted._transform(v) for v in vecs])
+    assert (restarted.gallery.search(z, 1)[1][:, 0] == [restarted.gallery.code(store.link(f"T{i}").global_id)
+                                                         for i in range(60)]).all()
+
+
+def test_operator_merge_and_split_are_taken_in_and_survive_reassociation(store):
+    reassoc = ReassociationConfig(every_s=1e9, idle_s=1e9, calibrate=False)
+    m = CrossCameraMatcher(store, threshold=0.8, rules=plain(), reassociation=reassoc)
+    m.setup()
+    a, b, c = unit(70), unit(71), unit(72)
+    m.process([emb("A1", "left", 0, 2, a), emb("A2", "right", 3, 5, noisy(a, 1)),
+               emb("B1", "left", 10, 12, b), emb("C1", "right", 20, 22, c)])
+    ga, gb, gc = (store.link(t).global_id for t in ("A1", "B1", "C1"))
+    assert store.link("A2").global_id == ga and len({ga, gb, gc}) == 3
+    split = store.operator_split(ga, ["A2"], operator="test", note="two people")
+    store.operator_merge(gb, [gc], operator="test", note="same coat")
+    assert m.follow_operators() >= 3
+    g_split = store.link("A2").global_id
+    assert g_split != ga and m.window.gids[m.window.index["A2"]] == g_split
+    assert set(m.gallery.gids()) == {ga, g_split, gb}
+    assert [p.tracklet_id for p in m.gallery.prototypes(gb)] == ["B1", "C1"]
+    result = m.reassociate()                     # the clustering alone would undo both decisions
+    assert result.moved == 0
+    assert store.link("A2").global_id == g_split != store.link("A1").global_id
+    assert store.link("C1").global_id == store.link("B1").global_id == gb
+    assert split is not None

@@ -1,0 +1,195 @@
+"""The identity index and the gallery decision: exact where it must be, and the same decisions as
+scoring every identity under the association rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.store import Prototype, decode_prototypes, encode_prototypes
+from stages.matcher.association import Edge, Rules, ScoringSpace, TransitModel, cannot_link_between
+from stages.matcher.gallery import Gallery, Member
+from stages.matcher.index import IdentityIndex, IndexSettings
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _vectors(n: int, k: int, seed: int = 0) -> np.ndarray:
+    return _unit(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32))
+
+
+def test_exact_search_is_the_brute_force_top_k():
+    x, q = _vectors(500, 32), _vectors(7, 32, seed=1)
+    idx = IdentityIndex(32, IndexSettings(kind="exact"))
+    idx.upsert(np.arange(100, 600), x)
+    scores, keys = idx.search(q, 5)
+    want = np.argsort(-(q @ x.T), axis=1)[:, :5] + 100
+    np.testing.assert_array_equal(keys, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, want - 100, 1), rtol=1e-5)
+
+
+def test_search_pads_when_fewer_keys_than_asked():
+    idx = IdentityIndex(4, IndexSettings(kind="exact"))
+    idx.upsert([3], _vectors(1, 4))
+    scores, keys = idx.search(_vectors(2, 4, 1), 3)
+    assert keys.tolist() == [[3, -1, -1], [3, -1, -1]] and np.isinf(scores[:, 1:]).all()
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_upsert_replaces_and_remove_forgets(kind):
+    x = _vectors(400, 16)
+    idx = IdentityIndex(16, IndexSettings(kind=kind, nprobe=10_000))  # every cell probed: exact
+    idx.upsert(np.arange(400), x)
+    assert idx.approximate is (kind == "ivf")
+    target = _vectors(1, 16, seed=5)[0]
+    idx.upsert([7], target[None, :])           # key 7 now sits exactly on the query
+    assert idx.search(target[None, :], 1)[1][0, 0] == 7
+    assert idx.remove([7, 9999]) == 1 and len(idx) == 399
+    _, keys = idx.search(target[None, :], 400)
+    assert 7 not in keys[0] and set(keys[0][keys[0] >= 0]) == set(range(400)) - {7}
+
+
+def test_ivf_with_every_cell_probed_is_exact_and_the_default_is_close():
+    x, q = _vectors(4000, 32), _vectors(50, 32, seed=2)
+    exact = IdentityIndex(32, IndexSettings(kind="exact"))
+    exact.upsert(np.arange(4000), x)
+    want = exact.search(q, 10)[1]
+    full = IdentityIndex(32, IndexSettings(kind="ivf", nprobe=10_000))
+    full.upsert(np.arange(4000), x)
+    np.testing.assert_array_equal(full.search(q, 10)[1], want)
+    some = IdentityIndex(32, IndexSettings(kind="ivf", nprobe=8))
+    some.upsert(np.arange(4000), x)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(some.search(q, 10)[1], want)])
+    assert 0.3 < recall < 1.0  # approximate, yet far from random (10 of 4000)
+
+
+def test_auto_switches_to_ivf_at_the_threshold_and_bulk_trains_once():
+    idx = IdentityIndex(8, IndexSettings(kind="auto", exact_below=300))
+    idx.upsert(np.arange(299), _vectors(299, 8))
+    assert not idx.approximate
+    idx.upsert([299], _vectors(1, 8, 3))
+    assert idx.approximate
+    with idx.bulk():
+        idx.upsert(np.arange(300, 1000), _vectors(700, 8, 4))
+        assert not idx.approximate
+    assert idx.approximate and idx._trained_on == 1000
+
+
+# -------------------------------------------------------------------------------------------------
+def _reference(z, camera, start, end, idents, rules, transit, threshold, ttl=None):
+    """Score every identity the way the matcher's rules read (mean over prototypes of cosine plus
+    hand-off bonus; blocked by any cannot-linked member or the TTL)."""
+    best, best_gid = -np.inf, None
+    for gid, (members, protos) in idents.items():
+        cannot = cannot_link_between([camera], np.array([start]), np.array([end]), [m.camera for m in members],
+                                     np.array([m.start_s for m in members]), np.array([m.end_s for m in members]),
+                                     rules.max_overlap_s, rules.reentry, rules.topology)[0]
+        if cannot.any() or (ttl is not None and start - max(m.end_s for m in members) > ttl):
+            continue
+        s = []
+        for p in protos:
+            bonus = 0.0
+            if p.camera != camera and rules.transit_weight > 0:
+                gap = start - p.end_s if start >= p.start_s else p.start_s - end
+                bonus = rules.transit_weight * float(transit.support(camera, p.camera, np.array([gap]))[0])
+            s.append(float(_unit(p.y) @ z) + bonus)
+        score = float(np.mean(s))
+        if score > best:
+            best, best_gid = score, gid
+    return (best_gid, best) if best >= threshold else (None, None)
+
+
+def _site(seed: int, n_ids: int = 60, dim: int = 24):
+    rng = np.random.default_rng(seed)
+    cams = ["a", "b", "c"]
+    centres = _vectors(n_ids, dim, seed)
+    groups, idents, arrival = {}, {}, 0
+    for g in range(n_ids):
+        members = []
+        t = float(rng.uniform(0, 200))
+        for _ in range(int(rng.integers(1, 5))):
+            arrival += 1
+            start = t + float(rng.uniform(0, 30))
+            members.append(Member(f"t{arrival}", cams[int(rng.integers(3))], start, start + float(rng.uniform(1, 8)),
+                                  int(rng.integers(1, 20)), (centres[g] + 0.3 * _vectors(1, dim, arrival)[0]) * 1.7,
+                                  arrival))
+        groups[f"G{g:06d}"] = members
+    return groups, centres
+
+
+@pytest.mark.parametrize("kind,candidates", [("exact", 64), ("exact", 1), ("ivf", 2)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gallery_decision_equals_scoring_every_identity(kind, candidates, seed):
+    groups, centres = _site(seed)
+    rules = Rules(max_overlap_s=0.5, topology=(Edge("a", "c", 5.0, 60.0),), transit_weight=0.05)
+    transit = TransitModel(edges=rules.topology, gaps={("a", "b"): tuple(np.linspace(2, 6, 20))})
+    gallery = Gallery(prototypes_per_camera=2, settings=IndexSettings(kind=kind, nprobe=10_000, candidates=candidates))
+    gallery.replace(groups)
+    idents = {g: (ms, gallery.prototypes(g)) for g, ms in groups.items()}
+    assert all(len(p) <= 2 * 3 for _, p in idents.values())
+    rng = np.random.default_rng(100 + seed)
+    agree = 0
+    for i in range(40):
+        g = int(rng.integers(len(centres)))
+        z = _unit(centres[g] + 0.4 * _vectors(1, centres.shape[1], 1000 + i)[0])
+        cam = "abc"[i % 3]
+        start = float(rng.uniform(0, 260))
+        end = start + 5
+        got = gallery.best(z, cam, start, end, 0.2, rules, transit, ttl_s=150.0)
+        want = _reference(z, cam, start, end, idents, rules, transit, 0.2, ttl=150.0)
+        assert got[0] == want[0]
+        if want[0] is not None:
+            assert got[1] == pytest.approx(want[1], abs=1e-5)
+            agree += 1
+    assert agree > 5  # the cases exercise joins, not only "found a new identity"
+
+
+def test_prototypes_are_the_longest_observed_per_camera():
+    g = Gallery(prototypes_per_camera=2)
+    y = _vectors(5, 8)
+    for i, (cam, q) in enumerate([("a", 3), ("a", 9), ("a", 5), ("b", 1), ("a", 9)]):
+        g.add("G1", Member(f"t{i}", cam, float(i), i + 1.0, q, y[i], i))
+    assert [p.tracklet_id for p in g.prototypes("G1")] == ["t1", "t4", "t3"]
+    np.testing.assert_allclose(g.index.vector(g.code("G1")), _unit(y[[1, 4, 3]]).mean(0), rtol=1e-6)
+    assert len(g.members("G1")) == 5
+
+
+def test_changes_of_scoring_space_carry_kept_prototypes_over():
+    rng = np.random.default_rng(0)
+    x = _unit(rng.standard_normal((600, 40)).astype(np.float32) + 0.5)
+    old = ScoringSpace.fit(x[:300], None)        # centre only: the map is exact
+    new = ScoringSpace.fit(x[300:], None)
+    a, c = new.change_from(old)
+    assert a is None
+    np.testing.assert_allclose(old.project(x[:5]) + c, new.project(x[:5]), atol=1e-5)
+    a, c = new.change_from(None)                # raw unit embeddings into a fitted space: exact as well
+    np.testing.assert_allclose((x[:5] if a is None else x[:5] @ a) + c, new.project(x[:5]), atol=1e-5)
+    a, c = ScoringSpace.fit(x[300:], 16).change_from(None)
+    np.testing.assert_allclose(x[:5] @ a + c, ScoringSpace.fit(x[300:], 16).project(x[:5]), atol=1e-5)
+    p_old, p_new = ScoringSpace.fit(x[:300], 16), ScoringSpace.fit(x[300:], 16)
+    aligned, r = p_new.aligned_to(p_old)
+    assert r is not None
+    zn, za = p_new.transform(x[:20]), aligned.transform(x[:20])
+    np.testing.assert_allclose(zn @ zn.T, za @ za.T, atol=1e-5)   # a rotation: the same cosines
+    assert np.linalg.norm(aligned.change_from(p_old)[0] - np.eye(16)) < np.linalg.norm(p_new.change_from(p_old)[0] - np.eye(16))
+    g = Gallery()
+    g.replace({"G1": [Member("t", "a", 0.0, 1.0, 3, old.project(x[0]), 1)]})
+    g.reexpress(*new.change_from(old))
+    np.testing.assert_allclose(g.prototypes("G1")[0].y, new.project(x[0]), atol=1e-5)
+    np.testing.assert_allclose(g.index.vector(g.code("G1")), new.transform(x[0]), atol=1e-5)
+
+
+def test_prototype_records_round_trip_compactly():
+    protos = [Prototype("t1", "left", 1.5, 3.0, 12, _vectors(1, 256)[0], 4),
+              Prototype("t2", "right", 4.0, 6.5, 3, _vectors(1, 256, 1)[0], 9)]
+    blob = encode_prototypes(protos, 7)
+    assert len(blob) < 2 * 256 * 2 + 200
+    epoch, back = decode_prototypes(blob)
+    assert epoch == 7 and [p.tracklet_id for p in back] == ["t1", "t2"] and back[1].camera == "right"
+    np.testing.assert_allclose(back[0].y, protos[0].y, atol=2e-3)
+    with pytest.raises(ValueError):
+        decode_prototypes(blob[:-3])
+    with pytest.raises(ValueError):
+        decode_prototypes(b"nope" + blob[4:])
