@@ -402,6 +402,10 @@ class IndexConfig(_Model):
     )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
     threads: int | None = Field(None, ge=1, description="faiss threads; null uses every core.")
+    hot_s: float | None = Field(
+        3600.0, gt=0, description="While the IVF is in use, identities seen within this many stream seconds are also "
+        "searched exactly (most people come back soon; the IVF can miss a true match); null: the IVF alone.",
+    )
 
 
 class MatcherConfig(_Model):

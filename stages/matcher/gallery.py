@@ -68,6 +68,8 @@ class Gallery:
         self.per_camera = prototypes_per_camera
         self.settings = settings or IndexSettings()
         self.index: IdentityIndex | None = None
+        self.hot: IdentityIndex | None = None  # exact, the recently seen identities (see IndexSettings.hot_s)
+        self.newest_end = -np.inf
         self._by_gid: dict[str, _Identity] = {}
         self._by_code: dict[int, _Identity] = {}
         self._next_code = 0
@@ -120,6 +122,28 @@ class Gallery:
     def _ensure_index(self, dim: int) -> None:
         if self.index is None or self.index.dim != dim:
             self.index = IdentityIndex(dim, self.settings)
+            self.hot = IdentityIndex(dim, IndexSettings(kind="exact")) if self.settings.hot_s is not None else None
+
+    def _upsert(self, idents: list[_Identity], vecs: np.ndarray) -> None:
+        """Index ``idents``' mean prototypes (and keep the hot tier to the recently seen ones)."""
+        self.index.upsert([i.code for i in idents], vecs)
+        if self.hot is None:
+            return
+        self.newest_end = max([self.newest_end, *(i.last_end for i in idents)])
+        horizon = self.newest_end - self.settings.hot_s
+        recent = [j for j, i in enumerate(idents) if i.last_end >= horizon]
+        old = [i.code for i in idents if i.last_end < horizon]
+        if recent:
+            self.hot.upsert([idents[j].code for j in recent], vecs[recent])
+        if old:
+            self.hot.remove(old)
+
+    def cool(self) -> int:
+        """Move identities no longer recent out of the hot tier; returns how many."""
+        if self.hot is None or not len(self.hot):
+            return 0
+        horizon = self.newest_end - self.settings.hot_s
+        return self.hot.remove([i.code for i in self._by_code.values() if i.last_end < horizon and i.code in self.hot])
 
     def _mean(self, ident: _Identity) -> np.ndarray:
         return _unit(np.stack([p.y for p in ident.protos]).astype(np.float32)).mean(axis=0)
@@ -144,7 +168,11 @@ class Gallery:
         before = [p.tracklet_id for p in ident.protos]
         ident.protos = self._select([*ident.protos, member])
         if [p.tracklet_id for p in ident.protos] != before:
-            self.index.upsert([ident.code], self._mean(ident)[None, :])
+            self._upsert([ident], self._mean(ident)[None, :])
+        elif self.hot is not None and ident.code not in self.hot:
+            self.newest_end = max(self.newest_end, ident.last_end)
+            if ident.last_end >= self.newest_end - self.settings.hot_s:
+                self.hot.upsert([ident.code], self._mean(ident)[None, :])
 
     def replace(self, groups: dict[str, list[Member]], extra_members: dict[str, np.ndarray] | None = None) -> None:
         """Rebuild identities from their members (a re-association or a reload): each ``gid`` of
@@ -164,10 +192,10 @@ class Gallery:
                 np.vstack([np.asarray(rows, np.float64), extra])
             ident.last_end = float(ident.members[:, 2].max())
             ident.protos = self._select(members)
-            codes.append(ident.code)
+            codes.append(ident)
             vecs.append(self._mean(ident))
         if codes:
-            self.index.upsert(codes, np.stack(vecs))
+            self._upsert(codes, np.stack(vecs))
 
     def bulk(self, dim: int) -> contextlib.AbstractContextManager:
         """Context for loading many identities (:meth:`IdentityIndex.bulk`) of dimension ``dim``."""
@@ -184,6 +212,8 @@ class Gallery:
                 gone.append(gid)
                 if self.index is not None:
                     self.index.remove([ident.code])
+                if self.hot is not None:
+                    self.hot.remove([ident.code])
         return gone
 
     def evict(self, before_end_s: float) -> list[str]:
@@ -200,19 +230,19 @@ class Gallery:
             return 0
         dim = len(c)
         if self.index is None or self.index.dim != dim:
-            kept = {g: i for g, i in self._by_gid.items() if g in skip}
-            self.index = IdentityIndex(dim, self.settings)
+            kept = [i for g, i in self._by_gid.items() if g in skip]
+            self.index = None
+            self._ensure_index(dim)
             if kept:
-                self.index.upsert([i.code for i in kept.values()], np.stack([self._mean(i) for i in kept.values()]))
-        codes, vecs = [], []
+                self._upsert(kept, np.stack([self._mean(i) for i in kept]))
+        vecs = []
         for ident in idents:
             ys = np.stack([p.y for p in ident.protos]).astype(np.float32)
             ys = (ys if a is None else ys @ a) + c
             ident.protos = [dataclasses.replace(p, y=y) for p, y in zip(ident.protos, ys)]
-            codes.append(ident.code)
             vecs.append(_unit(ys).mean(axis=0))
-        for start in range(0, len(codes), 65536):
-            self.index.upsert(codes[start:start + 65536], np.stack(vecs[start:start + 65536]))
+        for start in range(0, len(idents), 65536):
+            self._upsert(idents[start:start + 65536], np.stack(vecs[start:start + 65536]))
         return len(idents)
 
     # ---------------------------------------------------------------------------------------------
@@ -256,6 +286,8 @@ class Gallery:
             s, c = self.search(z[None, :], k)
             prefetched = (s[0], c[0])
         scored: dict[int, float] = {}
+        if self.hot is not None and self.index.approximate and len(self.hot):
+            also = [*also, *(int(c) for c in self.hot.search(z[None, :], min(k, len(self.hot)))[1][0] if c >= 0)]
         while True:
             scores, codes = prefetched
             fresh = [int(c) for c in codes if c >= 0 and int(c) not in scored and int(c) in self._by_code]

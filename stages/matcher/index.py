@@ -47,6 +47,9 @@ class IndexSettings:
         retrain_growth: Retrain the IVF once the index holds this many times the vectors it was
             trained on.
         threads: faiss threads (None: all cores).
+        hot_s: While the IVF is in use, identities seen within this many stream seconds of the newest
+            sighting are also searched exactly (most people come back soon, and the IVF can miss a
+            true match whose cell it does not probe); None: the IVF alone.
     """
 
     kind: str = "auto"
@@ -55,6 +58,7 @@ class IndexSettings:
     candidates: int = 64
     retrain_growth: float = 4.0
     threads: int | None = None
+    hot_s: float | None = 3600.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "ivf"):

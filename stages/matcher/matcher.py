@@ -217,7 +217,7 @@ class CrossCameraMatcher:
         return cls(IdentityStore.from_config(cfg.store), m.threshold, Rules.from_config(m), m.prototypes_per_camera,
                    m.reassociation if m.reassociation.enabled else None, cal, m.gallery_ttl_s,
                    index=IndexSettings(m.index.kind, m.index.exact_below, m.index.nprobe, m.index.candidates,
-                                       m.index.retrain_growth, m.index.threads))
+                                       m.index.retrain_growth, m.index.threads, m.index.hot_s))
 
     # ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -450,6 +450,7 @@ class CrossCameraMatcher:
     def archive(self) -> list[str]:
         """Drop from memory the identities unseen for more than ``gallery_ttl_s`` (they stay in Redis);
         returns their ids."""
+        self.gallery.cool()
         if self.gallery_ttl_s is None or not np.isfinite(self._newest_end):
             return []
         gone = self.gallery.evict(self._newest_end - self.gallery_ttl_s)
