@@ -205,8 +205,13 @@ class CrossCameraMatcher:
         self._threshold_gauge = metrics.MATCH_THRESHOLD.labels(stage=STAGE)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> CrossCameraMatcher:
+    def from_config(cls, cfg: Config, store: IdentityStore | None = None) -> CrossCameraMatcher:
         """Build from the ``matcher`` section (and read its calibration file, if set).
+
+        Args:
+            cfg: The config.
+            store: The store (view) to use, e.g. one zone's :meth:`IdentityStore.for_zone`; None
+                connects to ``cfg.store`` (the zone ``default``).
 
         Raises:
             CalibrationError: The calibration file is unreadable.
@@ -217,13 +222,15 @@ class CrossCameraMatcher:
             from stages.matcher.calibration import read_calibration
 
             cal = read_calibration(m.calibration).threshold
-        return cls(IdentityStore.from_config(cfg.store), m.threshold, Rules.from_config(m), m.prototypes_per_camera,
+        store = store if store is not None else IdentityStore.from_config(cfg.store)
+        return cls(store, m.threshold, Rules.from_config(m), m.prototypes_per_camera,
                    m.reassociation if m.reassociation.enabled else None, cal, m.gallery_ttl_s)
 
     # ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Check Redis and load the window and scoring space it holds (a restarted matcher continues
-        where it was).
+        """Check Redis and load the window and scoring space it holds for this matcher's zone (the
+        store view's ``{zk}:matcher`` and ``{zk}:tracklets:end``), so that a restarted matcher, or the
+        instance that takes a zone over after a rebalance, continues where the previous one was.
 
         Raises:
             StoreError: Redis is unreachable.
@@ -251,13 +258,13 @@ class CrossCameraMatcher:
             self.window.add(e, self._transform(e.embedding))
         self._refresh_summaries(set(self.window.gids))
         self._refresh_prototypes()
-        self.links_total = self.store.count_all_links()
+        self.links_total = self.store.count_zone_links()
         if self.store.reassociation_status().get("links", -1) < self.links_total:
             self._since_reassociation = 1  # links arrived after the last re-association: redo it when idle
         self._identities.set(len(set(self.window.gids)))
         self._threshold_gauge.set(self.threshold)
-        log.info("matcher: %d tracklets of %d identities in the window, threshold %.3f, store %s", len(self.window),
-                 len(set(self.window.gids)), self.threshold, self.store.url)
+        log.info("matcher: zone %s: %d tracklets of %d identities in the window, threshold %.3f, store %s",
+                 self.store.zone, len(self.window), len(set(self.window.gids)), self.threshold, self.store.url)
 
     def _transform(self, embedding: np.ndarray) -> np.ndarray:
         """Scoring-space vector of one embedding (a unit vector; the raw unit embedding before any
@@ -557,7 +564,9 @@ def _gid_order(gid: str) -> tuple[int, str]:
 
 def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None,
                 on_ready: Any = None) -> Any:
-    """Run the matcher against the configured Kafka and Redis until stopped.
+    """Run the matcher against the configured Kafka and Redis until stopped: one instance of the
+    consumer group ``matcher.group_id``, matching the zones of the ``embeddings`` partitions it is
+    given (:class:`~stages.matcher.zones.ZonedMatcher`). Start as many as there are partitions at most.
 
     Raises:
         BusError: The broker is unreachable.
@@ -565,8 +574,9 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
         CalibrationError: ``matcher.calibration`` is unreadable.
     """
     from pipeline.runner import run_consuming_stage
+    from stages.matcher.zones import ZonedMatcher
 
-    matcher = CrossCameraMatcher.from_config(cfg)
+    matcher = ZonedMatcher.from_config(cfg)
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
     return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,
