@@ -44,6 +44,8 @@ def test_a_tracklet_is_matched_only_within_its_zone(store):
     assert r.exists(f"{ns}:zone:north:reassociation") and not r.exists(f"{ns}:zone:south:reassociation")
     assert store.for_zone("north").reassociation_status()["tracklets"] == 2.0
     assert store.for_zone("north").count_zone_links() == 2 and store.count_all_links() == 5
+    store.purge_camera("gate")              # purge finds the tracklet's zone index from its hash
+    assert {t.decode() for t in r.zrange(f"{ns}:zone:north:tracklets:end", 0, -1)} == {"N2"}
 
 
 def test_after_a_rebalance_a_zone_is_rebuilt_from_redis(store):
