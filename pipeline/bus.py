@@ -90,6 +90,32 @@ def ensure_topics(cfg: BusConfig, topics: list[str] | None = None) -> None:
         admin.close()
 
 
+def partition_count(cfg: BusConfig, topic: str) -> int:
+    """How many partitions ``topic`` has (from the broker's metadata).
+
+    Raises:
+        BusError: The broker is unreachable, or it does not know ``topic``.
+    """
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=_servers(cfg), request_timeout_ms=int(cfg.connect_timeout_s * 1000) + 500,
+                                 **cfg.client_options())
+    except KafkaError as exc:
+        raise BusError(f"Kafka connection to {cfg.bootstrap_servers} failed: {exc}") from None
+    try:
+        consumer.topics()  # refreshes the metadata of every topic
+        parts = consumer.partitions_for_topic(topic)
+    except KafkaError as exc:
+        raise BusError(f"metadata of topic {topic} on {cfg.bootstrap_servers} failed: {exc}") from None
+    finally:
+        consumer.close()
+    if not parts:
+        raise BusError(f"topic {topic} does not exist on {cfg.bootstrap_servers}")
+    return len(parts)
+
+
 def make_producer(cfg: BusConfig, client_id: str) -> KafkaProducer:
     """A producer with acks=all, idempotence (``cfg.idempotence``), retries, a small linger and large
     requests allowed; callers check each send's future (see :class:`CheckedSender`).

@@ -576,7 +576,10 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
     from pipeline.runner import run_consuming_stage
     from stages.matcher.zones import ZonedMatcher
 
-    matcher = ZonedMatcher.from_config(cfg)
+    from pipeline.bus import ensure_topics, partition_count
+
+    ensure_topics(cfg.bus)
+    matcher = ZonedMatcher.from_config(cfg, partition_count(cfg.bus, cfg.bus.topics.embeddings))
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
     return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,

@@ -21,6 +21,7 @@ from pipeline.bus import ensure_topics, make_producer
 from pipeline.config import load_config
 from pipeline.messages import EmbeddingRecord, encode
 from pipeline.store import IdentityStore
+from stages.matcher import CrossCameraMatcher
 from tests.conftest import ROOT
 from tests.unit.pipeline.test_messages import make_tracklet
 
@@ -181,6 +182,10 @@ def test_two_matchers_one_killed_link_every_tracklet_exactly_once(scaleout, tmp_
     # one zone -> one partition, and the four zones spread over the four partitions
     assert all(len(p) == 1 for p in partition_of_zone.values()), partition_of_zone
     assert {next(iter(p)) for p in partition_of_zone.values()} == set(range(PARTITIONS))
+    from stages.matcher.zones import ZonedMatcher
+
+    mapping = ZonedMatcher(store, CrossCameraMatcher, partitions=PARTITIONS)  # the matcher's own zone -> partition
+    assert {z: {mapping.zone_partition(z)} for z in zones} == partition_of_zone
     survivor = logs["b"].read_text(errors="replace")
     after_takeover = survivor[survivor.rindex(f"partitions assigned: {topic}[0, 1, 2, 3]"):]
     for p in owned["a"]:  # zone i is keyed to partition i: the survivor rebuilt a's zones from Redis
