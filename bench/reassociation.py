@@ -98,10 +98,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         m = CrossCameraMatcher(store=None, threshold=res.threshold, rules=rules)  # decide() needs no store
         m.space, m.window = res.space, _Window()
+        ys = res.space.project(emb) if res.space is not None else res.z
         for i in range(n):
             m.window.add(WindowEntry(str(i), cams[i], float(starts[i]), float(ends[i]), 10, f"G{res.labels[i]:06d}",
-                                     emb[i]), res.z[i])
-        m._refresh_prototypes()
+                                     emb[i]), ys[i], i)
+        m.gallery.replace(m.window.groups())
         rng = np.random.default_rng(1)
         times = []
         for _ in range(args.decisions):

@@ -161,7 +161,8 @@ def matcher(config: Path = ConfigOpt,
 
 @app.command()
 def api(config: Path = ConfigOpt, host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080)) -> None:
-    """Serve the query API over HTTP (JSON)."""
+    """Serve the operator API over HTTP (JSON, OpenAPI at /docs): identities, timelines, sightings,
+    search by example, operator merge and split."""
     import uvicorn
 
     from pipeline import metrics
@@ -177,7 +178,7 @@ def api(config: Path = ConfigOpt, host: str = typer.Option("127.0.0.1"), port: i
     token = cfg.api.token.get_secret_value() if cfg.api.token else None
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("api: serving on %s without a bearer token (set api.token)", host)
-    uvicorn.run(create_app(store, token), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(store, token, reid=cfg.reid), host=host, port=port, log_level="warning")
 
 
 def _set_threads() -> None:
@@ -214,30 +215,61 @@ def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[tuple[str, Call
 
 @query_app.command("identities")
 def query_identities(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.table, "--format"),
-                     min_cameras: int = typer.Option(1, help="Only identities seen on this many cameras.")) -> None:
-    """Global identities with their cameras and time spans."""
+                     min_cameras: int = typer.Option(1, min=1, help="Only identities seen on this many cameras."),
+                     camera_name: str | None = typer.Option(None, "--camera",
+                                                            help="Only identities seen on this camera."),
+                     since: str | None = typer.Option(None, help="Only identities last seen at or after this "
+                                                      "(stream seconds, or ISO 8601 for Unix-time streams)."),
+                     until: str | None = typer.Option(None, help="Only identities first seen at or before this."),
+                     page: int = typer.Option(1, "--page", min=1, help="Page number, from 1."),
+                     limit: int = typer.Option(100, "--limit", min=1, help="Identities per page."),
+                     newest_first: bool = typer.Option(False, help="Newest first sighting first.")) -> None:
+    """Global identities with their cameras and time spans, a page at a time (as GET /identities).
+
+    ``--format json`` prints the page's identities as a list; the paging line goes to stderr.
+    """
+    from pipeline.cli_operator import page_line
     from stages import query
 
-    rows = query.identities(_store(config), min_cameras)
-    _emit(rows, fmt, [("global id", lambda r: r["global_id"]), ("cameras", lambda r: ", ".join(r["cameras"])),
-                      ("tracklets", lambda r: str(r["n_tracklets"])),
-                      ("first seen s", lambda r: f"{r['first_seen_s']:.1f}"),
-                      ("last seen s", lambda r: f"{r['last_seen_s']:.1f}")], "global identities")
+    store = _store(config)
+    lo, hi = (None if t is None else parse_time(t) for t in (since, until))
+    result = _run_query(lambda: query.identities(store, min_cameras, offset=(page - 1) * limit, limit=limit,
+                                                 camera=camera_name, since_s=lo, until_s=hi,
+                                                 newest_first=newest_first))
+    _emit(result["items"], fmt, [("global id", lambda r: r["global_id"]),
+                                 ("cameras", lambda r: ", ".join(r["cameras"])),
+                                 ("tracklets", lambda r: str(r["n_tracklets"])),
+                                 ("first seen s", lambda r: f"{r['first_seen_s']:.1f}"),
+                                 ("last seen s", lambda r: f"{r['last_seen_s']:.1f}")], "global identities")
+    page_line(result, page, limit, "identities", fmt is Format.json)
 
 
 @query_app.command("links")
 def query_links(config: Path = ConfigOpt, fmt: Format = typer.Option(Format.table, "--format"),
                 cross_camera: bool = typer.Option(False, help="Only identities spanning two or more cameras."),
-                camera_name: str | None = typer.Option(None, "--camera", help="Only this camera's tracklets.")) -> None:
-    """Tracklet → global identity links with similarity scores."""
+                camera_name: str | None = typer.Option(None, "--camera", help="Only this camera's tracklets."),
+                page: int = typer.Option(1, "--page", min=1, help="Page number, from 1 (with --limit)."),
+                limit: int | None = typer.Option(None, "--limit", min=1,
+                                                 help="Links per page (default: all).")) -> None:
+    """Tracklet → global identity links with similarity scores (as GET /links)."""
+    from pipeline.cli_operator import page_line
     from stages import query
 
-    rows = query.links(_store(config), cross_camera, camera_name)
-    _emit(rows, fmt, [("tracklet", lambda r: r["tracklet_id"]), ("camera", lambda r: r["camera"]),
-                      ("global id", lambda r: r["global_id"]),
-                      ("score", lambda r: "founded" if r["score"] is None else f"{r['score']:.3f}"),
-                      ("start s", lambda r: f"{r['start_s']:.1f}"), ("end s", lambda r: f"{r['end_s']:.1f}")],
-          "links")
+    store = _store(config)
+    result = _run_query(lambda: query.links(store, cross_camera, camera_name,
+                                            offset=(page - 1) * (limit or 0), limit=limit))
+    _emit(result["items"], fmt, [("tracklet", lambda r: r["tracklet_id"]), ("camera", lambda r: r["camera"]),
+                                 ("global id", lambda r: r["global_id"]),
+                                 ("score", lambda r: "founded" if r["score"] is None else f"{r['score']:.3f}"),
+                                 ("start s", lambda r: f"{r['start_s']:.1f}"),
+                                 ("end s", lambda r: f"{r['end_s']:.1f}")], "links")
+    if limit is not None:
+        page_line(result, page, limit, "links", fmt is Format.json)
+
+
+def _run_query(fn: Callable[[], Any]) -> Any:
+    """``_run`` that also reports bad input (ValueError) and unknown ids (LookupError) as one line."""
+    return run_reporting(fn, (ValueError, LookupError))
 
 
 def _emit_one(row: dict[str, Any] | None, fmt: Format, what: str, missing: str) -> None:
@@ -371,6 +403,10 @@ _register_identity(app)
 from pipeline.cli_links import register as _register_links  # noqa: E402 - evaluate-links
 
 _register_links(app)
+
+from pipeline.cli_operator import register as _register_operator  # noqa: E402 - query timeline/…, report
+
+_register_operator(app, query_app)
 
 
 def main() -> None:

@@ -387,6 +387,24 @@ class ReassociationConfig(_Model):
     )
 
 
+class IndexConfig(_Model):
+    kind: Literal["auto", "exact", "ivf"] = Field(
+        "auto", description="How the gallery is searched for candidate identities: `auto` is exact below "
+        "`exact_below` identities and a faiss IVF index (8-bit codes, exact re-scoring) above; the association "
+        "rules are applied exactly to the candidates either way.",
+    )
+    exact_below: int = Field(20000, ge=1, description="Gallery size (identities) below which search is exact.")
+    nprobe: int = Field(
+        128, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); see bench/matcher.py."
+    )
+    candidates: int = Field(
+        64, ge=1, description="Identities retrieved per tracklet before the rules apply (widened automatically "
+        "while an identity left out could still score higher).",
+    )
+    retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
+    threads: int | None = Field(None, ge=1, description="faiss threads; null uses every core.")
+
+
 class MatcherConfig(_Model):
     threshold: float = Field(
         0.15, ge=-1, le=1,
@@ -422,8 +440,11 @@ class MatcherConfig(_Model):
     reassociation: ReassociationConfig = Field(default_factory=ReassociationConfig)
     group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
     gallery_ttl_s: float | None = Field(
-        None, gt=0, description="Identities unseen for longer (stream seconds) stop being candidates; null keeps all."
+        None, gt=0, description="Identities unseen for longer (stream seconds) stop being candidates and leave the "
+        "matcher's memory (archived: they stay in Redis and the API's search by example still finds them); "
+        "null keeps all.",
     )
+    index: IndexConfig = Field(default_factory=IndexConfig)
 
 
 DEFAULT_ZONE = "default"

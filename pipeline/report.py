@@ -7,9 +7,14 @@ any other file and without network access. Its layout:
 * a summary (global identities, tracklets, identities seen by two or more cameras);
 * one ``<section class="identity">`` per global identity — identities spanning more cameras first, then by
   ``first_seen_s`` — whose header gives the global id, its cameras, its time span and its tracklet count;
-* inside it, one ``<div class="camera-row">`` per camera, holding one captioned thumbnail per tracklet
+* inside it, a timeline (``<div class="timeline">``): one lane per camera along the identity's time axis
+  (stream seconds), one bar per tracklet from its start to its end, drawn with CSS only;
+* then one ``<div class="camera-row">`` per camera, holding one captioned thumbnail per tracklet
   (tracklet id, time span in seconds of stream time, and the cosine score of the join, or ``founded`` for
   the tracklet that founded the identity).
+
+:func:`write_store_report` renders the current identity store (``reidstream report``) at any time: the
+most recent identities, a bounded number of tracklets each, saying so on the page.
 
 Inputs are the records of ``identities.json`` and ``links.json`` (see ``docs/ARCHITECTURE.md``). This
 module uses only the standard library; importing it never imports torch or OpenCV.
@@ -49,7 +54,17 @@ figure img,figure .placeholder{height:128px;display:block;border-radius:4px;back
 figure .placeholder{width:64px;line-height:128px;font-size:11px;color:#5c6370}
 figcaption{font-size:11px;line-height:1.35;color:#3a404c;margin-top:3px;max-width:140px;word-break:break-all}
 .empty{color:#5c6370}
+.note{margin:-12px 0 20px;color:#5c6370;font-size:13px}
+.timeline{margin:0 0 12px}
+.lane{display:flex;align-items:center;gap:10px;height:18px;margin:0 0 3px}
+.lane .camera{flex:0 0 110px;font-size:12px;font-weight:600;word-break:break-all}
+.track{position:relative;flex:1 1 auto;height:12px;background:#eceef1;border-radius:3px}
+.bar{position:absolute;top:0;height:12px;min-width:4px;border-radius:3px}
+.axis{display:flex;justify-content:space-between;margin-left:120px;font-size:11px;color:#5c6370}
 """
+
+# one muted colour per camera lane (kept away from saturated primaries, which crops often show)
+_LANE_COLOURS = ("#2f7de1", "#e1812f", "#3aa17e", "#8a63d2", "#c94f7c", "#6b7a8f")
 
 
 def _e(value: Any) -> str:
@@ -120,6 +135,30 @@ def _figure(link: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
     )
 
 
+def _timeline(gid: str, row_order: list[str], by_camera: Mapping[str, list[Mapping[str, Any]]],
+              first_s: float, last_s: float) -> str:
+    """``<div class="timeline">`` of one identity: a lane per camera, a bar per tracklet over
+    ``[start_s, end_s]`` on the axis ``[first_s, last_s]`` (stream seconds; widened to 1 s if shorter)."""
+    lo = first_s
+    span = max(last_s - first_s, 1.0)
+    lanes = []
+    for i, camera in enumerate(row_order):
+        colour = _LANE_COLOURS[i % len(_LANE_COLOURS)]
+        bars = []
+        for link in by_camera[camera]:
+            tid = str(link["tracklet_id"])
+            start = _seconds(link["start_s"], f"link {tid!r} start_s")
+            end = max(_seconds(link["end_s"], f"link {tid!r} end_s"), start)
+            left = min(max((start - lo) / span * 100.0, 0.0), 100.0)
+            width = min(max((end - start) / span * 100.0, 0.0), 100.0 - left)
+            bars.append(f'<div class="bar" data-tracklet-id="{_e(tid)}" title="{_e(tid)}: {start:.1f}–{end:.1f} s" '
+                        f'style="left:{left:.3f}%;width:{width:.3f}%;background:{colour}"></div>')
+        lanes.append(f'<div class="lane" data-camera="{_e(camera)}"><div class="camera">{_e(camera)}</div>'
+                     f'<div class="track">{"".join(bars)}</div></div>')
+    axis = f'<div class="axis"><span>{lo:.1f} s</span><span>{lo + span:.1f} s</span></div>'
+    return f'<div class="timeline" data-global-id="{_e(gid)}">{"".join(lanes)}{axis}</div>'
+
+
 def _identity_section(
     identity: Mapping[str, Any], links: list[Mapping[str, Any]], thumbnails: Mapping[str, bytes]
 ) -> str:
@@ -148,15 +187,18 @@ def _identity_section(
         )
     all_cameras = cameras + [c for c in row_order if c not in cameras]
     multi = " multi" if len(all_cameras) >= 2 else ""
+    n_total = int(identity.get("n_tracklets", len(links)) or len(links))
+    shown = f" ({len(links)} shown)" if n_total > len(links) else ""
     meta = (
         f"cameras: {_e(', '.join(all_cameras))} · "
         f"seen {first_s:.1f}–{last_s:.1f} s ({last_s - first_s:.1f} s) · "
-        f"{len(links)} tracklet{'s' if len(links) != 1 else ''}"
+        f"{n_total} tracklet{'s' if n_total != 1 else ''}{shown}"
     )
     body = "".join(rows) if rows else '<p class="empty">no tracklets</p>'
+    timeline = _timeline(gid, row_order, by_camera, first_s, last_s) if rows else ""
     return (
         f'<section class="identity{multi}" data-global-id="{_e(gid)}">'
-        f"<h2>{_e(gid)}</h2><p class=\"meta\">{meta}</p>{body}</section>"
+        f"<h2>{_e(gid)}</h2><p class=\"meta\">{meta}</p>{timeline}{body}</section>"
     )
 
 
@@ -166,6 +208,7 @@ def write_report(
     links: list[dict],
     thumbnails: Mapping[str, bytes],
     title: str = "reidstream demo",
+    note: str | None = None,
 ) -> Path:
     """Write a self-contained HTML page showing every global identity and its crops.
 
@@ -186,6 +229,7 @@ def write_report(
         thumbnails: ``tracklet_id`` → JPEG bytes of one representative crop (PNG is accepted too).
             Missing, empty or undecodable entries are shown as a grey "no crop" placeholder.
         title: Page title and heading.
+        note: A line shown under the summary (e.g. which part of a large store the page shows).
 
     Returns:
         The path written.
@@ -253,6 +297,7 @@ def write_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
         f"<body><h1>{_e(title)}</h1>{summary}"
+        + (f'<p class="note">{_e(note)}</p>' if note else "")
         + ("".join(sections) if sections else '<p class="empty">no identities</p>')
         + "</body></html>\n"
     )
@@ -260,3 +305,54 @@ def write_report(
     out.write_text(page, encoding="utf-8")
     log.info("report with %d identities and %d tracklets written to %s", len(ordered), n_tracklets, out)
     return out
+
+
+def write_store_report(
+    store: Any,
+    path: str | Path,
+    limit: int = 100,
+    min_cameras: int = 1,
+    max_tracklets: int = 50,
+    title: str = "reidstream identities",
+) -> dict[str, Any]:
+    """Render the identities currently in ``store`` with :func:`write_report` (``reidstream report``).
+
+    The page shows the ``limit`` identities with the most recent first sighting (among those seen on at
+    least ``min_cameras`` cameras), each with its ``max_tracklets`` most recent tracklets, and says so.
+    Reads are bounded by those limits (a page of the first-seen index, then pipelined reads of the
+    shown tracklets and crops), so the store may be large and the pipeline may be running.
+
+    Args:
+        store: A :class:`pipeline.store.IdentityStore`.
+        path: Output HTML file.
+        limit: Most identities shown, >= 1.
+        min_cameras: Only identities seen on this many cameras, >= 1.
+        max_tracklets: Most tracklets shown per identity, >= 1.
+        title: Page title.
+
+    Returns:
+        ``{"path", "identities": shown, "total": matching identities or None when not counted,
+        "tracklets": shown}``.
+
+    Raises:
+        ValueError: A limit below 1.
+        OSError: The file cannot be written.
+    """
+    if max_tracklets < 1:
+        raise ValueError(f"max_tracklets must be >= 1, got {max_tracklets}")
+    page = store.identities_page(0, limit, min_cameras=min_cameras, newest_first=True)
+    identities, tids = [], []
+    for ident in page.items:
+        recent = ident.tracklets[-max_tracklets:]
+        tids.extend(recent)
+        identities.append({**ident.to_json(), "tracklets": recent})
+    links = [lk.to_json() for lk in store.links_of(tids)]
+    thumbs = store.thumbnails(tids)
+    total = page.total
+    scope = "all" if total is not None and total <= len(identities) else \
+        f"the {len(identities)} with the most recent first sighting of {total if total is not None else 'more'}"
+    cams = f" seen on at least {min_cameras} cameras" if min_cameras > 1 else ""
+    note = (f"Showing {scope} identities{cams}, at most {max_tracklets} recent tracklets each "
+            f"(reidstream report --limit / --max-tracklets).")
+    write_report(path, identities, links, thumbs, title=title, note=note)
+    return {"path": str(path), "identities": len(identities), "total": total, "tracklets": len(links)}

@@ -15,11 +15,21 @@ key                                  type    content
                                              bytes), quality (frames observed), closed_wall_s,
                                              linked_wall_s
 ``{ns}:tracklets``                   zset    tracklet id → linked order (monotonic counter)
-``{zk}:tracklets:end``               zset    tracklet id → end_s: the zone's matcher window
+``{ns}:tracklets:end``               zset    tracklet id → end_s, every zone's (time filters; the
+                                             window of zone ``default``: its members whose hash has
+                                             no other ``zone``)
+``{ns}:zone:{z}:tracklets:end``      zset    tracklet id → end_s of zone ``z`` (not ``default``): its
+                                             matcher window
+``{ns}:zones``                       set     the zones other than ``default`` that have links
 ``{ns}:camera:{cam}:sightings``      zset    tracklet id → start_s
 ``{ns}:thumb:{tid}``                 string  JPEG crop (BGR-encoded)
 ``{ns}:merged:{gid}``                string  the identity ``gid`` was merged into (see :meth:`resolve`)
+``{zk}:proto:{gid}``                 string  the identity's prototypes, compact (see
+                                             :meth:`save_prototypes`): scoring-space vectors as
+                                             float16 plus camera, span, quality of each
 ``{ns}:audit``                       stream  one entry per merge or split: field ``record`` (JSON)
+``{ns}:constraints``                 list    operators' must-link / cannot-link decisions, one JSON
+                                             object each (:class:`OperatorConstraint`)
 ``{zk}:matcher``                     hash    the zone matcher's scoring space (``mean``,
                                              ``components``: float32 bytes, ``dim``), ``threshold``,
                                              ``transit`` (JSON), ``model``
@@ -28,9 +38,10 @@ key                                  type    content
                                              ``merges``, ``splits``, ``moved``
 ===================================  ======  =====================================================
 
-Identities, links, the id sequence and the audit are shared by all zones (an identity belongs to the
-zone whose matcher founded it; global ids are unique across zones). The zone ``default`` uses the
-keys of a single-zone deployment, so stores written before zones existed are read unchanged.
+Identities, links, the id sequence, the audit and the operators' constraints are shared by all zones
+(an identity belongs to the zone whose matcher founded it; global ids are unique across zones). The
+zone ``default`` uses the keys of a single-zone deployment, so stores written before zones existed
+are read unchanged.
 
 Concurrency: several matcher instances may write one namespace (each owns some zones, and during a
 consumer-group rebalance two may briefly write the same zone). Redis is the single source of truth:
@@ -60,7 +71,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -72,10 +83,12 @@ log = logging.getLogger(__name__)
 _WATCH_ATTEMPTS = 10
 
 # One link, atomically (see IdentityStore.record_link).
-# KEYS: tracklet hash, {ns}:tracklets, the zone's end index, the identity's member zset, the camera's
-#       sightings, the identity hash, {ns}:identities, the thumbnail key.
+# KEYS: tracklet hash, {ns}:tracklets, {ns}:tracklets:end, the identity's member zset, the camera's
+#       sightings, the identity hash, {ns}:identities, the thumbnail key, the zone's end index ('' for
+#       the zone default), {ns}:zones.
+# ARGV[10] is the zone.
 # ARGV: tracklet id, global id, camera, start_s, end_s, link order, retention seconds (0: none),
-#       thumbnail ('' for none), linked_wall_s, then the tracklet hash's field/value pairs.
+#       thumbnail ('' for none), linked_wall_s, zone, then the tracklet hash's field/value pairs.
 # Returns 1 when written (or when this very call's write is found: redis-py re-sends a command whose
 # reply was lost), 0 when the tracklet was linked before.
 _RECORD_LINK_LUA = """
@@ -86,10 +99,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[6], tid)
 redis.call('ZADD', KEYS[3], end_s, tid)
+if KEYS[9] ~= '' then
+  redis.call('ZADD', KEYS[9], end_s, tid)
+  redis.call('SADD', KEYS[10], ARGV[10])
+end
 redis.call('ZADD', KEYS[4], start_s, tid)
 redis.call('ZADD', KEYS[5], start_s, tid)
 local cur = redis.call('HMGET', KEYS[6], 'first_seen_s', 'last_seen_s', 'cameras')
@@ -198,6 +215,66 @@ class WindowEntry:
     quality: int
     global_id: str
     embedding: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Prototype:
+    """A member tracklet that represents its identity in the matcher's gallery.
+
+    Attributes:
+        tracklet_id: The tracklet.
+        camera: Its camera.
+        start_s: First sighting, stream seconds.
+        end_s: Last sighting, stream seconds.
+        quality: Frames the tracker saw it in (prototypes prefer the longest-observed).
+        y: ``float32 [K]`` projected, un-normalised scoring-space vector.
+        arrival: Arrival order at the matcher (ties between equal quality go to the earlier).
+    """
+
+    tracklet_id: str
+    camera: str
+    start_s: float
+    end_s: float
+    quality: int
+    y: np.ndarray
+    arrival: int
+
+
+_PROTO_MAGIC = b"RSP1"
+
+
+def encode_prototypes(protos: list[Prototype], epoch: int) -> bytes:
+    """Compact form of an identity's prototypes: ``RSP1``, then little-endian uint32 epoch, K, P and
+    the length of a JSON list of ``[tracklet_id, camera, start_s, end_s, quality, arrival]``, that
+    JSON, then ``float16 [P, K]`` vectors (512 bytes per 256-d prototype).
+
+    Raises:
+        ValueError: No prototypes, or vectors of different dimensions.
+    """
+    if not protos:
+        raise ValueError("an identity needs at least one prototype")
+    ys = np.stack([np.asarray(p.y, np.float32) for p in protos])
+    meta = json.dumps([[p.tracklet_id, p.camera, p.start_s, p.end_s, int(p.quality), int(p.arrival)]
+                       for p in protos], separators=(",", ":")).encode()
+    header = np.asarray([epoch, ys.shape[1], ys.shape[0], len(meta)], "<u4").tobytes()
+    return _PROTO_MAGIC + header + meta + ys.astype("<f2").tobytes()
+
+
+def decode_prototypes(blob: bytes) -> tuple[int, list[Prototype]]:
+    """Inverse of :func:`encode_prototypes`: ``(epoch, prototypes)``.
+
+    Raises:
+        ValueError: Not a prototype blob (wrong magic or truncated).
+    """
+    if blob[:4] != _PROTO_MAGIC or len(blob) < 20:
+        raise ValueError("not a reidstream prototype record")
+    epoch, k, n, m = (int(v) for v in np.frombuffer(blob[4:20], "<u4"))
+    meta = json.loads(blob[20:20 + m])
+    raw = blob[20 + m:]
+    if len(raw) != 2 * k * n or len(meta) != n:
+        raise ValueError("truncated reidstream prototype record")
+    ys = np.frombuffer(raw, "<f2").reshape(n, k).astype(np.float32)
+    return epoch, [Prototype(t, c, float(s), float(e), int(q), y, int(a)) for (t, c, s, e, q, a), y in zip(meta, ys)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,8 +450,8 @@ class IdentityStore:
         The identity's ``first_seen_s`` becomes min(stored, ``link.start_s``), ``last_seen_s``
         max(stored, ``link.end_s``), ``cameras`` the union of the stored ones and ``link.camera``, and
         ``n_tracklets`` grows by one, all computed in Redis, so concurrent writers to one identity lose
-        no update. The tracklet is added to this view's zone window (``{zk}:tracklets:end``) and its
-        hash records the zone.
+        no update. The tracklet is added to ``{ns}:tracklets:end`` and, for a zone other than
+        ``default``, to the zone's window index; its hash records the zone.
 
         Args:
             link: The assignment.
@@ -404,35 +481,41 @@ class IdentityStore:
             "embedding": np.asarray(embedding, "<f4").tobytes(), "quality": int(quality),
             "closed_wall_s": repr(link.closed_wall_s), "linked_wall_s": repr(link.linked_wall_s),
         }
-        keys = [self._k("tracklet", tid), self._k("tracklets"), self._zk("tracklets", "end"),
+        keys = [self._k("tracklet", tid), self._k("tracklets"), self._k("tracklets", "end"),
                 self._k("identity", gid, "tracklets"), self._k("camera", link.camera, "sightings"),
-                self._k("identity", gid), self._k("identities"), self._k("thumb", tid)]
+                self._k("identity", gid), self._k("identities"), self._k("thumb", tid),
+                "" if self.zone == DEFAULT_ZONE else self._end_index(self.zone), self._k("zones")]
         args: list[Any] = [tid, gid, link.camera, fields["start_s"], fields["end_s"], time.time_ns(),
-                           self.retention_s or 0, thumbnail or b"", fields["linked_wall_s"]]
+                           self.retention_s or 0, thumbnail or b"", fields["linked_wall_s"], self.zone]
         for name, value in fields.items():
             args.extend((name, value))
         return bool(self._record_link(keys=keys, args=args))
 
     def load_window(self, since_end_s: float | None = None, limit: int | None = None) -> list[WindowEntry]:
         """Linked tracklets of this view's zone whose last sighting is at or after ``since_end_s`` (all
-        when None), the newest ``limit`` of them, ordered by end time; for a matcher (re)start."""
+        when None), the newest ``limit`` of them, ordered by end time; for a matcher (re)start. The
+        zone ``default`` reads ``{ns}:tracklets:end`` and skips tracklets of other zones."""
         lo = "-inf" if since_end_s is None else repr(float(since_end_s))
-        tids = [t.decode() for t in self.r.zrangebyscore(self._zk("tracklets", "end"), lo, "+inf")]
-        if limit is not None:
-            tids = tids[-limit:]
-        out = []
-        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding")
-        for i in range(0, len(tids), 1000):
-            chunk = tids[i:i + 1000]
+        tids = [t.decode() for t in self.r.zrangebyscore(self._end_index(self.zone), lo, "+inf")]
+        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding", "zone")
+        out: list[WindowEntry] = []
+        stop = len(tids)  # newest first, in chunks, until ``limit`` entries of this zone are found
+        while stop > 0 and (limit is None or len(out) < limit):
+            chunk = tids[max(stop - 1000, 0):stop]
+            stop -= len(chunk)
             with self.r.pipeline(transaction=False) as pipe:
                 for tid in chunk:
                     pipe.hmget(self._k("tracklet", tid), *fields)
                 rows = pipe.execute()
-            for tid, (cam, s, e, q, gid, emb) in zip(chunk, rows):
-                if cam is None or emb is None:
+            found = []
+            for tid, (cam, s, e, q, gid, emb, zone) in zip(chunk, rows):
+                if cam is None or emb is None or (zone.decode() if zone else DEFAULT_ZONE) != self.zone:
                     continue
-                out.append(WindowEntry(tid, cam.decode(), float(s), float(e), int(q or 1), gid.decode(),
-                                       np.frombuffer(emb, "<f4").copy()))
+                found.append(WindowEntry(tid, cam.decode(), float(s), float(e), int(q or 1), gid.decode(),
+                                         np.frombuffer(emb, "<f4").copy()))
+            out = found + out
+        if limit is not None and len(out) > limit:
+            out = out[len(out) - limit:]
         return out
 
     def identity_sightings(self, global_ids: Iterable[str]) -> dict[str, list[tuple[str, str, float, float]]]:
@@ -576,8 +659,47 @@ class IdentityStore:
         return int(self.r.zcard(self._k("tracklets")))
 
     def count_zone_links(self) -> int:
-        """How many tracklets of this view's zone are linked (its window index)."""
-        return int(self.r.zcard(self._zk("tracklets", "end")))
+        """How many tracklets of this view's zone are linked (for ``default``: all links less those of
+        the other zones in ``{ns}:zones``)."""
+        if self.zone != DEFAULT_ZONE:
+            return int(self.r.zcard(self._end_index(self.zone)))
+        others = sorted(z.decode() for z in self.r.smembers(self._k("zones")))
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._k("tracklets", "end"))
+            for zone in others:
+                pipe.zcard(self._end_index(zone))
+            total, *counts = pipe.execute()
+        return int(total) - int(sum(counts))
+
+    def save_prototypes(self, protos: dict[str, list[Prototype]], epoch: int) -> None:
+        """Store identities' prototypes compactly (``{zk}:proto:{gid}`` of this view's zone,
+        :func:`encode_prototypes`); an empty list deletes the record. Pipelined in batches of 1000."""
+        items = list(protos.items())
+        for start in range(0, len(items), 1000):
+            with self.r.pipeline(transaction=False) as pipe:
+                for gid, rows in items[start:start + 1000]:
+                    key = self._zk("proto", gid)
+                    if rows:
+                        pipe.set(key, encode_prototypes(rows, epoch))
+                        self._retain(pipe, key)
+                    else:
+                        pipe.delete(key)
+                pipe.execute()
+
+    def load_prototypes(self, exclude: set[str] | frozenset = frozenset(),
+                        batch: int = 5000) -> dict[str, tuple[int, list[Prototype]]]:
+        """The stored prototypes of every identity of this view's zone (but ``exclude``):
+        ``gid → (epoch, prototypes)``. Identities without a record in this zone (other zones', or never
+        linked by a matcher of this version) are left out."""
+        gids = [g.decode() for g in self.r.zrange(self._k("identities"), 0, -1)]
+        gids = [g for g in gids if g not in exclude]
+        out: dict[str, tuple[int, list[Prototype]]] = {}
+        for start in range(0, len(gids), batch):
+            part = gids[start:start + batch]
+            for gid, blob in zip(part, self.r.mget([self._zk("proto", g) for g in part])):
+                if blob:
+                    out[gid] = decode_prototypes(blob)
+        return out
 
     # ---------------------------------------------------------------------------------------------
     # query side
@@ -730,7 +852,9 @@ class IdentityStore:
             for tid, (gid, cam, zone) in zip(tids, rows):
                 pipe.delete(self._k("tracklet", tid), self._k("thumb", tid))
                 pipe.zrem(self._k("tracklets"), tid)
-                pipe.zrem(self._end_index(zone.decode() if zone else DEFAULT_ZONE), tid)
+                pipe.zrem(self._k("tracklets", "end"), tid)
+                if zone and zone.decode() != DEFAULT_ZONE:
+                    pipe.zrem(self._end_index(zone.decode()), tid)
                 if gid is not None:
                     gids.add(gid.decode())
                     pipe.zrem(self._k("identity", gid.decode(), "tracklets"), tid)
@@ -770,3 +894,605 @@ class IdentityStore:
             pipe.zadd(self._k("identities"), {global_id: first})
             pipe.execute()
         return True
+
+    # ---------------------------------------------------------------------------------------------
+    # operator queries (the operator API, `reidstream query`, `reidstream report`)
+    #
+    # Reads here touch an index range and the rows they return, never every link: identities page
+    # over ``{ns}:identities`` (first seen, then id), filters are answered from the smallest index
+    # that narrows them (a camera's sightings, ``{ns}:tracklets:end``, the first-seen range) or by an
+    # in-order scan of the first-seen index that stops once the page is full. Multi-row reads are
+    # pipelined in chunks of OPERATOR_CHUNK commands. Operator merges and splits go through
+    # :meth:`apply_reassociation` and are recorded as constraints (``{ns}:constraints``).
+    def identities_page(self, offset: int = 0, limit: int | None = 50, *, camera: str | None = None,
+                        since_s: float | None = None, until_s: float | None = None, min_cameras: int = 1,
+                        newest_first: bool = False) -> Page[Identity]:
+        """A page of global identities, ordered by first sighting, then global id.
+
+        Filters combine (all must hold): ``camera`` among the identity's cameras; its span
+        ``[first_seen_s, last_seen_s]`` overlaps ``[since_s, until_s]`` (stream seconds; either end
+        open when None); at least ``min_cameras`` cameras.
+
+        Cost: without filters, or with ``until_s`` alone, O(log N + limit) reads and an exact
+        ``total``. With ``camera`` or ``since_s``, the candidates of the cheaper of the camera's
+        sightings, the tracklets ending at or after ``since_s`` and the first-seen range are read (two
+        fields each) and ``total`` is exact. When neither narrows better than the first-seen range
+        (e.g. ``min_cameras`` alone), or the cheaper one holds more than ``OPERATOR_CANDIDATES``
+        tracklets, that range is scanned in order until the page and one more match are found:
+        ``total`` is then None unless the scan reached the end, and ``next_offset`` says whether
+        another page exists.
+
+        Args:
+            offset: Matches to skip, >= 0.
+            limit: Page size, >= 1; None returns every match.
+            camera: Only identities seen on this camera.
+            since_s: Only identities last seen at or after this (stream seconds).
+            until_s: Only identities first seen at or before this (stream seconds).
+            min_cameras: Only identities seen on at least this many cameras, >= 1.
+            newest_first: Order by first sighting descending (then global id descending).
+
+        Returns:
+            The page; ``total`` counts matches (it may include identities whose keys expired under
+            ``store.retention_days`` until :meth:`purge_before` trims the index; such rows are skipped).
+
+        Raises:
+            ValueError: ``offset < 0``, ``limit < 1``, ``min_cameras < 1`` or ``since_s > until_s``.
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable.
+        """
+        _check_page(offset, limit)
+        if min_cameras < 1:
+            raise ValueError(f"min_cameras must be >= 1, got {min_cameras}")
+        if since_s is not None and until_s is not None and since_s > until_s:
+            raise ValueError(f"since_s ({since_s}) is after until_s ({until_s})")
+        zkey = self._k("identities")
+        hi = "+inf" if until_s is None else repr(float(until_s))
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcount(zkey, "-inf", hi)
+            if camera is not None:
+                pipe.zcard(self._k("camera", camera, "sightings"))
+            if since_s is not None:
+                pipe.zcount(self._k("tracklets", "end"), repr(float(since_s)), "+inf")
+            counts = iter(pipe.execute())
+        n_range = int(next(counts))
+        n_camera = int(next(counts)) if camera is not None else None
+        n_ending = int(next(counts)) if since_s is not None else None
+
+        def keep(first: float, last: float, cameras: list[str]) -> bool:
+            return ((until_s is None or first <= until_s) and (since_s is None or last >= since_s)
+                    and (camera is None or camera in cameras) and len(cameras) >= min_cameras)
+
+        if camera is None and since_s is None and min_cameras == 1:  # the first-seen index answers alone
+            lo, hi_rank = _rank_window(n_range, offset, limit, newest_first)
+            gids = [] if lo > hi_rank else [g.decode() for g in self.r.zrange(zkey, lo, hi_rank)]
+            if newest_first:
+                gids.reverse()
+            return Page(self.identities_by_id(gids), n_range, offset, limit, _next_offset(offset, limit, n_range))
+
+        narrowing = [(n, src) for n, src in ((n_camera, "camera"), (n_ending, "ending")) if n is not None]
+        if narrowing and min(narrowing)[0] < n_range and min(narrowing)[0] <= OPERATOR_CANDIDATES:
+            source = min(narrowing)[1]
+            if source == "camera":
+                tids = [t.decode() for t in self.r.zrange(self._k("camera", str(camera), "sightings"), 0, -1)]
+            else:
+                tids = [t.decode() for t in self.r.zrangebyscore(self._k("tracklets", "end"),
+                                                                 repr(float(since_s)), "+inf")]
+            rows = self._identity_rows(sorted(self._global_ids_of(tids)))
+            matched = sorted(((row[0], gid) for gid, row in rows.items() if keep(*row[1:])), reverse=newest_first)
+            window = matched[offset:None if limit is None else offset + limit]
+            return Page(self.identities_by_id([g for _, g in window]), len(matched), offset, limit,
+                        _next_offset(offset, limit, len(matched)))
+
+        picked: list[str] = []
+        count = 0
+        complete = True
+        for gids in self._rank_chunks(zkey, n_range, newest_first):
+            rows = self._identity_rows(gids)
+            for gid in gids:
+                row = rows.get(gid)
+                if row is None or not keep(*row[1:]):
+                    continue
+                if count >= offset and (limit is None or len(picked) < limit):
+                    picked.append(gid)
+                count += 1
+                if limit is not None and count > offset + limit:
+                    complete = False
+                    break
+            if not complete:
+                break
+        total = count if complete else None
+        nxt = offset + limit if limit is not None and not complete else _next_offset(offset, limit, count)
+        return Page(self.identities_by_id(picked), total, offset, limit, nxt)
+
+    def camera_sightings(self, camera: str, since_s: float | None = None, until_s: float | None = None,
+                         offset: int = 0, limit: int | None = 100) -> Page[SightingRecord] | None:
+        """A camera's tracklets that start in ``[since_s, until_s]`` (stream seconds, either end open when
+        None), ordered by start, then tracklet id; one ``ZRANGEBYSCORE`` plus one pipelined read.
+
+        Returns:
+            The page with an exact ``total``, or None when nothing of ``camera`` is stored.
+
+        Raises:
+            ValueError: Bad ``offset``/``limit``, or ``since_s > until_s``.
+        """
+        _check_page(offset, limit)
+        if since_s is not None and until_s is not None and since_s > until_s:
+            raise ValueError(f"since_s ({since_s}) is after until_s ({until_s})")
+        key = self._k("camera", camera, "sightings")
+        lo = "-inf" if since_s is None else repr(float(since_s))
+        hi = "+inf" if until_s is None else repr(float(until_s))
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            pipe.zcount(key, lo, hi)
+            pipe.zrangebyscore(key, lo, hi, start=offset, num=-1 if limit is None else limit)
+            exists, total, tids = pipe.execute()
+        if not exists:
+            return None
+        items = self._sighting_records([t.decode() for t in tids])
+        return Page(items, int(total), offset, limit, _next_offset(offset, limit, int(total)))
+
+    def identity_timeline(self, global_id: str, offset: int = 0,
+                          limit: int | None = None) -> Page[SightingRecord] | None:
+        """An identity's tracklets ordered by start (stream seconds), then tracklet id, with camera,
+        span, join score and whether a thumbnail is stored; None when the identity is unknown (merge
+        pointers are not followed: see :meth:`resolve`).
+
+        Raises:
+            ValueError: Bad ``offset``/``limit``.
+        """
+        _check_page(offset, limit)
+        key = self._k("identity", global_id, "tracklets")
+        stop = -1 if limit is None else offset + limit - 1
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.exists(self._k("identity", global_id))
+            pipe.zcard(key)
+            pipe.zrange(key, offset, stop)
+            exists, total, tids = pipe.execute()
+        if not exists:
+            return None
+        items = self._sighting_records([t.decode() for t in tids])
+        return Page(items, int(total), offset, limit, _next_offset(offset, limit, int(total)))
+
+    def links_page(self, offset: int = 0, limit: int | None = 100, *, camera: str | None = None,
+                   cross_camera: bool = False) -> Page[Link]:
+        """A page of links: in storage order, or by start time with ``camera``.
+
+        ``cross_camera`` keeps links whose identity spans two or more cameras; it scans the index in
+        order until the page and one more match are found (``total`` None unless the scan ended).
+
+        Raises:
+            ValueError: Bad ``offset``/``limit``.
+        """
+        _check_page(offset, limit)
+        key = self._k("camera", camera, "sightings") if camera is not None else self._k("tracklets")
+        n = int(self.r.zcard(key))
+        if not cross_camera:
+            lo, hi = _rank_window(n, offset, limit, False)
+            tids = [] if lo > hi else [t.decode() for t in self.r.zrange(key, lo, hi)]
+            return Page(self.links_of(tids), n, offset, limit, _next_offset(offset, limit, n))
+        spans: dict[str, int] = {}
+        picked: list[Link] = []
+        count = 0
+        complete = True
+        for tids in self._rank_chunks(key, n, False):
+            links = self.links_of(tids)
+            unknown = sorted({lk.global_id for lk in links} - spans.keys())
+            with self.r.pipeline(transaction=False) as pipe:
+                for gid in unknown:
+                    pipe.hget(self._k("identity", gid), "cameras")
+                spans.update({g: len(json.loads(c)) if c else 0 for g, c in zip(unknown, pipe.execute())})
+            for lk in links:
+                if spans.get(lk.global_id, 0) < 2:
+                    continue
+                if count >= offset and (limit is None or len(picked) < limit):
+                    picked.append(lk)
+                count += 1
+                if limit is not None and count > offset + limit:
+                    complete = False
+                    break
+            if not complete:
+                break
+        nxt = offset + limit if limit is not None and not complete else _next_offset(offset, limit, count)
+        return Page(picked, count if complete else None, offset, limit, nxt)
+
+    def embedding_batches(self, batch_size: int = 1000) -> Iterable[list[tuple[str, str, np.ndarray]]]:
+        """Every linked tracklet's ``(tracklet_id, global_id, embedding)``, ``batch_size`` per pipelined
+        read, in storage order; embeddings are decoded by :func:`decode_embedding` (``float32 [D]``).
+
+        Raises:
+            ValueError: ``batch_size < 1``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        key = self._k("tracklets")
+        for tids in self._rank_chunks(key, int(self.r.zcard(key)), False, batch_size):
+            with self.r.pipeline(transaction=False) as pipe:
+                for tid in tids:
+                    pipe.hmget(self._k("tracklet", tid), "global_id", "embedding")
+                rows = pipe.execute()
+            yield [(tid, gid.decode(), decode_embedding(raw)) for tid, (gid, raw) in zip(tids, rows)
+                   if gid is not None and raw]
+
+    def constraints(self) -> list[OperatorConstraint]:
+        """The operators' must-link and cannot-link decisions (``{ns}:constraints``), oldest first."""
+        return [OperatorConstraint.from_json(json.loads(raw)) for raw in self.r.lrange(self._k("constraints"), 0, -1)]
+
+    def operator_merge(self, into: str, sources: Iterable[str], operator: str, note: str = "",
+                       wall_s: float | None = None) -> OperatorChange:
+        """Move every tracklet of the identities ``sources`` into identity ``into`` (an operator's merge).
+
+        Written by :meth:`apply_reassociation` in one transaction: the moves, the rebuilt identities,
+        ``{ns}:merged:{source}`` → ``into`` and one audit record per source (``kind: merge``,
+        ``reason: operator``, ``operator``, ``note``, ``operation``). Then one must-link constraint per
+        source (``a``: the tracklets of ``into``, ``b``: the source's) is appended to ``{ns}:constraints``.
+
+        Args:
+            into: The surviving global id.
+            sources: Global ids to merge into it (at least one, distinct, none equal to ``into``).
+            operator: Who decided (non-empty).
+            note: Free-text reason.
+            wall_s: Unix seconds of the decision (now when None).
+
+        Raises:
+            IdentityNotFoundError: ``into`` or a source is unknown.
+            IdentityRetiredError: ``into`` or a source was merged away (its ``into`` names the survivor).
+            ValueError: No source, a repeated source, ``into`` among them, or an empty ``operator``.
+        """
+        srcs = list(sources)
+        operator = _operator_name(operator)
+        if not srcs:
+            raise ValueError("give at least one identity to merge")
+        if len(set(srcs)) != len(srcs):
+            raise ValueError(f"identities to merge repeat: {srcs}")
+        if into in srcs:
+            raise ValueError(f"cannot merge identity {into} into itself")
+        self._require_current([into, *srcs])
+        members = self._member_ids([into, *srcs])
+        now = time.time() if wall_s is None else float(wall_s)
+        operation = f"op-{time.time_ns():x}-{into}"
+        moves = {tid: (src, into) for src in srcs for tid in members[src]}
+        audit = [{"kind": "merge", "from": src, "into": into, "tracklets": members[src], "wall_s": now,
+                  "reason": "operator", "operator": operator, "note": note, "operation": operation} for src in srcs]
+        self.apply_reassociation(Reassignment(moves, {src: into for src in srcs}, audit,
+                                              {"operator_wall_s": now, "operator_moved": len(moves)}))
+        ids = self._audit_ids(operation, len(audit))
+        made = [OperatorConstraint("must", list(members[into]), list(members[src]), ids[i], now, operator)
+                for i, src in enumerate(srcs)]
+        self._append_constraints(made)
+        return OperatorChange("merge", into, None, sorted(moves), [i for i in ids if i is not None], made)
+
+    def operator_split(self, global_id: str, tracklets: Iterable[str], operator: str, note: str = "",
+                       wall_s: float | None = None) -> OperatorChange:
+        """Move ``tracklets`` of identity ``global_id`` to a new identity (an operator's split).
+
+        The new id comes from :meth:`next_global_id`; the move, both rebuilt identities and one audit
+        record (``kind: split``, ``into: [new id]``, ``reason: operator``, ``operator``, ``note``) are
+        written by :meth:`apply_reassociation`; then a cannot-link constraint (``a``: the tracklets split
+        off, ``b``: those left) is appended to ``{ns}:constraints``.
+
+        Raises:
+            IdentityNotFoundError: ``global_id`` is unknown.
+            IdentityRetiredError: ``global_id`` was merged away.
+            ValueError: No tracklet, a repeated one, one that is not a member of ``global_id``, all of
+                its members (nothing would remain), or an empty ``operator``.
+        """
+        tids = list(tracklets)
+        operator = _operator_name(operator)
+        if not tids:
+            raise ValueError("give at least one tracklet to split off")
+        if len(set(tids)) != len(tids):
+            raise ValueError(f"tracklets to split off repeat: {tids}")
+        self._require_current([global_id])
+        members = self._member_ids([global_id])[global_id]
+        strangers = sorted(set(tids) - set(members))
+        if strangers:
+            raise ValueError(f"tracklets {strangers} are not members of identity {global_id}")
+        rest = [t for t in members if t not in set(tids)]
+        if not rest:
+            raise ValueError(f"splitting off all {len(members)} tracklets of {global_id} would leave it empty; "
+                             f"split off a part of them")
+        new = self.next_global_id()
+        now = time.time() if wall_s is None else float(wall_s)
+        operation = f"op-{time.time_ns():x}-{global_id}"
+        moved = sorted(tids)
+        audit = [{"kind": "split", "from": global_id, "into": [new], "tracklets": moved, "wall_s": now,
+                  "reason": "operator", "operator": operator, "note": note, "operation": operation}]
+        self.apply_reassociation(Reassignment({t: (global_id, new) for t in moved}, {}, audit,
+                                              {"operator_wall_s": now, "operator_moved": len(moved)}))
+        (audit_id,) = self._audit_ids(operation, 1)
+        made = [OperatorConstraint("cannot", moved, rest, audit_id, now, operator)]
+        self._append_constraints(made)
+        return OperatorChange("split", global_id, new, moved, [] if audit_id is None else [audit_id], made)
+
+    # helpers of the operator queries
+    def _rank_chunks(self, key: str, n: int, descending: bool, size: int = 0) -> Iterable[list[str]]:
+        """Members of the first ``n`` ranks of zset ``key``, ``size`` (OPERATOR_CHUNK) per read."""
+        size = size or OPERATOR_CHUNK
+        if descending:
+            for hi in range(n - 1, -1, -size):
+                yield [m.decode() for m in reversed(self.r.zrange(key, max(hi - size + 1, 0), hi))]
+        else:
+            for lo in range(0, n, size):
+                yield [m.decode() for m in self.r.zrange(key, lo, min(lo + size, n) - 1)]
+
+    def _identity_rows(self, gids: list[str]) -> dict[str, tuple[float, float, float, list[str]]]:
+        """``gid`` → (index score, first_seen_s, last_seen_s, cameras) of the identities that exist."""
+        out: dict[str, tuple[float, float, float, list[str]]] = {}
+        for start in range(0, len(gids), OPERATOR_CHUNK):
+            chunk = gids[start:start + OPERATOR_CHUNK]
+            with self.r.pipeline(transaction=False) as pipe:
+                for gid in chunk:
+                    pipe.zscore(self._k("identities"), gid)
+                    pipe.hmget(self._k("identity", gid), "first_seen_s", "last_seen_s", "cameras")
+                rows = pipe.execute()
+            for i, gid in enumerate(chunk):
+                score, (first, last, cams) = rows[2 * i], rows[2 * i + 1]
+                if score is not None and first is not None and cams is not None:
+                    out[gid] = (float(score), float(first), float(last), json.loads(cams))
+        return out
+
+    def identities_by_id(self, gids: list[str]) -> list[Identity]:
+        """The identities ``gids`` in that order (unknown ones skipped; merges are not followed), one
+        pipelined read."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.hmget(self._k("identity", gid), "first_seen_s", "last_seen_s", "cameras")
+                pipe.zrange(self._k("identity", gid, "tracklets"), 0, -1)
+            rows = pipe.execute() if gids else []
+        out = []
+        for i, gid in enumerate(gids):
+            (first, last, cams), tids = rows[2 * i], rows[2 * i + 1]
+            if first is not None and cams is not None:
+                out.append(Identity(gid, json.loads(cams), [t.decode() for t in tids], float(first), float(last)))
+        return out
+
+    def _global_ids_of(self, tids: list[str]) -> set[str]:
+        """Current global ids of the linked tracklets among ``tids``."""
+        out: set[str] = set()
+        for start in range(0, len(tids), OPERATOR_CHUNK):
+            with self.r.pipeline(transaction=False) as pipe:
+                for tid in tids[start:start + OPERATOR_CHUNK]:
+                    pipe.hget(self._k("tracklet", tid), "global_id")
+                out.update(g.decode() for g in pipe.execute() if g is not None)
+        return out
+
+    def _sighting_records(self, tids: list[str]) -> list[SightingRecord]:
+        """Sighting records of the linked tracklets among ``tids``, in that order."""
+        fields = ("camera", "track_id", "global_id", "score", "start_s", "end_s")
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hmget(self._k("tracklet", tid), *fields)
+                pipe.exists(self._k("thumb", tid))
+            rows = pipe.execute() if tids else []
+        out = []
+        for i, tid in enumerate(tids):
+            (cam, track, gid, score, start, end), thumb = rows[2 * i], rows[2 * i + 1]
+            if cam is None or gid is None:
+                continue
+            out.append(SightingRecord(tid, cam.decode(), int(track), gid.decode(), float(score) if score else None,
+                                      float(start), float(end), bool(thumb)))
+        return out
+
+    def links_of(self, tids: list[str]) -> list[Link]:
+        """Links of the linked tracklets among ``tids``, in that order (embeddings are not read; one
+        pipelined read)."""
+        fields = ("global_id", "camera", "track_id", "score", "start_s", "end_s", "frames", "boxes",
+                  "closed_wall_s", "linked_wall_s")
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.hmget(self._k("tracklet", tid), *fields)
+            rows = pipe.execute() if tids else []
+        return [self._link_from_hash(tid, {f.encode(): v for f, v in zip(fields, row)})
+                for tid, row in zip(tids, rows) if row[0] is not None]
+
+    def thumbnails(self, tids: list[str]) -> dict[str, bytes]:
+        """Tracklet id → JPEG thumbnail of those of ``tids`` that have one (one pipelined read)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.get(self._k("thumb", tid))
+            rows = pipe.execute() if tids else []
+        return {tid: data for tid, data in zip(tids, rows) if data}
+
+    def _require_current(self, gids: list[str]) -> None:
+        """Raise unless every id in ``gids`` is a current identity."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.exists(self._k("identity", gid))
+                pipe.get(self._k("merged", gid))
+            rows = pipe.execute()
+        for i, gid in enumerate(gids):
+            if not rows[2 * i]:
+                if rows[2 * i + 1] is not None:
+                    raise IdentityRetiredError(gid, self.resolve(gid))
+                raise IdentityNotFoundError(f"identity {gid!r} is unknown")
+
+    def _member_ids(self, gids: list[str]) -> dict[str, list[str]]:
+        """Member tracklet ids of each identity, by start."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.zrange(self._k("identity", gid, "tracklets"), 0, -1)
+            return {gid: [t.decode() for t in tids] for gid, tids in zip(gids, pipe.execute())}
+
+    def _audit_ids(self, operation: str, n: int) -> list[str | None]:
+        """Stream ids of the ``n`` newest audit records of ``operation``, oldest first (None where a
+        record is not among the newest 1000, e.g. trimmed meanwhile)."""
+        found = [eid.decode() for eid, fields in self.r.xrevrange(self._k("audit"), count=1000)
+                 if json.loads(fields[b"record"]).get("operation") == operation]
+        found.reverse()
+        return (found + [None] * n)[:n]
+
+    def _append_constraints(self, made: list[OperatorConstraint]) -> None:
+        with self.r.pipeline(transaction=True) as pipe:
+            for c in made:
+                pipe.rpush(self._k("constraints"), json.dumps(c.to_json()))
+            pipe.execute()
+
+
+# -------------------------------------------------------------------------------------------------
+# records and errors of the operator queries
+OPERATOR_CHUNK = 1000  # commands per pipelined read of the operator queries
+OPERATOR_CANDIDATES = 50_000  # most tracklets a filter reads to count its matches exactly; beyond, it scans
+
+T = TypeVar("T")
+
+
+def decode_embedding(raw: bytes) -> np.ndarray:
+    """A stored embedding's bytes as ``float32 [D]`` (stored little-endian float32); the one place the
+    operator queries decode embeddings."""
+    return np.frombuffer(raw, "<f4")
+
+
+def _check_page(offset: int, limit: int | None) -> None:
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+
+
+def _next_offset(offset: int, limit: int | None, total: int) -> int | None:
+    return offset + limit if limit is not None and offset + limit < total else None
+
+
+def _rank_window(n: int, offset: int, limit: int | None, descending: bool) -> tuple[int, int]:
+    """Inclusive rank range ``(lo, hi)`` of a page over ``n`` ordered members (``lo > hi``: empty)."""
+    count = n - offset if limit is None else min(limit, n - offset)
+    if count <= 0:
+        return 0, -1
+    if descending:
+        return n - offset - count, n - offset - 1
+    return offset, offset + count - 1
+
+
+def _operator_name(operator: str) -> str:
+    name = (operator or "").strip()
+    if not name:
+        raise ValueError("operator must name who decided (non-empty)")
+    return name
+
+
+class IdentityNotFoundError(LookupError):
+    """A global id that names no identity (nor one merged away)."""
+
+
+class IdentityRetiredError(LookupError):
+    """A global id merged away into another identity.
+
+    Attributes:
+        global_id: The id asked for.
+        into: The current identity it was (transitively) merged into.
+    """
+
+    def __init__(self, global_id: str, into: str) -> None:
+        super().__init__(f"identity {global_id!r} was merged into {into!r}; use {into!r}")
+        self.global_id = global_id
+        self.into = into
+
+
+@dataclasses.dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of an ordered query.
+
+    Attributes:
+        items: The rows of this page.
+        total: Rows matching the query, or None when counting them would need a full scan.
+        offset: Rows skipped before this page.
+        limit: Page size asked for (None: everything).
+        next_offset: ``offset`` of the next page, or None on the last one.
+    """
+
+    items: list[T]
+    total: int | None
+    offset: int
+    limit: int | None
+    next_offset: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SightingRecord:
+    """One tracklet as the operator queries show it (times: stream seconds).
+
+    ``score`` is the cosine of the join, None for the tracklet that founded its identity;
+    ``has_thumbnail`` says whether ``{ns}:thumb:{tracklet_id}`` holds a JPEG crop.
+    """
+
+    tracklet_id: str
+    camera: str
+    track_id: int
+    global_id: str
+    score: float | None
+    start_s: float
+    end_s: float
+    has_thumbnail: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConstraint:
+    """An operator's decision the matcher must honour, one JSON object in ``{ns}:constraints``.
+
+    Attributes:
+        kind: ``"must"`` (the tracklets of ``a`` and ``b`` are one person) or ``"cannot"`` (no tracklet
+            of ``a`` is the person of any tracklet of ``b``).
+        a: Tracklet ids.
+        b: Tracklet ids.
+        audit_id: Stream id of the audit record of the decision (``{ns}:audit``), None if not found.
+        wall_s: Unix seconds of the decision.
+        operator: Who decided.
+    """
+
+    kind: str
+    a: list[str]
+    b: list[str]
+    audit_id: str | None
+    wall_s: float
+    operator: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("must", "cannot"):
+            raise ValueError(f"constraint kind must be 'must' or 'cannot', got {self.kind!r}")
+        if not self.a or not self.b:
+            raise ValueError("a constraint needs tracklets on both sides (a, b)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "a": list(self.a), "b": list(self.b), "audit_id": self.audit_id,
+                "wall_s": self.wall_s, "operator": self.operator}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> OperatorConstraint:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: A field is missing or invalid.
+        """
+        try:
+            return cls(str(obj["kind"]), [str(t) for t in obj["a"]], [str(t) for t in obj["b"]],
+                       obj.get("audit_id"), float(obj["wall_s"]), str(obj.get("operator", "")))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed constraint {obj!r}: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorChange:
+    """What an operator merge or split did.
+
+    Attributes:
+        kind: ``"merge"`` or ``"split"``.
+        global_id: The surviving identity of a merge; the identity split.
+        new_global_id: The identity a split created (None for a merge).
+        moved: Tracklet ids that changed identity.
+        audit_ids: Stream ids of the audit records written.
+        constraints: The constraints appended to ``{ns}:constraints``.
+    """
+
+    kind: str
+    global_id: str
+    new_global_id: str | None
+    moved: list[str]
+    audit_ids: list[str]
+    constraints: list[OperatorConstraint]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "global_id": self.global_id, "new_global_id": self.new_global_id,
+                "moved": list(self.moved), "audit_ids": list(self.audit_ids),
+                "constraints": [c.to_json() for c in self.constraints]}

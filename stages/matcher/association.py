@@ -236,6 +236,53 @@ class ScoringSpace:
         z = _unit_rows(z)
         return z[0] if one else z
 
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        """Like :meth:`transform` without the final normalisation: ``(x / |x| - mean) @ components``,
+        ``float32 [N, K]`` (or ``[K]``), the form a change of space can be applied to (see
+        :meth:`change_from`).
+
+        Raises:
+            ValueError: The embedding dimension differs from the fitted one.
+        """
+        one = np.ndim(embeddings) == 1
+        x = _unit_rows(np.atleast_2d(embeddings))
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"embedding dimension {x.shape[1]} differs from the scoring space's "
+                             f"{self.mean.shape[0]} (was the re-id model changed? recalibrate or use a new namespace)")
+        z = x - self.mean
+        if self.components is not None:
+            z = z @ self.components
+        return z[0] if one else z
+
+    def aligned_to(self, old: ScoringSpace | None) -> tuple[ScoringSpace, np.ndarray | None]:
+        """This space with its principal directions rotated onto ``old``'s (orthogonal Procrustes:
+        ``R = U Vᵀ`` of ``components.T @ old.components = U S Vᵀ``), and ``R`` (``float32 [K, K]``;
+        None when there is nothing to align). Cosines are unchanged by the rotation, so the association
+        is too; what changes is that vectors kept from ``old`` need (almost) no re-expression."""
+        if old is None or old.components is None or self.components is None or \
+                old.components.shape != self.components.shape:
+            return self, None
+        u, _, vt = np.linalg.svd(self.components.T.astype(np.float64) @ old.components.astype(np.float64))
+        r = (u @ vt).astype(np.float32)
+        return ScoringSpace(self.mean, (self.components @ r).astype(np.float32)), r
+
+    def change_from(self, old: ScoringSpace | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """The affine map ``y_new = y_old @ a + c`` taking :meth:`project` outputs of ``old`` (None:
+        raw unit embeddings) to this space: exact when ``old`` does not project, otherwise exact for
+        the part of the embedding inside ``old``'s principal subspace (the rest was not kept).
+
+        Returns:
+            ``(a float32 [K_old, K_new] or None for the identity, c float32 [K_new])``.
+        """
+        d = self.mean.shape[0]
+        if (old is None or old.components is None) and self.components is None:
+            mu_old = np.zeros(d, np.float32) if old is None else old.mean
+            return None, (mu_old - self.mean).astype(np.float32)
+        c_old = np.eye(d, dtype=np.float32) if old is None or old.components is None else old.components
+        mu_old = np.zeros(d, np.float32) if old is None else old.mean
+        c_new = np.eye(d, dtype=np.float32) if self.components is None else self.components
+        return (c_old.T @ c_new).astype(np.float32), ((mu_old - self.mean) @ c_new).astype(np.float32)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays to store (``mean``, and ``components`` when projecting)."""
         out = {"mean": self.mean}

@@ -41,6 +41,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,9 @@ from pipeline.config import Config, ReassociationConfig
 from pipeline.messages import EmbeddingRecord
 from pipeline.runner import Output, TransientError
 from pipeline.store import IdentityStore, Link, Reassignment, WindowEntry
-from stages.matcher.association import Rules, ScoringSpace, associate, cannot_link_between
+from stages.matcher.association import Rules, ScoringSpace, associate
+from stages.matcher.gallery import Gallery, Member
+from stages.matcher.index import IndexSettings
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +94,9 @@ class ReassociationResult:
 
 
 class _Window:
-    """The recent tracklets, column-wise: ids, cameras, times, quality, current global id, raw
-    embedding ``float32 [N, D]`` and scoring-space vector ``float32 [N, K]``. The numeric columns are
-    kept as numpy arrays (rebuilt lazily after a change) so that an online decision is vectorised."""
+    """The recent tracklets (the re-association's input), column-wise: ids, cameras, times, quality,
+    current global id, raw embedding ``float32 [N, D]`` and projected scoring-space vector ``y``
+    (``float32 [K]``, un-normalised: see :meth:`ScoringSpace.project`) and arrival order."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -103,14 +106,14 @@ class _Window:
         self.quality: list[int] = []
         self.gids: list[str] = []
         self.emb: list[np.ndarray] = []
-        self.z: list[np.ndarray] = []
+        self.y: list[np.ndarray] = []
+        self.arrival: list[int] = []
         self.index: dict[str, int] = {}
-        self._arrays: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, e: WindowEntry, z: np.ndarray) -> None:
+    def add(self, e: WindowEntry, y: np.ndarray, arrival: int) -> None:
         self.index[e.tracklet_id] = len(self.ids)
         self.ids.append(e.tracklet_id)
         self.cams.append(e.camera)
@@ -119,39 +122,26 @@ class _Window:
         self.quality.append(e.quality)
         self.gids.append(e.global_id)
         self.emb.append(np.asarray(e.embedding, np.float32))
-        self.z.append(z)
-        if self._arrays is not None and self._arrays["z"].shape[1] == len(z):
-            a = self._arrays  # append in place (amortised): the common case of one new link
-            for name, value in (("z", z[None, :]), ("starts", [e.start_s]), ("ends", [e.end_s])):
-                a[name] = np.concatenate([a[name], np.asarray(value, a[name].dtype)])
-            a["cams"] = np.concatenate([a["cams"], np.asarray([e.camera], object)])
-            code = a["gid_code"].setdefault(e.global_id, len(a["gid_code"]))
-            a["gidx"] = np.concatenate([a["gidx"], [code]])
-        else:
-            self._arrays = None
+        self.y.append(y)
+        self.arrival.append(arrival)
 
-    def changed(self) -> None:
-        """Forget the cached arrays (global ids or scoring-space vectors were rewritten)."""
-        self._arrays = None
+    def member(self, i: int) -> Member:
+        return Member(self.ids[i], self.cams[i], self.starts[i], self.ends[i], self.quality[i], self.y[i],
+                      self.arrival[i])
 
-    def arrays(self) -> dict[str, Any]:
-        """``z [N, K]``, ``starts``/``ends [N]``, ``cams`` (object [N]), ``gidx`` (int [N], codes into
-        ``gid_code``)."""
-        if self._arrays is None:
-            gid_code: dict[str, int] = {}
-            gidx = np.fromiter((gid_code.setdefault(g, len(gid_code)) for g in self.gids), np.int64, len(self.gids))
-            self._arrays = {"z": np.stack(self.z).astype(np.float32), "starts": np.asarray(self.starts, np.float64),
-                            "ends": np.asarray(self.ends, np.float64), "cams": np.asarray(self.cams, object),
-                            "gidx": gidx, "gid_code": gid_code}
-        return self._arrays
+    def groups(self, rows: Iterable[int] | None = None) -> dict[str, list[Member]]:
+        """Members per global id (all rows, or ``rows``)."""
+        out: dict[str, list[Member]] = defaultdict(list)
+        for i in (range(len(self.ids)) if rows is None else rows):
+            out[self.gids[i]].append(self.member(i))
+        return out
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep only ``rows`` (indices, in the order given)."""
-        for name in ("ids", "cams", "starts", "ends", "quality", "gids", "emb", "z"):
+        for name in ("ids", "cams", "starts", "ends", "quality", "gids", "emb", "y", "arrival"):
             col = getattr(self, name)
             setattr(self, name, [col[i] for i in rows])
         self.index = {t: i for i, t in enumerate(self.ids)}
-        self._arrays = None
 
 
 class CrossCameraMatcher:
@@ -164,7 +154,9 @@ class CrossCameraMatcher:
         prototypes_per_camera: Members per camera an identity is scored by.
         reassociation: Re-association settings (None: never re-associate).
         calibration_threshold: A calibrated threshold that replaces ``threshold`` (from a file).
-        gallery_ttl_s: Identities unseen for longer (stream seconds) are no candidates; None keeps all.
+        gallery_ttl_s: Identities unseen for longer (stream seconds) are no candidates and leave memory
+            (they stay in Redis, searchable through the API); None keeps all.
+        index: How the gallery is searched (exact below a size, faiss IVF above).
         clock: Unix-seconds clock (link times, latency metric).
         monotonic: Clock for re-association scheduling, seconds.
 
@@ -175,7 +167,7 @@ class CrossCameraMatcher:
     def __init__(self, store: IdentityStore, threshold: float = 0.15, rules: Rules | None = None,
                  prototypes_per_camera: int = 8, reassociation: ReassociationConfig | None = None,
                  calibration_threshold: float | None = None, gallery_ttl_s: float | None = None, clock=time.time,
-                 monotonic=time.monotonic) -> None:
+                 monotonic=time.monotonic, index: IndexSettings | None = None) -> None:
         rules = rules or Rules()
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
@@ -193,6 +185,10 @@ class CrossCameraMatcher:
         self.clock = clock
         self.monotonic = monotonic
         self.window = _Window()
+        self.gallery = Gallery(prototypes_per_camera, index)
+        self._arrival = 0
+        self._newest_end = -np.inf
+        self._dim: int | None = None
         self.space: ScoringSpace | None = None
         self.transit = rules.empty_transit()
         self.summaries: dict[str, dict[str, Any]] = {}
@@ -200,7 +196,6 @@ class CrossCameraMatcher:
         self._since_reassociation = 0
         self._last_reassociation = monotonic()
         self._last_arrival = monotonic()
-        self._proto: np.ndarray | None = None
         self._identities = metrics.IDENTITIES.labels(stage=STAGE)
         self._threshold_gauge = metrics.MATCH_THRESHOLD.labels(stage=STAGE)
 
@@ -224,17 +219,22 @@ class CrossCameraMatcher:
             cal = read_calibration(m.calibration).threshold
         store = store if store is not None else IdentityStore.from_config(cfg.store)
         return cls(store, m.threshold, Rules.from_config(m), m.prototypes_per_camera,
-                   m.reassociation if m.reassociation.enabled else None, cal, m.gallery_ttl_s)
+                   m.reassociation if m.reassociation.enabled else None, cal, m.gallery_ttl_s,
+                   index=IndexSettings(m.index.kind, m.index.exact_below, m.index.nprobe, m.index.candidates,
+                                       m.index.retrain_growth, m.index.threads))
 
     # ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Check Redis and load the window and scoring space it holds for this matcher's zone (the
-        store view's ``{zk}:matcher`` and ``{zk}:tracklets:end``), so that a restarted matcher, or the
-        instance that takes a zone over after a rebalance, continues where the previous one was.
+        """Check Redis and restore what it holds for this matcher's zone (its store view's keys, see
+        :meth:`IdentityStore.for_zone`), so that a restarted matcher, or one that was handed the zone
+        after a rebalance, continues where the previous one was: the scoring space, threshold and
+        hand-off gaps, the re-association window (whose identities' prototypes are recomputed from it),
+        and the stored prototypes of the zone's other identities (unseen for at most ``gallery_ttl_s``).
 
         Raises:
             StoreError: Redis is unreachable.
         """
+        t0 = time.perf_counter()
         self.store.check()
         state = self.store.matcher_state()
         if "mean" in state:
@@ -248,6 +248,7 @@ class CrossCameraMatcher:
         if "transit" in state:
             gaps = {tuple(k.split("|")): tuple(v) for k, v in json.loads(state["transit"]).items()}
             self.transit = dataclasses.replace(self.transit, gaps=gaps)
+        self._epoch = int(state.get("epoch", b"0"))
         window_s = self.reassociation.window_s if self.reassociation else None
         limit = self.reassociation.max_tracklets if self.reassociation else None
         entries = self.store.load_window(None, limit)
@@ -255,24 +256,56 @@ class CrossCameraMatcher:
             newest = max(e.end_s for e in entries)
             entries = [e for e in entries if e.end_s >= newest - window_s]
         for e in entries:
-            self.window.add(e, self._transform(e.embedding))
-        self._refresh_summaries(set(self.window.gids))
-        self._refresh_prototypes()
+            self._arrival += 1
+            self.window.add(e, self._project(e.embedding), self._arrival)
+            self._dim = len(e.embedding)
+            self._newest_end = max(self._newest_end, e.end_s)
+        in_window = set(self.window.gids)
+        stored = self.store.load_prototypes(exclude=in_window)
+        dim = self.window.y[0].shape[0] if len(self.window) else \
+            (self.space.dim if self.space is not None and self.rules.center else None)
+        stale = 0
+        if dim is not None:
+            with self.gallery.bulk(dim):
+                self.gallery.replace(self.window.groups())
+                keep = {}
+                for gid, (epoch, protos) in stored.items():
+                    if self.gallery_ttl_s is not None and np.isfinite(self._newest_end) and \
+                            max(p.end_s for p in protos) < self._newest_end - self.gallery_ttl_s:
+                        continue
+                    if len(protos[0].y) != dim:
+                        continue  # written in another scoring space dimension: unusable
+                    stale += epoch != self._epoch
+                    keep[gid] = protos
+                    self._newest_end = max(self._newest_end, max(p.end_s for p in protos))
+                self.gallery.replace(keep)
+        self._refresh_summaries(in_window)
         self.links_total = self.store.count_zone_links()
         if self.store.reassociation_status().get("links", -1) < self.links_total:
             self._since_reassociation = 1  # links arrived after the last re-association: redo it when idle
-        self._identities.set(len(set(self.window.gids)))
+        self._identities.set(len(self.gallery))
         self._threshold_gauge.set(self.threshold)
-        log.info("matcher: zone %s: %d tracklets of %d identities in the window, threshold %.3f, store %s",
-                 self.store.zone, len(self.window), len(set(self.window.gids)), self.threshold, self.store.url)
+        if stale:
+            log.warning("matcher: %d stored identities have prototypes of an older scoring space (used as they are)",
+                        stale)
+        log.info("matcher: zone %s: %d tracklets of %d identities in the window, %d identities in the gallery "
+                 "(%s search), threshold %.3f, restored in %.2f s, store %s", self.store.zone, len(self.window),
+                 len(in_window), len(self.gallery),
+                 "approximate" if self.gallery.index is not None and self.gallery.index.approximate else "exact",
+                 self.threshold, time.perf_counter() - t0, self.store.url)
 
-    def _transform(self, embedding: np.ndarray) -> np.ndarray:
-        """Scoring-space vector of one embedding (a unit vector; the raw unit embedding before any
-        scoring space is fitted)."""
+    def _project(self, embedding: np.ndarray) -> np.ndarray:
+        """Projected (un-normalised) scoring-space vector of one embedding; the raw unit embedding
+        before any scoring space is fitted (or with ``center`` off)."""
         if self.space is None or not self.rules.center:
             v = np.asarray(embedding, np.float32)
             return v / max(float(np.linalg.norm(v)), 1e-12)
-        return self.space.transform(embedding)
+        return self.space.project(embedding)
+
+    def _transform(self, embedding: np.ndarray) -> np.ndarray:
+        """Unit scoring-space vector of one embedding, ``float32 [K]``."""
+        y = self._project(embedding)
+        return y / max(float(np.linalg.norm(y)), 1e-12)
 
     def _refresh_summaries(self, gids: set[str]) -> None:
         for gid in gids:
@@ -283,25 +316,9 @@ class CrossCameraMatcher:
             else:
                 self.summaries.pop(gid, None)
 
-    def _refresh_prototypes(self) -> None:
-        """Mark, per identity and camera, the ``prototypes_per_camera`` longest-observed members."""
-        n = len(self.window)
-        if n == 0:
-            self._proto = np.zeros(0, bool)
-            return
-        a = self.window.arrays()
-        cams = np.unique(a["cams"].astype(str), return_inverse=True)[1]
-        group = a["gidx"] * (int(cams.max()) + 1) + cams
-        order = np.lexsort((np.arange(n), -np.asarray(self.window.quality), group))
-        starts = np.r_[True, group[order][1:] != group[order][:-1]]
-        first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-        rank = np.arange(n) - first
-        proto = np.zeros(n, bool)
-        proto[order] = rank < self.prototypes_per_camera
-        self._proto = proto
-
     # ---------------------------------------------------------------------------------------------
-    def decide(self, camera: str, start_s: float, end_s: float, embedding: np.ndarray) -> Decision:
+    def decide(self, camera: str, start_s: float, end_s: float, embedding: np.ndarray,
+               prefetched: tuple[np.ndarray, np.ndarray] | None = None, also: Iterable[int] = ()) -> Decision:
         """Pick the identity for a tracklet (pure: changes nothing).
 
         Args:
@@ -309,57 +326,31 @@ class CrossCameraMatcher:
             start_s: First sighting, stream seconds.
             end_s: Last sighting, stream seconds.
             embedding: ``float32 [D]``, L2-normalised.
+            prefetched: Gallery index candidates for it, searched beforehand (:meth:`process` searches a
+                whole batch at once).
+            also: Identity codes changed since ``prefetched`` was searched (scored whatever it says).
 
         Returns:
             The decision; ``global_id`` None means "found a new identity".
 
         Raises:
-            ValueError: ``embedding`` has another dimension than the window's.
+            ValueError: ``embedding`` has another dimension than the gallery's.
         """
-        n = len(self.window)
-        if n == 0:
+        if self._dim is not None and embedding.shape[0] != self._dim:
+            raise ValueError(f"embedding dimension {embedding.shape[0]} differs from the gallery's "
+                             f"{self._dim} (was the re-id model changed? use a new store namespace)")
+        if not len(self.gallery):
             return Decision(None, None)
-        if embedding.shape[0] != self.window.emb[0].shape[0]:
-            raise ValueError(f"embedding dimension {embedding.shape[0]} differs from the window's "
-                             f"{self.window.emb[0].shape[0]} (was the re-id model changed? use a new store namespace)")
-        a = self.window.arrays()
-        z = self._transform(embedding)
-        sims = a["z"] @ z
-        starts, ends, cams = a["starts"], a["ends"], a["cams"]
-        cannot = cannot_link_between([camera], np.array([start_s]), np.array([end_s]), cams, starts, ends,
-                                     self.rules.max_overlap_s, self.rules.reentry, self.rules.topology)[0]
-        sims = sims + self._transit_bonus(camera, start_s, end_s, cams, starts, ends)
-        gidx, codes = a["gidx"], a["gid_code"]
-        gids = np.array(list(codes), dtype=object)
-        blocked = np.bincount(gidx, weights=cannot, minlength=len(gids)) > 0
-        if self.gallery_ttl_s is not None:
-            last = np.full(len(gids), -np.inf)
-            np.maximum.at(last, gidx, ends)
-            blocked |= start_s - last > self.gallery_ttl_s
-        proto = self._proto if self._proto is not None and len(self._proto) == n else np.ones(n, bool)
-        counts = np.bincount(gidx[proto], minlength=len(gids))
-        totals = np.bincount(gidx[proto], weights=sims[proto], minlength=len(gids))
-        score = np.where((counts > 0) & ~blocked, totals / np.maximum(counts, 1), -np.inf)
-        best = int(np.argmax(score))
-        if np.isfinite(score[best]) and score[best] >= self.threshold:
-            return Decision(str(gids[best]), float(score[best]))
-        return Decision(None, None)
-
-    def _transit_bonus(self, camera: str, start_s: float, end_s: float, cams: np.ndarray, starts: np.ndarray,
-                       ends: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(cams))
-        if self.rules.transit_weight == 0:
-            return out
-        for other in set(cams.tolist()) - {camera}:
-            idx = np.flatnonzero(cams == other)
-            gap = np.where(start_s >= starts[idx], start_s - ends[idx], starts[idx] - end_s)
-            out[idx] = self.rules.transit_weight * self.transit.support(camera, other, gap)
-        return out
+        gid, score = self.gallery.best(self._transform(embedding), camera, start_s, end_s, self.threshold, self.rules,
+                                       self.transit, self.gallery_ttl_s, prefetched, list(also))
+        return Decision(gid, score)
 
     # ---------------------------------------------------------------------------------------------
-    def _apply(self, rec: EmbeddingRecord) -> bool:
+    def _apply(self, rec: EmbeddingRecord, prefetched: tuple[np.ndarray, np.ndarray] | None = None,
+               also: Iterable[int] = ()) -> str | None:
+        """Decide and write one link; returns the global id it went to (None: a replay)."""
         vec = rec.vector.astype(np.float32)
-        decision = self.decide(rec.camera, rec.start_s, rec.end_s, vec)
+        decision = self.decide(rec.camera, rec.start_s, rec.end_s, vec, prefetched, also)
         gid = decision.global_id or self.store.next_global_id()
         summary = self.summaries.get(gid) or {"cameras": set(), "first": rec.start_s, "last": rec.end_s}
         cameras = summary["cameras"] | {rec.camera}
@@ -369,46 +360,75 @@ class CrossCameraMatcher:
                     list(rec.frames), [list(b) for b in rec.boxes], rec.closed_wall_s, now)
         written = self.store.record_link(link, vec, cameras, first, last, rec.thumbnail_jpeg, rec.observed_frames)
         if not written:
-            return False
+            return None
         self.summaries[gid] = {"cameras": cameras, "first": first, "last": last}
         entry = WindowEntry(rec.tracklet_id, rec.camera, rec.start_s, rec.end_s, rec.observed_frames, gid, vec)
-        self.window.add(entry, self._transform(vec))
+        y = self._project(vec)
+        self._arrival += 1
+        self.window.add(entry, y, self._arrival)
+        before = [p.tracklet_id for p in self.gallery.prototypes(gid)]
+        self.gallery.add(gid, self.window.member(len(self.window) - 1))
+        if [p.tracklet_id for p in self.gallery.prototypes(gid)] != before:
+            self.store.save_prototypes({gid: self.gallery.prototypes(gid)}, self._epoch)
+        self._dim = len(vec)
+        self._newest_end = max(self._newest_end, rec.end_s)
         self.links_total += 1
         self._since_reassociation += 1
-        self._refresh_prototypes()
         kind = "joined" if decision.global_id else "founded"
         metrics.LINKS.labels(stage=STAGE, camera=rec.camera, kind=kind).inc()
         metrics.TRACKLET_LINK_LATENCY.labels(camera=rec.camera).observe(max(now - rec.closed_wall_s, 0.0))
         log.info("matcher: %s → %s (%s%s)", rec.tracklet_id, gid, kind,
                  f", score {decision.score:.3f}" if decision.score is not None else "",
                  extra={"camera": rec.camera})
-        return True
+        return gid
+
+    def _prefetch(self, records: list[EmbeddingRecord]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """One index search for a whole batch (records of another dimension get None: :meth:`decide`
+        rejects them)."""
+        dim = self.gallery.dim
+        rows = [i for i, r in enumerate(records) if dim is not None and (self._dim is None or len(r.vector) == self._dim)]
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(records)
+        if len(rows) < 2 or not len(self.gallery):
+            return out
+        z = np.stack([self._transform(records[i].vector.astype(np.float32)) for i in rows])
+        if z.shape[1] != dim:
+            return out
+        scores, codes = self.gallery.search(z)
+        for j, i in enumerate(rows):
+            out[i] = (scores[j], codes[j])
+        return out
 
     def process(self, records: list[EmbeddingRecord]) -> list[Output]:
         """Link each record (skipping ones already linked), then re-associate when it is due; outputs
-        nothing downstream.
+        nothing downstream. The gallery index is searched once for the whole batch; identities changed
+        by earlier records of the batch are scored exactly for the later ones.
 
         Raises:
             TransientError: Redis is unreachable (the runner retries; nothing is committed).
-            ValueError: A record's embedding dimension does not fit the window (dead-lettered).
+            ValueError: A record's embedding dimension does not fit the gallery (dead-lettered).
         """
         import redis
 
-        for rec in records:
+        prefetched = self._prefetch(records)
+        touched: list[int] = []
+        for rec, pre in zip(records, prefetched):
             t = time.perf_counter()
             try:
                 if self.store.has_tracklet(rec.tracklet_id):
                     log.debug("matcher: %s already linked (replay)", rec.tracklet_id)
                     continue
-                self._apply(rec)
+                gid = self._apply(rec, pre, touched)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise TransientError(f"Redis unavailable: {exc}") from exc
+            code = self.gallery.code(gid) if gid is not None else None
+            if code is not None:
+                touched.append(code)
             metrics.STAGE_LATENCY.labels(stage=STAGE, camera=rec.camera).observe(time.perf_counter() - t)
         self._last_arrival = self.monotonic()
         if self.reassociation and self._since_reassociation and \
                 self.monotonic() - self._last_reassociation >= self.reassociation.every_s:
             self._reassociate_reporting()
-        self._identities.set(len(set(self.window.gids)))
+        self._identities.set(len(self.gallery))
         return []
 
     def idle(self) -> None:
@@ -421,6 +441,16 @@ class CrossCameraMatcher:
         if self.reassociation and self._since_reassociation and \
                 self.monotonic() - self._last_arrival >= self.reassociation.idle_s:
             self._reassociate_reporting()
+
+    def archive(self) -> list[str]:
+        """Drop from memory the identities unseen for more than ``gallery_ttl_s`` (they stay in Redis);
+        returns their ids."""
+        if self.gallery_ttl_s is None or not np.isfinite(self._newest_end):
+            return []
+        gone = self.gallery.evict(self._newest_end - self.gallery_ttl_s)
+        if gone:
+            log.info("matcher: archived %d identities unseen for %.0f s", len(gone), self.gallery_ttl_s)
+        return gone
 
     def _reassociate_reporting(self) -> None:
         import redis
@@ -464,7 +494,7 @@ class CrossCameraMatcher:
                            np.stack([w.emb[i] for i in order]), self.rules, self.base_threshold,
                            cfg.min_negatives if cfg is not None and cfg.calibrate else None,
                            cfg.min_tracklets if cfg is not None else 3)
-        labels, z, space, threshold, transit = result.labels, result.z, result.space, result.threshold, result.transit
+        labels, space, threshold, transit = result.labels, result.space, result.threshold, result.transit
         calibrated = result.calibrated
         old = [w.gids[i] for i in order]
         change, new_gids = self._reassignment(labels, old, [w.ids[i] for i in order], threshold)
@@ -472,10 +502,22 @@ class CrossCameraMatcher:
         # the new state, in memory and for a restart
         for j, i in enumerate(order):
             w.gids[i] = new_gids[j]
-            w.z[i] = z[j]
-        w.changed()
+        if not self.rules.center:
+            space = None
+        reexpressed = 0
+        if space is not None:
+            space, _ = space.aligned_to(self.space)  # same cosines; kept prototypes barely move
+            a, c = space.change_from(self.space)
+            if _drift(a, c) > REEXPRESS_TOLERANCE:
+                # prototypes of identities outside the window were projected in the old space
+                reexpressed = self.gallery.reexpress(a, c, skip=set(w.gids))
+                self._epoch += 1
+            w.y = list(space.project(np.stack(w.emb)))
         self.space, self.threshold, self.transit = space, threshold, transit
-        state: dict[str, Any] = {"threshold": repr(threshold), "transit": json.dumps(
+        self.gallery.drop(g for g in change.retired if g not in set(w.gids))
+        groups = w.groups()
+        self.gallery.replace(groups)
+        state: dict[str, Any] = {"threshold": repr(threshold), "epoch": self._epoch, "transit": json.dumps(
             {f"{a}|{b}": list(v) for (a, b), v in transit.gaps.items()})}
         if space is not None:
             arrays = space.to_arrays()
@@ -484,8 +526,10 @@ class CrossCameraMatcher:
                 state["components"] = arrays["components"].astype("<f4").tobytes()
                 state["dim"] = arrays["components"].shape[1]
         self.store.save_matcher_state(state)
+        saved = set(groups) if not reexpressed else set(self.gallery.gids())
+        self.store.save_prototypes({g: self.gallery.prototypes(g) for g in saved}, self._epoch)
         self._refresh_summaries({g for pair in change.moves.values() for g in pair})
-        self._refresh_prototypes()
+        self.archive()
         merges = sum(1 for r in change.audit if r["kind"] == "merge")
         splits = sum(1 for r in change.audit if r["kind"] == "split")
         seconds = time.perf_counter() - t0
@@ -494,7 +538,7 @@ class CrossCameraMatcher:
         metrics.IDENTITY_CHANGES.labels(stage=STAGE, kind="merge").inc(merges)
         metrics.IDENTITY_CHANGES.labels(stage=STAGE, kind="split").inc(splits)
         self._threshold_gauge.set(threshold)
-        self._identities.set(len(set(w.gids)))
+        self._identities.set(len(self.gallery))
         log.info("matcher: re-associated %d tracklets in %.2f s: threshold %.3f%s, %d identities, %d merges, "
                  "%d splits, %d tracklets moved", n, seconds, threshold, " (recalibrated)" if calibrated else "",
                  len(set(new_gids)), merges, splits, len(change.moves))
@@ -554,6 +598,20 @@ class CrossCameraMatcher:
 
     def close(self) -> None:
         self.store.close()
+
+
+REEXPRESS_TOLERANCE = 1e-2
+"""Largest change of scoring space (see :func:`_drift`) that leaves the prototypes of identities outside
+the window as they are; a larger one maps them into the new space (:meth:`Gallery.reexpress`)."""
+
+
+def _drift(a: np.ndarray | None, c: np.ndarray) -> float:
+    """How far the map ``y ↦ y @ a + c`` is from the identity: ``‖a − I‖_F / √K + ‖c‖`` (infinite
+    when the dimension changes)."""
+    if a is not None and a.shape[0] != a.shape[1]:
+        return float("inf")
+    rot = 0.0 if a is None else float(np.linalg.norm(a - np.eye(a.shape[0], dtype=a.dtype)) / np.sqrt(a.shape[0]))
+    return rot + float(np.linalg.norm(c))
 
 
 def _gid_order(gid: str) -> tuple[int, str]:

@@ -117,7 +117,7 @@ class ZonedMatcher:
                  self.store.url, sorted({*self.zones.values(), DEFAULT_ZONE}))
 
     def _count_identities(self) -> None:
-        self._identities.set(sum(len(set(m.window.gids)) for m in self.matchers.values()))
+        self._identities.set(sum(len(m.gallery) for m in self.matchers.values()))
 
     def matcher(self, zone: str) -> CrossCameraMatcher:
         """The matcher of ``zone``, built and loaded from Redis on first use.

@@ -150,3 +150,36 @@ def test_html_has_one_section_per_identity_and_one_row_per_camera(rendered):
     assert page.count('class="placeholder"') == 1  # the one tracklet without a thumbnail
     assert page.count("data:image/jpeg;base64,") == len(links) - 1
     assert "http://" not in page and "https://" not in page
+
+
+def test_report_command_on_a_live_store_renders_timelines(store, tmp_path):
+    """`reidstream report` on a store filled through the matcher's write path, rendered by Chromium."""
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not on PATH (Debian: apt-get install chromium)")
+    from tests.conftest import ROOT, run_cli
+    from tests.operator_seed import near, seed_store, unit
+
+    identities, links, thumbnails = _synthetic_run()
+    plan = {i["global_id"]: [(lk["tracklet_id"], lk["camera"], lk["start_s"], lk["end_s"])
+                             for lk in links if lk["global_id"] == i["global_id"]] for i in identities}
+    vectors = {lk["tracklet_id"]: near(unit(k), k) for k, lk in enumerate(links)}
+    gids = seed_store(store, plan, vectors, thumbnails)
+    port = store.r.connection_pool.connection_kwargs["port"]
+    env = {"REIDSTREAM__STORE__URL": f"redis://127.0.0.1:{port}/0", "REIDSTREAM__STORE__NAMESPACE": store.ns}
+    html_path = tmp_path / "report.html"
+    proc = run_cli("report", "--output", str(html_path), "--config", str(ROOT / "configs" / "demo.yaml"),
+                   env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    page = html_path.read_text(encoding="utf-8")
+    assert page.count('class="timeline"') == len(identities) and page.count('class="bar"') == len(links)
+    assert "http://" not in page and "https://" not in page
+    png_path = tmp_path / "report.png"
+    result = _screenshot(html_path, png_path, tmp_path / "chromium-profile")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    image = cv2.imread(str(png_path), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape == (HEIGHT, WIDTH, 3)
+    assert float(image.std()) > 10.0, "blank page"
+    # crops of the two identities with three and two cameras, and the second lane's timeline bars
+    for name in ("g-0002", "g-0001"):
+        assert _colour_mask(image, COLOURS[name]).sum() > 2000, f"crops of {gids[name]} not visible"
+    assert _colour_mask(image, (0x2F, 0x81, 0xE1), tol=12).sum() > 200, "no timeline bar drawn"

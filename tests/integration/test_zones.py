@@ -38,7 +38,10 @@ def test_a_tracklet_is_matched_only_within_its_zone(store):
     r, ns = store.r, store.ns
     assert {t.decode() for t in r.zrange(f"{ns}:zone:north:tracklets:end", 0, -1)} == {"N1", "N2"}
     assert {t.decode() for t in r.zrange(f"{ns}:zone:south:tracklets:end", 0, -1)} == {"S1", "S2"}
-    assert {t.decode() for t in r.zrange(f"{ns}:tracklets:end", 0, -1)} == {"D1"}
+    assert {t.decode() for t in r.zrange(f"{ns}:tracklets:end", 0, -1)} == {"N1", "N2", "S1", "S2", "D1"}
+    assert [e.tracklet_id for e in store.load_window()] == ["D1"]            # the default zone's window
+    assert [e.tracklet_id for e in store.for_zone("north").load_window()] == ["N1", "N2"]
+    assert store.count_zone_links() == 1 and r.smembers(f"{ns}:zones") == {b"north", b"south"}
     assert r.hget(f"{ns}:tracklet:N1", "zone") == b"north" and r.hget(f"{ns}:tracklet:D1", "zone") == b"default"
     stage.matchers["north"].reassociate()
     assert r.exists(f"{ns}:zone:north:reassociation") and not r.exists(f"{ns}:zone:south:reassociation")
@@ -46,6 +49,7 @@ def test_a_tracklet_is_matched_only_within_its_zone(store):
     assert store.for_zone("north").count_zone_links() == 2 and store.count_all_links() == 5
     store.purge_camera("gate")              # purge finds the tracklet's zone index from its hash
     assert {t.decode() for t in r.zrange(f"{ns}:zone:north:tracklets:end", 0, -1)} == {"N2"}
+    assert "N1" not in {t.decode() for t in r.zrange(f"{ns}:tracklets:end", 0, -1)}
 
 
 def test_after_a_rebalance_a_zone_is_rebuilt_from_redis(store):

@@ -1,0 +1,246 @@
+"""Matcher at city scale: online decisions over large galleries, brute force vs the IVF index.
+
+Prints JSON Lines on stdout, one row per configuration::
+
+    {"bench": "matcher", "gallery": N, "dim": D, "index": "brute"|"ivf", "p50_ms", "p99_ms",
+     "embeddings_per_s", "recall_at_10", "same_decision", ...}
+
+and with ``--rebuild`` one ``"bench": "rebuild"`` row per gallery size: the time a restarted (or
+newly assigned) matcher needs to load the stored prototypes from a real Redis and build its gallery
+and index.
+
+What is measured (pure matcher, no Redis, as in the issue's figures):
+
+* ``p50_ms`` / ``p99_ms``: one :meth:`CrossCameraMatcher.decide` (projection into the scoring space,
+  index search, the association rules on the candidates);
+* ``embeddings_per_s``: the batch path of :meth:`CrossCameraMatcher.process` without Redis writes —
+  one index search per batch of 64, each record decided (identities changed by earlier records of
+  the batch are scored exactly) and added to the gallery (prototypes, mean, index update);
+* ``recall_at_10``: share of the exact top-10 identities (by mean-prototype score) the index returns
+  in its top 10; ``same_decision``: share of tracklets the index path sends to the same identity as
+  brute force.
+
+Synthetic data: ``N`` identities with one prototype each, spread over ``--cameras`` cameras and a
+day of stream time; embeddings are drawn with a power-law eigen-spectrum ``λ_i ∝ i^-α`` (``--alpha``,
+default 1.0: the centred embeddings of the vtest tracklets decay with α = 0.93 (STA) to 1.15 (part
+pooling) over their first 60 directions). The scoring space (centre + PCA to 256) is fitted on a
+sample of 10,000. A query is a new tracklet of a random gallery identity (cosine ≈ 0.8 to it in the
+embedding space) on another camera, after the gallery's last sighting.
+
+Usage::
+
+    python bench/matcher.py                        # N = 1e3..1e6, D = 256 and 2560
+    python bench/matcher.py --sizes 1000 100000 --dims 256 --rebuild
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.matcher.association import Rules, ScoringSpace  # noqa: E402
+from stages.matcher.gallery import Member  # noqa: E402
+from stages.matcher.index import IndexSettings  # noqa: E402
+from stages.matcher.matcher import CrossCameraMatcher  # noqa: E402
+
+DAY_S = 86400.0
+
+
+def _spectrum(dim: int, alpha: float) -> np.ndarray:
+    return (np.arange(1, dim + 1, dtype=np.float64) ** (-alpha / 2)).astype(np.float32)
+
+
+def _draw(rng: np.random.Generator, n: int, sd: np.ndarray) -> np.ndarray:
+    x = rng.standard_normal((n, len(sd)), dtype=np.float32) * sd
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -> tuple[CrossCameraMatcher, dict]:
+    """A matcher whose gallery holds ``n`` synthetic identities (no store: :meth:`decide` needs none)."""
+    rng = np.random.default_rng(args.seed)
+    sd = _spectrum(dim, args.alpha)
+    sample = _draw(rng, min(n, 10000), sd)
+    space = ScoringSpace.fit(sample, 256 if dim > 256 else None) if n >= 512 else ScoringSpace.fit(sample, None)
+    rules = Rules(transit_weight=0.0)
+    m = CrossCameraMatcher(store=None, threshold=args.threshold, rules=rules, index=settings)  # type: ignore[arg-type]
+    m.space = space
+    cams = [f"cam{i}" for i in range(args.cameras)]
+    t = time.perf_counter()
+    truth = {"x": np.zeros((args.queries, dim), np.float32), "id": rng.integers(0, n, args.queries)}
+    wanted = {int(i): j for j, i in enumerate(truth["id"])}
+    chunk = 50000
+    loading = m.gallery.bulk(space.dim)
+    loading.__enter__()
+    for s in range(0, n, chunk):
+        k = min(chunk, n - s)
+        x = _draw(rng, k, sd)
+        y = space.project(x)
+        starts = rng.uniform(0, DAY_S, k)
+        groups = {}
+        for i in range(k):
+            gid = f"G{s + i:07d}"
+            groups[gid] = [Member(f"t{s + i}", cams[(s + i) % len(cams)], float(starts[i]), float(starts[i]) + 8.0, 10,
+                                  y[i], s + i)]
+            if s + i in wanted:
+                for j, q in enumerate(truth["id"]):
+                    if q == s + i:
+                        truth["x"][j] = x[i]
+        m.gallery.replace(groups)
+    loading.__exit__(None, None, None)  # one IVF training over the whole gallery
+    m._dim = dim
+    m._newest_end = DAY_S + 8
+    build_s = time.perf_counter() - t
+    # queries: a new tracklet of a gallery identity, cosine about 0.8 to it
+    noise = _draw(rng, args.queries, sd)
+    q = 0.8 * truth["x"] + 0.6 * noise
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return m, {"queries": q, "truth": truth["id"], "build_s": build_s, "cams": cams}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Query:
+    """What the matcher reads of an embedding record."""
+
+    tracklet_id: str
+    camera: str
+    start_s: float
+    end_s: float
+    vector: np.ndarray
+
+
+def _records(q: np.ndarray, cams: list[str], ids: np.ndarray, offset: int) -> list[_Query]:
+    return [_Query(f"q{offset + i}", cams[(int(ids[i]) + 1) % len(cams)], DAY_S + 100.0 + i, DAY_S + 108.0 + i,
+                   v.astype(np.float32)) for i, v in enumerate(q)]
+
+
+def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: bool) -> dict:
+    idx = m.gallery.index
+    saved = idx.suspend() if exact else None
+    try:
+        q, cams, ids = data["queries"], data["cams"], data["truth"]
+        recs = _records(q, cams, ids, 0)
+        times, decisions = [], []
+        for r in recs:
+            t = time.perf_counter()
+            d = m.decide(r.camera, r.start_s, r.end_s, r.vector)
+            times.append((time.perf_counter() - t) * 1e3)
+            decisions.append(d.global_id)
+        z = np.stack([m._transform(r.vector) for r in recs])
+        found = m.gallery.search(z, 10)[1]
+        # throughput: the batch path without Redis, on copies of the queries (the gallery grows)
+        t = time.perf_counter()
+        done = 0
+        for s in range(0, len(recs), 64):
+            batch = _records(q[s:s + 64], cams, ids[s:s + 64], 10 ** 7 + s)
+            pre = m._prefetch(batch)
+            touched: list[int] = []
+            for r, p in zip(batch, pre):
+                d = m.decide(r.camera, r.start_s, r.end_s, r.vector, p, touched)
+                gid = d.global_id or f"N{r.tracklet_id}"
+                m._arrival += 1
+                m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, m._project(r.vector),
+                                          m._arrival))
+                touched.append(m.gallery.code(gid))
+                done += 1
+        per_s = done / (time.perf_counter() - t)
+        return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
+                "embeddings_per_s": round(per_s, 1), "decisions": decisions, "top10": found}
+    finally:
+        if exact:
+            idx.resume(saved)
+
+
+def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespace) -> dict:
+    """Store the gallery's prototypes in a throwaway Redis and time a fresh matcher's restore."""
+    import subprocess
+    import tempfile
+
+    import redis
+
+    from pipeline.store import IdentityStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "redis.sock")
+        proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
+                                 "--dir", tmp], stdout=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.05)
+            store = IdentityStore(f"unix://{sock}", "bench")
+            gids = m.gallery.gids()
+            for s in range(0, len(gids), 10000):
+                part = gids[s:s + 10000]
+                store.save_prototypes({g: m.gallery.prototypes(g) for g in part}, 0)
+                store.r.zadd("bench:identities", {g: 0.0 for g in part})
+            used = int(store.r.info("memory")["used_memory"])
+            fresh = CrossCameraMatcher(store, rules=Rules(transit_weight=0.0), index=IndexSettings())  # kind auto
+            fresh.space = m.space
+            t = time.perf_counter()
+            loaded = store.load_prototypes()
+            t_load = time.perf_counter() - t
+            with fresh.gallery.bulk(m.gallery.dim):
+                fresh.gallery.replace({g: protos for g, (_, protos) in loaded.items()})
+            seconds = time.perf_counter() - t
+            store.close()
+            return {"bench": "rebuild", "gallery": n, "dim": dim, "identities_loaded": len(fresh.gallery),
+                    "load_s": round(t_load, 2), "rebuild_s": round(seconds, 2),
+                    "index": "ivf" if fresh.gallery.index.approximate else "exact",
+                    "redis_bytes_per_identity": round(used / max(n, 1), 1)}
+        except (OSError, redis.RedisError) as exc:
+            return {"bench": "rebuild", "gallery": n, "dim": dim, "error": str(exc)}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
+    p.add_argument("--dims", type=int, nargs="+", default=[256, 2560])
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--cameras", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=1.0, help="Eigen-spectrum decay of the synthetic embeddings.")
+    p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--nprobe", type=int, default=IndexSettings().nprobe)
+    p.add_argument("--candidates", type=int, default=IndexSettings().candidates)
+    p.add_argument("--threads", type=int, default=None, help="faiss threads (default: all cores).")
+    p.add_argument("--rebuild", action="store_true", help="Also time a restore of the gallery from Redis.")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    for dim in args.dims:
+        for n in args.sizes:
+            settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, threads=args.threads)
+            m, data = build(n, dim, args, settings)
+            brute = measure(m, data, args, exact=True)
+            del m, data
+            m2, data2 = build(n, dim, args, settings)  # a fresh gallery: the throughput run added to the first
+            ivf = measure(m2, data2, args, exact=False)
+            exact_top = m2.gallery.index.exact_search(np.stack([m2._transform(v) for v in data2["queries"]]), 10)[1]
+            recall = float(np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / 10 for a, b in zip(ivf["top10"], exact_top)]))
+            same = float(np.mean([a == b for a, b in zip(brute["decisions"], ivf["decisions"])]))
+            common = {"bench": "matcher", "gallery": n, "dim": dim, "scoring_dim": m2.gallery.dim,
+                      "cpus": os.cpu_count(), "machine": platform.machine()}
+            for name, row, extra in (("brute", brute, {"recall_at_10": 1.0, "same_decision": 1.0}),
+                                     ("ivf", ivf, {"recall_at_10": round(recall, 4), "same_decision": round(same, 4),
+                                                   "nprobe": args.nprobe, "build_s": round(data2["build_s"], 1)})):
+                print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
+                                  "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)
+            if args.rebuild:
+                print(json.dumps(rebuild_row(m2, n, dim, args)), flush=True)
+            del m2
+
+
+if __name__ == "__main__":
+    main()

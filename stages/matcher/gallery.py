@@ -1,0 +1,310 @@
+"""The matcher's active identities in memory, and the online decision over them.
+
+An identity of the gallery holds, in the site's scoring space (:class:`~stages.matcher.association.
+ScoringSpace`):
+
+* its **prototypes**: per camera, the ``prototypes_per_camera`` longest-observed member tracklets
+  (ties: the earlier arrival), each with camera, time span, and its projected embedding ``y``
+  (``float32 [K]``, *not* normalised, so that a change of scoring space can be applied to it, see
+  :meth:`Gallery.reexpress`);
+* its **members**' camera and time span (the cannot-link evidence);
+* its **mean prototype** ``m = mean_j y_j / |y_j|``, kept in an :class:`~stages.matcher.index.
+  IdentityIndex`.
+
+The score of a tracklet ``x`` (unit vector ``z``) against an identity is the mean over prototypes of
+``z·z_j`` plus the hand-off bonus of each prototype — exactly ``z·m + mean_j bonus_j``. The index
+finds the identities of highest ``z·m``; :meth:`Gallery.best` then applies the association rules
+exactly to them (cannot-links, gallery TTL, hand-off bonus) and widens the search until no identity
+left out could beat the best one found: since a bonus adds at most ``transit_weight``, an identity
+outside the ``k`` retrieved scores at most ``k-th z·m + transit_weight``. With exact search (a
+gallery below :attr:`IndexSettings.exact_below`) the decision is therefore the same as scoring every
+identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from pipeline.store import Prototype
+from stages.matcher.association import Rules, TransitModel, cannot_link_between
+from stages.matcher.index import IdentityIndex, IndexSettings
+
+
+Member = Prototype
+"""A member tracklet as the gallery takes it (:class:`pipeline.store.Prototype`)."""
+
+
+class _Identity:
+    __slots__ = ("gid", "code", "members", "protos", "last_end")
+
+    def __init__(self, gid: str, code: int) -> None:
+        self.gid = gid
+        self.code = code
+        self.members: np.ndarray = np.zeros((0, 3))  # camera code, start_s, end_s
+        self.protos: list[Member] = []
+        self.last_end = -np.inf
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.divide(v, n, out=np.zeros_like(v), where=n > 1e-12)
+
+
+class Gallery:
+    """Active identities with their prototypes, members and an index over their mean prototypes.
+
+    Args:
+        prototypes_per_camera: Prototypes kept per identity and camera.
+        settings: Index settings (exact below a size, faiss IVF above).
+    """
+
+    def __init__(self, prototypes_per_camera: int = 8, settings: IndexSettings | None = None) -> None:
+        if prototypes_per_camera < 1:
+            raise ValueError(f"prototypes_per_camera must be >= 1, got {prototypes_per_camera}")
+        self.per_camera = prototypes_per_camera
+        self.settings = settings or IndexSettings()
+        self.index: IdentityIndex | None = None
+        self._by_gid: dict[str, _Identity] = {}
+        self._by_code: dict[int, _Identity] = {}
+        self._next_code = 0
+        self._cams: dict[str, int] = {}
+        self.cam_names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._by_gid)
+
+    def __contains__(self, gid: str) -> bool:
+        return gid in self._by_gid
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.index is None else self.index.dim
+
+    def gids(self) -> list[str]:
+        return list(self._by_gid)
+
+    def prototypes(self, gid: str) -> list[Member]:
+        """The prototypes of ``gid`` (empty when unknown)."""
+        ident = self._by_gid.get(gid)
+        return list(ident.protos) if ident else []
+
+    def members(self, gid: str) -> np.ndarray:
+        """``float64 [n, 3]``: camera code (see :attr:`cam_names`), start_s, end_s of each member."""
+        ident = self._by_gid.get(gid)
+        return ident.members.copy() if ident else np.zeros((0, 3))
+
+    def last_seen(self, gid: str) -> float:
+        ident = self._by_gid.get(gid)
+        return ident.last_end if ident else -np.inf
+
+    def _cam(self, name: str) -> int:
+        code = self._cams.get(name)
+        if code is None:
+            code = self._cams[name] = len(self.cam_names)
+            self.cam_names.append(name)
+        return code
+
+    def _ident(self, gid: str) -> _Identity:
+        ident = self._by_gid.get(gid)
+        if ident is None:
+            ident = _Identity(gid, self._next_code)
+            self._next_code += 1
+            self._by_gid[gid] = ident
+            self._by_code[ident.code] = ident
+        return ident
+
+    def _ensure_index(self, dim: int) -> None:
+        if self.index is None or self.index.dim != dim:
+            self.index = IdentityIndex(dim, self.settings)
+
+    def _mean(self, ident: _Identity) -> np.ndarray:
+        return _unit(np.stack([p.y for p in ident.protos]).astype(np.float32)).mean(axis=0)
+
+    def _select(self, members: list[Member]) -> list[Member]:
+        """Per camera, the ``per_camera`` of highest quality (earlier arrival first on ties)."""
+        by_cam: dict[str, list[Member]] = {}
+        for m in members:
+            by_cam.setdefault(m.camera, []).append(m)
+        out = []
+        for cam in sorted(by_cam):
+            out.extend(sorted(by_cam[cam], key=lambda m: (-m.quality, m.arrival))[:self.per_camera])
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def add(self, gid: str, member: Member) -> None:
+        """Add a member tracklet to ``gid`` (created when new); its prototypes and mean follow."""
+        self._ensure_index(len(member.y))
+        ident = self._ident(gid)
+        ident.members = np.vstack([ident.members, [self._cam(member.camera), member.start_s, member.end_s]])
+        ident.last_end = max(ident.last_end, member.end_s)
+        before = [p.tracklet_id for p in ident.protos]
+        ident.protos = self._select([*ident.protos, member])
+        if [p.tracklet_id for p in ident.protos] != before:
+            self.index.upsert([ident.code], self._mean(ident)[None, :])
+
+    def replace(self, groups: dict[str, list[Member]], extra_members: dict[str, np.ndarray] | None = None) -> None:
+        """Rebuild identities from their members (a re-association or a reload): each ``gid`` of
+        ``groups`` gets exactly those members (an empty list removes it). ``extra_members`` adds
+        cannot-link evidence (``[n, 3]`` rows as :meth:`members` gives, camera codes of this gallery)
+        that carries no prototype."""
+        codes, vecs = [], []
+        for gid, members in groups.items():
+            if not members:
+                self.drop([gid])
+                continue
+            self._ensure_index(len(members[0].y))
+            ident = self._ident(gid)
+            rows = [[self._cam(m.camera), m.start_s, m.end_s] for m in members]
+            extra = (extra_members or {}).get(gid)
+            ident.members = np.asarray(rows, np.float64) if extra is None or not len(extra) else \
+                np.vstack([np.asarray(rows, np.float64), extra])
+            ident.last_end = float(ident.members[:, 2].max())
+            ident.protos = self._select(members)
+            codes.append(ident.code)
+            vecs.append(self._mean(ident))
+        if codes:
+            self.index.upsert(codes, np.stack(vecs))
+
+    def bulk(self, dim: int) -> contextlib.AbstractContextManager:
+        """Context for loading many identities (:meth:`IdentityIndex.bulk`) of dimension ``dim``."""
+        self._ensure_index(dim)
+        return self.index.bulk()
+
+    def drop(self, gids: Iterable[str]) -> list[str]:
+        """Remove identities (merged away, purged, archived); returns those that were present."""
+        gone = []
+        for gid in gids:
+            ident = self._by_gid.pop(gid, None)
+            if ident is not None:
+                del self._by_code[ident.code]
+                gone.append(gid)
+                if self.index is not None:
+                    self.index.remove([ident.code])
+        return gone
+
+    def evict(self, before_end_s: float) -> list[str]:
+        """Archive (drop from memory) identities last seen before ``before_end_s`` (stream seconds);
+        returns their ids. They stay in Redis."""
+        return self.drop([g for g, i in self._by_gid.items() if i.last_end < before_end_s])
+
+    def reexpress(self, a: np.ndarray | None, c: np.ndarray, skip: set[str] = frozenset()) -> int:
+        """Map every prototype (except those of identities in ``skip``) into a new scoring space:
+        ``y ← y @ a + c`` (``a`` ``float32 [K_old, K_new]``, None for the identity; ``c`` ``float32
+        [K_new]``), and refresh the means; returns the identities changed."""
+        idents = [i for g, i in self._by_gid.items() if g not in skip]
+        if not idents:
+            return 0
+        dim = len(c)
+        if self.index is None or self.index.dim != dim:
+            kept = {g: i for g, i in self._by_gid.items() if g in skip}
+            self.index = IdentityIndex(dim, self.settings)
+            if kept:
+                self.index.upsert([i.code for i in kept.values()], np.stack([self._mean(i) for i in kept.values()]))
+        codes, vecs = [], []
+        for ident in idents:
+            ys = np.stack([p.y for p in ident.protos]).astype(np.float32)
+            ys = (ys if a is None else ys @ a) + c
+            ident.protos = [dataclasses.replace(p, y=y) for p, y in zip(ident.protos, ys)]
+            codes.append(ident.code)
+            vecs.append(_unit(ys).mean(axis=0))
+        for start in range(0, len(codes), 65536):
+            self.index.upsert(codes[start:start + 65536], np.stack(vecs[start:start + 65536]))
+        return len(idents)
+
+    # ---------------------------------------------------------------------------------------------
+    def search(self, z: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Index candidates for unit query vectors ``float32 [B, K]``: ``(scores [B, k], codes [B, k])``."""
+        k = k or self.settings.candidates
+        if self.index is None:
+            b = np.atleast_2d(z).shape[0]
+            return np.full((b, k), -np.inf, np.float32), np.full((b, k), -1, np.int64)
+        return self.index.search(z, k)
+
+    def code(self, gid: str) -> int | None:
+        ident = self._by_gid.get(gid)
+        return None if ident is None else ident.code
+
+    def best(self, z: np.ndarray, camera: str, start_s: float, end_s: float, threshold: float, rules: Rules,
+             transit: TransitModel, ttl_s: float | None = None,
+             prefetched: tuple[np.ndarray, np.ndarray] | None = None,
+             also: Sequence[int] = ()) -> tuple[str | None, float | None]:
+        """The identity a tracklet joins under the association rules, or ``(None, None)`` to found one.
+
+        Args:
+            z: The tracklet's unit scoring-space vector, ``float32 [K]``.
+            camera: Its camera; start_s, end_s: its span, stream seconds.
+            threshold: Score needed to join.
+            rules: Cannot-link and hand-off rules.
+            transit: Hand-off gap statistics.
+            ttl_s: Identities unseen for longer (before ``start_s``) are no candidates.
+            prefetched: Index candidates found beforehand (a batch search), ``(scores [k], codes [k])``.
+            also: Identity codes to score whatever the index says (identities changed since
+                ``prefetched`` was searched).
+
+        Returns:
+            ``(global_id, score)``.
+        """
+        if not self._by_gid or self.index is None or len(z) != self.index.dim:
+            return None, None
+        w = rules.transit_weight if rules.transit_weight > 0 else 0.0
+        k = self.settings.candidates
+        if prefetched is None:
+            s, c = self.search(z[None, :], k)
+            prefetched = (s[0], c[0])
+        scored: dict[int, float] = {}
+        while True:
+            scores, codes = prefetched
+            fresh = [int(c) for c in codes if c >= 0 and int(c) not in scored and int(c) in self._by_code]
+            fresh += [int(c) for c in also if int(c) not in scored and int(c) in self._by_code and int(c) not in fresh]
+            scored.update(self._score(fresh, z, camera, start_s, end_s, rules, transit, ttl_s))
+            best_code = max(scored, key=lambda c: (scored[c], -c)) if scored else None
+            best = scored[best_code] if best_code is not None else -np.inf
+            valid = scores[codes >= 0]
+            exhausted = len(valid) < len(codes) or len(codes) >= len(self.index)
+            bound = float(valid[-1]) + w if len(valid) else -np.inf
+            if exhausted or best >= bound or (bound < threshold and best < threshold):
+                break
+            k = len(codes) * 4
+            s, c = self.search(z[None, :], k)
+            prefetched = (s[0], c[0])
+        if best_code is None or not np.isfinite(best) or best < threshold:
+            return None, None
+        return self._by_code[best_code].gid, float(best)
+
+    def _score(self, codes: list[int], z: np.ndarray, camera: str, start_s: float, end_s: float, rules: Rules,
+               transit: TransitModel, ttl_s: float | None) -> dict[int, float]:
+        """Exact scores of identities ``codes`` (``-inf`` where a rule blocks them)."""
+        if not codes:
+            return {}
+        idents = [self._by_code[c] for c in codes]
+        names = np.asarray(self.cam_names, object)
+        owner = np.repeat(np.arange(len(idents)), [len(i.members) for i in idents])
+        mem = np.concatenate([i.members for i in idents])
+        cannot = cannot_link_between([camera], np.array([start_s]), np.array([end_s]), names[mem[:, 0].astype(int)],
+                                     mem[:, 1], mem[:, 2], rules.max_overlap_s, rules.reentry, rules.topology)[0]
+        blocked = np.bincount(owner, weights=cannot, minlength=len(idents)) > 0
+        if ttl_s is not None:
+            blocked |= start_s - np.array([i.last_end for i in idents]) > ttl_s
+        base = self.index.scores(codes, z)
+        if rules.transit_weight > 0:
+            protos = [(j, p) for j, i in enumerate(idents) for p in i.protos if p.camera != camera]
+            bonus = np.zeros(len(idents))
+            if protos:
+                by_cam: dict[str, list[tuple[int, Member]]] = {}
+                for j, p in protos:
+                    by_cam.setdefault(p.camera, []).append((j, p))
+                for other, items in by_cam.items():
+                    js = np.array([j for j, _ in items])
+                    ps = np.array([p.start_s for _, p in items])
+                    pe = np.array([p.end_s for _, p in items])
+                    gap = np.where(start_s >= ps, start_s - pe, ps - end_s)
+                    np.add.at(bonus, js, rules.transit_weight * transit.support(camera, other, gap))
+                base = base + bonus / np.array([len(i.protos) for i in idents])
+        return {c: (-np.inf if b else float(s)) for c, b, s in zip(codes, blocked, base)}
+
+
+__all__ = ["Gallery", "Member"]
