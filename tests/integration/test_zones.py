@@ -161,3 +161,18 @@ def test_reassociation_racing_a_link_keeps_the_identity_consistent(redis_server,
             assert ident.last_seen_s == max(e for *_, e in members)
             for tid, *_ in members:
                 assert store.link(tid).global_id == gid
+
+
+def test_a_rebuilt_zone_gallery_holds_only_the_zones_identities(store):
+    """Prototypes are stored per zone: a zone matcher rebuilt from Redis never scores another zone's
+    identities (the gallery also loads identities outside its window)."""
+    stage = zoned(store)
+    a = unit(11)
+    stage.process([emb("N1", "gate", 0, 2, a), emb("S1", "dock", 0, 2, noisy(a, 1)),
+                   emb("D1", "elsewhere", 0, 2, noisy(a, 2))])
+    north, south, default = (store.link(t).global_id for t in ("N1", "S1", "D1"))
+    rebuilt = zoned(store)
+    assert rebuilt.matcher("north").gallery.gids() == [north]
+    assert rebuilt.matcher("south").gallery.gids() == [south]
+    assert rebuilt.matcher("default").gallery.gids() == [default]
+    assert store.r.exists(f"{store.ns}:zone:north:proto:{north}") and store.r.exists(f"{store.ns}:proto:{default}")
