@@ -90,6 +90,32 @@ def ensure_topics(cfg: BusConfig, topics: list[str] | None = None) -> None:
         admin.close()
 
 
+def partition_count(cfg: BusConfig, topic: str) -> int:
+    """How many partitions ``topic`` has (from the broker's metadata).
+
+    Raises:
+        BusError: The broker is unreachable, or it does not know ``topic``.
+    """
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=_servers(cfg), request_timeout_ms=int(cfg.connect_timeout_s * 1000) + 500,
+                                 **cfg.client_options())
+    except KafkaError as exc:
+        raise BusError(f"Kafka connection to {cfg.bootstrap_servers} failed: {exc}") from None
+    try:
+        consumer.topics()  # refreshes the metadata of every topic
+        parts = consumer.partitions_for_topic(topic)
+    except KafkaError as exc:
+        raise BusError(f"metadata of topic {topic} on {cfg.bootstrap_servers} failed: {exc}") from None
+    finally:
+        consumer.close()
+    if not parts:
+        raise BusError(f"topic {topic} does not exist on {cfg.bootstrap_servers}")
+    return len(parts)
+
+
 def make_producer(cfg: BusConfig, client_id: str) -> KafkaProducer:
     """A producer with acks=all, idempotence (``cfg.idempotence``), retries, a small linger and large
     requests allowed; callers check each send's future (see :class:`CheckedSender`).
@@ -117,8 +143,18 @@ def make_producer(cfg: BusConfig, client_id: str) -> KafkaProducer:
         raise BusError(f"Kafka producer for {cfg.bootstrap_servers} failed: {exc}") from None
 
 
-def make_consumer(cfg: BusConfig, topic: str, group_id: str, client_id: str, max_poll_records: int = 64) -> KafkaConsumer:
+def make_consumer(cfg: BusConfig, topic: str, group_id: str, client_id: str, max_poll_records: int = 64,
+                  listener: Any = None) -> KafkaConsumer:
     """A group consumer of ``topic`` with manual commits, starting at the earliest uncommitted offset.
+
+    Args:
+        cfg: The bus settings.
+        topic: Topic to subscribe to.
+        group_id: Consumer group.
+        client_id: Client id (logs on the broker).
+        max_poll_records: Records one poll returns at most.
+        listener: A ``kafka.ConsumerRebalanceListener`` told of partitions revoked and assigned (its
+            callbacks run inside ``poll``), or None.
 
     Raises:
         BusError: The broker is unreachable.
@@ -128,8 +164,8 @@ def make_consumer(cfg: BusConfig, topic: str, group_id: str, client_id: str, max
 
     fetch_max = cfg.max_request_mb * 1024 * 1024
     try:
-        return KafkaConsumer(
-            topic,
+        consumer = KafkaConsumer(
+            *(() if listener is not None else (topic,)),
             bootstrap_servers=_servers(cfg),
             group_id=group_id,
             client_id=client_id,
@@ -145,6 +181,9 @@ def make_consumer(cfg: BusConfig, topic: str, group_id: str, client_id: str, max
         )
     except KafkaError as exc:
         raise BusError(f"Kafka consumer for {cfg.bootstrap_servers} failed: {exc}") from None
+    if listener is not None:
+        consumer.subscribe([topic], listener=listener)
+    return consumer
 
 
 def _truncated_envelope(message: Any, stage: str, reason: str, preview_bytes: int) -> bytes:

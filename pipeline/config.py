@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -450,6 +451,21 @@ class MatcherConfig(_Model):
     index: IndexConfig = Field(default_factory=IndexConfig)
 
 
+DEFAULT_ZONE = "default"
+
+
+class ZoneConfig(_Model):
+    """A set of cameras people walk between: the unit of matching and of matcher scale-out."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Zone id: the Kafka key of its embeddings and part of its Redis keys.",
+    )
+    cameras: list[str] = Field(
+        ..., min_length=1, description="Names of the cameras of this zone (each camera is in at most one zone)."
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 class Config(_Model):
     version: Literal[1] = Field(1, description="Config schema version.")
@@ -459,6 +475,12 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     defaults: CameraDefaults = Field(default_factory=CameraDefaults)
     cameras: list[CameraConfig] = Field(default_factory=list)
+    zones: list[ZoneConfig] = Field(
+        default_factory=list,
+        description="Zones: a tracklet is matched only against identities of its camera's zone, and each zone's "
+        "embeddings go to one partition so several matchers can share the work. Cameras not listed are in zone "
+        f"'{DEFAULT_ZONE}'.",
+    )
     reid: ReidConfig = Field(default_factory=ReidConfig)
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -474,7 +496,48 @@ class Config(_Model):
         if too_many:
             raise ValueError(f"cameras {too_many} keep more crops per tracklet than bus.limits.max_crops "
                              f"({self.bus.limits.max_crops}): the re-id stage would reject their tracklets")
+        self._check_zones()
         return self
+
+    def _check_zones(self) -> None:
+        """Zone names unique, zone cameras configured and in one zone only, topology edges within a zone.
+
+        Raises:
+            ValueError: The message starts with the dotted key at fault (``zones.1.cameras.0: ...``).
+        """
+        known = [c.name for c in self.cameras]
+        seen_zone: dict[str, int] = {}
+        seen_camera: dict[str, tuple[int, int]] = {}
+        for i, zone in enumerate(self.zones):
+            if zone.name in seen_zone:
+                raise ValueError(f"zones.{i}.name: zone {zone.name!r} is declared twice (also zones.{seen_zone[zone.name]})")
+            seen_zone[zone.name] = i
+            for j, cam in enumerate(zone.cameras):
+                if cam not in known:
+                    raise ValueError(f"zones.{i}.cameras.{j}: unknown camera {cam!r} in zone {zone.name!r}; "
+                                     f"configured cameras: {known}")
+                if cam in seen_camera:
+                    a, b = seen_camera[cam]
+                    raise ValueError(f"zones.{i}.cameras.{j}: camera {cam!r} is in two zones, "
+                                     f"{self.zones[a].name!r} (zones.{a}.cameras.{b}) and {zone.name!r}")
+                seen_camera[cam] = (i, j)
+        for k, edge in enumerate(self.matcher.topology):
+            za, zb = self.zone_of(edge.a), self.zone_of(edge.b)
+            if za != zb:
+                raise ValueError(f"matcher.topology.{k}: cameras {edge.a!r} (zone {za!r}) and {edge.b!r} (zone {zb!r}) "
+                                 f"are in different zones, which are never matched against each other")
+
+    def zone_of(self, camera: str) -> str:
+        """The zone of ``camera``: the ``zones`` entry listing it, else ``default`` (also for cameras
+        this config does not name)."""
+        for zone in self.zones:
+            if camera in zone.cameras:
+                return zone.name
+        return DEFAULT_ZONE
+
+    def camera_zones(self) -> dict[str, str]:
+        """Camera name → zone name for every camera listed in ``zones`` (others are ``default``)."""
+        return {cam: zone.name for zone in self.zones for cam in zone.cameras}
 
     def camera(self, name: str) -> CameraConfig:
         """Return the camera called ``name``.
@@ -541,6 +604,9 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+_NAMED_KEY = re.compile(r"^Value error, ([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): (.*)$", re.S)
+
+
 def _format_errors(exc: ValidationError, path: Path | str, root: yaml.Node | None, camera_lines: dict[int, yaml.Node]) -> str:
     lines = []
     for err in exc.errors():
@@ -550,13 +616,20 @@ def _format_errors(exc: ValidationError, path: Path | str, root: yaml.Node | Non
         if len(loc) >= 2 and loc[0] == "cameras" and isinstance(loc[1], int):
             # a camera key may come from `defaults`; point at the camera's own node when it has it
             line = _line_of(camera_lines.get(loc[1]), loc[2:]) if loc[1] in camera_lines else None
+        msg = err["msg"]
+        named = _NAMED_KEY.match(msg) if not loc else None
+        if named:  # a cross-field check of the root model names its key first: "zones.1.cameras.0: ..."
+            loc = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
+            msg = named.group(2)
         if line is None:
             line = _line_of(node, loc)
         key = ".".join(str(p) for p in loc) or "<root>"
         where = f"{path}:{line}" if line else str(path)
-        msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        if named:  # the message says what was found; the input is the whole document
+            lines.append(f"{where}: {key}: {msg}")
+            continue
         lines.append(f"{where}: {key}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"{where}: {key}: required key missing")
     return "\n".join(lines)
 

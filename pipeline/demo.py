@@ -227,11 +227,12 @@ def _wait_ready(procs: dict[str, subprocess.Popen], ready: dict[str, Path], logs
 
 
 def _reassociated(cfg: Config, store: IdentityStore) -> bool:
-    """Whether the matcher's last re-association covered every link of the namespace (always true
-    with re-association off): only then are the identities final and independent of arrival order."""
+    """Whether each zone's last re-association covered every link of the zone (always true with
+    re-association off): only then are the identities final and independent of arrival order."""
     if not cfg.matcher.reassociation.enabled:
         return True
-    return store.reassociation_status().get("links", -1) >= store.count_all_links()
+    zones = [store.for_zone(z) for z in sorted({"default", *(z.name for z in cfg.zones)})]
+    return all(z.reassociation_status().get("links", -1) >= n for z in zones if (n := z.count_zone_links()))
 
 
 def _tail_frames(logs: Path, cfg: Config) -> dict[str, int]:

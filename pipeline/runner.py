@@ -12,6 +12,13 @@ and ``close()``; it never touches Kafka. :class:`StageRunner` owns the loop:
    output too large for the limits is dead-lettered as a truncated envelope);
 5. commit the consumed offsets — only now, so a crash replays the batch (stages are idempotent).
 
+Rebalances: :func:`run_consuming_stage` subscribes with a rebalance listener. Its callbacks run inside
+``poll``, i.e. between batches, when every record polled so far has been processed. On revocation the
+runner commits any processed offsets whose commit had failed, then calls the stage's optional
+``on_revoke(partitions)``; on assignment, the stage's optional ``on_assign(partitions)`` (e.g. the
+matcher drops, or rebuilds from Redis, the state of the partitions' zones). ``partitions`` are
+kafka-python ``TopicPartition`` s. A stage without these methods is unaffected.
+
 A poll that fails because the broker is unreachable (restarting) is retried with backoff; nothing was
 consumed, so nothing is lost.
 
@@ -54,7 +61,8 @@ class Output:
 
 
 class Stage(Protocol):
-    """What :class:`StageRunner` drives."""
+    """What :class:`StageRunner` drives (optionally also ``idle()``, ``on_assign(partitions)`` and
+    ``on_revoke(partitions)``; see the module docstring)."""
 
     def setup(self) -> None: ...
 
@@ -111,6 +119,43 @@ class StageRunner:
         self.stop = stop
         self.on_ready = on_ready
         self.stats = RunnerStats()
+        self._uncommitted: dict[Any, Any] = {}  # processed offsets whose commit failed, per partition
+
+    def partitions_revoked(self, partitions: Sequence[Any]) -> None:
+        """Rebalance callback (inside ``poll``): commit what was processed on ``partitions`` but not
+        committed yet, then tell the stage (``on_revoke``). Failures are logged, never raised: the
+        uncommitted messages are replayed by the partitions' next owner (stages are idempotent)."""
+        from kafka.errors import KafkaError
+
+        parts = list(partitions)
+        log.info("%s: partitions revoked: %s", self.name, _describe(parts))
+        pending = {tp: om for tp, om in self._uncommitted.items() if tp in set(parts)}
+        if pending:
+            try:
+                self.consumer.commit(pending)
+                for tp in pending:
+                    self._uncommitted.pop(tp, None)
+            except KafkaError as exc:
+                log.warning("%s: commit on revocation failed (%s: %s); the next owner replays those messages",
+                            self.name, type(exc).__name__, exc)
+        for tp in parts:
+            self._uncommitted.pop(tp, None)
+        self._notify("on_revoke", parts)
+
+    def partitions_assigned(self, partitions: Sequence[Any]) -> None:
+        """Rebalance callback (inside ``poll``): tell the stage (``on_assign``)."""
+        parts = list(partitions)
+        log.info("%s: partitions assigned: %s", self.name, _describe(parts))
+        self._notify("on_assign", parts)
+
+    def _notify(self, hook: str, partitions: list[Any]) -> None:
+        method = getattr(self.stage, hook, None)
+        if method is None:
+            return
+        try:
+            method(partitions)
+        except Exception:  # noqa: BLE001 - kafka-python would swallow it; say so loudly instead
+            log.exception("%s: stage %s failed", self.name, hook)
 
     def run(self, idle_exit_s: float | None = None) -> RunnerStats:
         """Loop until ``stop`` is set (or, once partitions are assigned, no message came for
@@ -277,8 +322,11 @@ class StageRunner:
 
         offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items() if batch}
         if offsets:
+            self._uncommitted.update(offsets)
             try:
                 self.consumer.commit(offsets)
+                for tp in offsets:
+                    self._uncommitted.pop(tp, None)
             except (CommitFailedError, KafkaError) as exc:  # a rebalance or broker restart: replayed later
                 log.warning("%s: commit failed (%s: %s); the batch will be replayed (stages are idempotent)",
                             self.name, type(exc).__name__, exc)
@@ -296,6 +344,33 @@ class StageRunner:
                 metrics.CONSUMER_LAG.labels(stage=self.name, topic=tp.topic, partition=str(tp.partition)).set(
                     max(high - pos, 0)
                 )
+
+
+def _describe(partitions: Sequence[Any]) -> str:
+    """``topic[0,2]`` for log lines."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return ", ".join(f"{t}{sorted(p)}" for t, p in sorted(by_topic.items())) or "none"
+
+
+def rebalance_listener(runner_ref: Callable[[], StageRunner | None]) -> Any:
+    """A ``kafka.ConsumerRebalanceListener`` forwarding to the :class:`StageRunner` that
+    ``runner_ref()`` returns (None: not built yet, the event is only logged)."""
+    from kafka import ConsumerRebalanceListener
+
+    class _Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            runner = runner_ref()
+            if runner is not None:
+                runner.partitions_revoked(revoked)
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            runner = runner_ref()
+            if runner is not None:
+                runner.partitions_assigned(assigned)
+
+    return _Listener()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,11 +425,14 @@ def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group
     from pipeline.bus import ensure_topics, make_consumer, make_producer
 
     ensure_topics(bus_cfg)
-    consumer = make_consumer(bus_cfg, topic, group_id, name, max_poll_records=max_batch)
+    built: list[StageRunner] = []
+    consumer = make_consumer(bus_cfg, topic, group_id, name, max_poll_records=max_batch,
+                             listener=rebalance_listener(lambda: built[0] if built else None))
     producer = make_producer(bus_cfg, name)
     runner = StageRunner(stage, name, consumer, producer, record_type, bus_cfg.topics.dead_letter, max_batch,
                          max_wait_ms, stop, limits=limits or bus_cfg.limits, send_retries=bus_cfg.send_retries,
                          delivery_timeout_s=bus_cfg.delivery_timeout_s, on_ready=on_ready)
+    built.append(runner)
     try:
         return runner.run(idle_exit_s=idle_exit_s)
     finally:

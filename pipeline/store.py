@@ -1,6 +1,7 @@
 """Identity state in Redis: global identities, tracklet → identity links, per-camera sightings.
 
-Keys (``{ns}`` is ``store.namespace``):
+Keys (``{ns}`` is ``store.namespace``; ``{zk}`` is ``{ns}`` for the zone ``default`` and
+``{ns}:zone:{zone}`` for any other zone, see :meth:`IdentityStore.for_zone`):
 
 ===================================  ======  =====================================================
 key                                  type    content
@@ -9,31 +10,50 @@ key                                  type    content
 ``{ns}:identities``                  zset    global id → first seen (stream seconds)
 ``{ns}:identity:{gid}``              hash    first_seen_s, last_seen_s, n_tracklets, cameras (JSON)
 ``{ns}:identity:{gid}:tracklets``    zset    tracklet id → start_s
-``{ns}:tracklet:{tid}``              hash    the link: global_id, camera, track_id, score, start_s,
-                                             end_s, frames, boxes (JSON), embedding (float32 bytes),
-                                             quality (frames observed), closed_wall_s, linked_wall_s
+``{ns}:tracklet:{tid}``              hash    the link: global_id, camera, zone, track_id, score,
+                                             start_s, end_s, frames, boxes (JSON), embedding (float32
+                                             bytes), quality (frames observed), closed_wall_s,
+                                             linked_wall_s
 ``{ns}:tracklets``                   zset    tracklet id → linked order (monotonic counter)
-``{ns}:tracklets:end``               zset    tracklet id → end_s (the matcher's window)
+``{ns}:tracklets:end``               zset    tracklet id → end_s, every zone's (time filters; the
+                                             window of zone ``default``: its members whose hash has
+                                             no other ``zone``)
+``{ns}:zone:{z}:tracklets:end``      zset    tracklet id → end_s of zone ``z`` (not ``default``): its
+                                             matcher window
+``{ns}:zones``                       set     the zones other than ``default`` that have links
 ``{ns}:camera:{cam}:sightings``      zset    tracklet id → start_s
 ``{ns}:thumb:{tid}``                 string  JPEG crop (BGR-encoded)
 ``{ns}:merged:{gid}``                string  the identity ``gid`` was merged into (see :meth:`resolve`)
-``{ns}:proto:{gid}``                 string  the identity's prototypes, compact (see
+``{zk}:proto:{gid}``                 string  the identity's prototypes, compact (see
                                              :meth:`save_prototypes`): scoring-space vectors as
                                              float16 plus camera, span, quality of each
 ``{ns}:audit``                       stream  one entry per merge or split: field ``record`` (JSON)
 ``{ns}:constraints``                 list    operators' must-link / cannot-link decisions, one JSON
                                              object each (:class:`OperatorConstraint`)
-``{ns}:matcher``                     hash    the matcher's scoring space (``mean``, ``components``:
-                                             float32 bytes, ``dim``), ``threshold``, ``transit``
-                                             (JSON), ``model``
-``{ns}:reassociation``               hash    the last re-association: ``links`` (links it covered),
-                                             ``tracklets`` (window size), ``wall_s``, ``merges``,
-                                             ``splits``, ``moved``
+``{zk}:matcher``                     hash    the zone matcher's scoring space (``mean``,
+                                             ``components``: float32 bytes, ``dim``), ``threshold``,
+                                             ``transit`` (JSON), ``model``
+``{zk}:reassociation``               hash    the zone's last re-association: ``links`` (links it
+                                             covered), ``tracklets`` (window size), ``wall_s``,
+                                             ``merges``, ``splits``, ``moved``
 ===================================  ======  =====================================================
 
-A link is written in one MULTI/EXEC transaction together with the identity update, so readers never
-see half of it, and :meth:`IdentityStore.has_tracklet` makes replays no-ops. A re-association's
-moves, identity updates and audit records are one transaction too (:meth:`apply_reassociation`);
+Identities, links, the id sequence, the audit and the operators' constraints are shared by all zones
+(an identity belongs to the zone whose matcher founded it; global ids are unique across zones). The
+zone ``default`` uses the keys of a single-zone deployment, so stores written before zones existed
+are read unchanged.
+
+Concurrency: several matcher instances may write one namespace (each owns some zones, and during a
+consumer-group rebalance two may briefly write the same zone). Redis is the single source of truth:
+
+* :meth:`IdentityStore.record_link` is one Lua script: it writes the link only when the tracklet is
+  not linked yet, and updates the identity *from what Redis holds* (``first_seen_s`` = min,
+  ``last_seen_s`` = max, cameras = union, ``n_tracklets`` + 1), so two writers never lose an update
+  and readers never see half a link; :meth:`IdentityStore.has_tracklet` makes replays no-ops.
+* :meth:`IdentityStore.apply_reassociation` WATCHes the identities and tracklets it rewrites and
+  retries when another writer changed them, so its recounts never overwrite a concurrent link.
+* New global ids come from ``INCR`` (atomic).
+
 ``{ns}:tracklet:{tid}``'s ``global_id`` is always the tracklet's *current* identity.
 
 Retention: with ``store.retention_days`` set, every per-tracklet and per-identity key written gets that
@@ -45,15 +65,70 @@ and ``purge_before`` remove a person's, a camera's or an era's data explicitly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from pipeline.config import StoreConfig
+from pipeline.config import DEFAULT_ZONE, StoreConfig
+
+log = logging.getLogger(__name__)
+
+# Attempts of a WATCHed re-association write before it is reported as an outage (retried later).
+_WATCH_ATTEMPTS = 10
+
+# One link, atomically (see IdentityStore.record_link).
+# KEYS: tracklet hash, {ns}:tracklets, {ns}:tracklets:end, the identity's member zset, the camera's
+#       sightings, the identity hash, {ns}:identities, the thumbnail key, the zone's end index ('' for
+#       the zone default), {ns}:zones.
+# ARGV[10] is the zone.
+# ARGV: tracklet id, global id, camera, start_s, end_s, link order, retention seconds (0: none),
+#       thumbnail ('' for none), linked_wall_s, zone, then the tracklet hash's field/value pairs.
+# Returns 1 when written (or when this very call's write is found: redis-py re-sends a command whose
+# reply was lost), 0 when the tracklet was linked before.
+_RECORD_LINK_LUA = """
+local tid, gid, camera, start_s, end_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local prev = redis.call('HMGET', KEYS[1], 'global_id', 'linked_wall_s')
+  if prev[1] == gid and prev[2] == ARGV[9] then return 1 end
+  return 0
+end
+local fields = {}
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[6], tid)
+redis.call('ZADD', KEYS[3], end_s, tid)
+if KEYS[9] ~= '' then
+  redis.call('ZADD', KEYS[9], end_s, tid)
+  redis.call('SADD', KEYS[10], ARGV[10])
+end
+redis.call('ZADD', KEYS[4], start_s, tid)
+redis.call('ZADD', KEYS[5], start_s, tid)
+local cur = redis.call('HMGET', KEYS[6], 'first_seen_s', 'last_seen_s', 'cameras')
+local first, last = start_s, end_s
+if cur[1] and tonumber(cur[1]) < tonumber(first) then first = cur[1] end
+if cur[2] and tonumber(cur[2]) > tonumber(last) then last = cur[2] end
+local cameras = {}
+if cur[3] then cameras = cjson.decode(cur[3]) end
+local known = false
+for _, c in ipairs(cameras) do if c == camera then known = true end end
+if not known then cameras[#cameras + 1] = camera end
+table.sort(cameras)
+redis.call('HSET', KEYS[6], 'first_seen_s', first, 'last_seen_s', last, 'cameras', cjson.encode(cameras))
+redis.call('HINCRBY', KEYS[6], 'n_tracklets', 1)
+redis.call('ZADD', KEYS[7], 'LT', first, gid)
+if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[8]) end
+local ttl = tonumber(ARGV[7])
+if ttl > 0 then
+  for _, k in ipairs({KEYS[1], KEYS[6], KEYS[4], KEYS[8]}) do redis.call('EXPIRE', k, ttl) end
+end
+return 1
+"""
 
 
 class StoreError(RuntimeError):
@@ -234,7 +309,7 @@ def redis_auth_errors() -> tuple[type[BaseException], ...]:
 
 
 class IdentityStore:
-    """Redis-backed identity store.
+    """Redis-backed identity store (of the zone ``default``; :meth:`for_zone` gives another zone's view).
 
     Args:
         url: Redis URL (``redis://[user:password@]host:port/db``; ``rediss://`` for TLS).
@@ -277,6 +352,28 @@ class IdentityStore:
                 opts[key] = str(value)
         self.r = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
                                       socket_timeout=max(connect_timeout_s, 5.0), health_check_interval=30, **opts)
+        self.zone = DEFAULT_ZONE
+        self._owns_client = True
+        self._record_link = self.r.register_script(_RECORD_LINK_LUA)
+
+    def for_zone(self, zone: str) -> IdentityStore:
+        """A view of this store for one zone: the same Redis client and namespace, with the zone's own
+        matcher state, re-association status and window index (``{ns}:zone:{zone}:…``; the zone
+        ``default`` keeps the single-zone keys ``{ns}:matcher``…). Everything else (identities, links,
+        id sequence, audit) is shared. Closing a view leaves the client open.
+
+        Args:
+            zone: Zone name (``[A-Za-z0-9_.-]+``, as in the config's ``zones``).
+
+        Raises:
+            ValueError: ``zone`` is empty or holds a character outside that set.
+        """
+        if not zone or any(not (ch.isascii() and (ch.isalnum() or ch in "_.-")) for ch in zone):
+            raise ValueError(f"zone name {zone!r} must match [A-Za-z0-9_.-]+")
+        view = copy.copy(self)
+        view.zone = zone
+        view._owns_client = False
+        return view
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> IdentityStore:
@@ -295,6 +392,13 @@ class IdentityStore:
     def _k(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
 
+    def _zk(self, *parts: str) -> str:
+        """A key of this view's zone: ``{ns}:…`` for ``default``, ``{ns}:zone:{zone}:…`` otherwise."""
+        return self._k(*parts) if self.zone == DEFAULT_ZONE else self._k("zone", self.zone, *parts)
+
+    def _end_index(self, zone: str) -> str:
+        return self._k("tracklets", "end") if zone == DEFAULT_ZONE else self._k("zone", zone, "tracklets", "end")
+
     def check(self) -> None:
         """Ping Redis.
 
@@ -311,7 +415,9 @@ class IdentityStore:
                              f"`reidstream up`, or set store.url") from None
 
     def close(self) -> None:
-        self.r.close()
+        """Close the Redis client (a :meth:`for_zone` view leaves its parent's client open)."""
+        if self._owns_client:
+            self.r.close()
 
     def reset(self) -> int:
         """Delete every key of this namespace; returns how many."""
@@ -335,84 +441,81 @@ class IdentityStore:
         """Allocate a new global id ``G`` + 6 digits (monotonic per namespace)."""
         return f"G{int(self.r.incr(self._k('seq', 'identity'))):06d}"
 
-    def record_link(self, link: Link, embedding: np.ndarray, cameras: Iterable[str], first_seen_s: float,
-                    last_seen_s: float, thumbnail: bytes | None, quality: int = 1) -> bool:
-        """Store ``link`` and the updated identity atomically, unless the tracklet is already linked.
+    def record_link(self, link: Link, embedding: np.ndarray, cameras: Iterable[str] | None = None,
+                    first_seen_s: float | None = None, last_seen_s: float | None = None,
+                    thumbnail: bytes | None = None, quality: int = 1) -> bool:
+        """Store ``link`` and update its identity atomically (one Lua script), unless the tracklet is
+        already linked.
+
+        The identity's ``first_seen_s`` becomes min(stored, ``link.start_s``), ``last_seen_s``
+        max(stored, ``link.end_s``), ``cameras`` the union of the stored ones and ``link.camera``, and
+        ``n_tracklets`` grows by one, all computed in Redis, so concurrent writers to one identity lose
+        no update. The tracklet is added to ``{ns}:tracklets:end`` and, for a zone other than
+        ``default``, to the zone's window index; its hash records the zone.
 
         Args:
             link: The assignment.
             embedding: The tracklet's ``float32 [D]`` embedding.
-            cameras: The identity's cameras after this link.
-            first_seen_s: The identity's first sighting, stream seconds.
-            last_seen_s: The identity's last sighting, stream seconds.
+            cameras: Ignored (kept for callers of the former signature): the identity's cameras are
+                computed in Redis from what it holds and ``link.camera``.
+            first_seen_s: Ignored, likewise (stream seconds).
+            last_seen_s: Ignored, likewise (stream seconds).
             thumbnail: JPEG bytes of one crop, or None.
             quality: Frames in which the tracker saw the tracklet.
 
         Returns:
             True if written, False if the tracklet was already linked (a replay).
-        """
-        import redis
 
-        tkey = self._k("tracklet", link.tracklet_id)
-        ikey = self._k("identity", link.global_id)
-        with self.r.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(tkey)
-                if pipe.exists(tkey):
-                    return False
-                order = time.time_ns()
-                pipe.multi()
-                pipe.hset(tkey, mapping={
-                    "global_id": link.global_id, "camera": link.camera, "track_id": link.track_id,
-                    "score": "" if link.score is None else repr(float(link.score)),
-                    "start_s": repr(link.start_s), "end_s": repr(link.end_s),
-                    "frames": json.dumps(link.frames), "boxes": json.dumps(link.boxes),
-                    "embedding": np.asarray(embedding, "<f4").tobytes(), "quality": int(quality),
-                    "closed_wall_s": repr(link.closed_wall_s), "linked_wall_s": repr(link.linked_wall_s),
-                })
-                pipe.zadd(self._k("tracklets"), {link.tracklet_id: order})
-                pipe.zadd(self._k("tracklets", "end"), {link.tracklet_id: link.end_s})
-                pipe.zadd(self._k("identity", link.global_id, "tracklets"), {link.tracklet_id: link.start_s})
-                pipe.zadd(self._k("camera", link.camera, "sightings"), {link.tracklet_id: link.start_s})
-                pipe.hset(ikey, mapping={
-                    "first_seen_s": repr(first_seen_s), "last_seen_s": repr(last_seen_s),
-                    "cameras": json.dumps(sorted(set(cameras))),
-                })
-                pipe.hincrby(ikey, "n_tracklets", 1)
-                pipe.zadd(self._k("identities"), {link.global_id: first_seen_s}, nx=True)
-                if thumbnail:
-                    pipe.set(self._k("thumb", link.tracklet_id), thumbnail)
-                self._retain(pipe, tkey, ikey, self._k("identity", link.global_id, "tracklets"),
-                             self._k("thumb", link.tracklet_id))
-                pipe.execute()
-                return True
-            except redis.WatchError as exc:
-                # redis-py raises WatchError also when the connection drops while watching: that is an
-                # outage (retry later), not a replay; only a link written meanwhile makes it one
-                if self.r.exists(tkey):
-                    return False
-                raise redis.ConnectionError(f"link transaction of {link.tracklet_id} interrupted: {exc}") from None
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable; nothing or everything was
+                written (a script is atomic), so the caller retries and a retry of a write that did
+                happen is a replay.
+        """
+        del cameras, first_seen_s, last_seen_s  # the identity is updated from Redis' own state
+        tid, gid = link.tracklet_id, link.global_id
+        fields: dict[str, Any] = {
+            "global_id": gid, "camera": link.camera, "zone": self.zone, "track_id": link.track_id,
+            "score": "" if link.score is None else repr(float(link.score)),
+            "start_s": repr(float(link.start_s)), "end_s": repr(float(link.end_s)),
+            "frames": json.dumps(link.frames), "boxes": json.dumps(link.boxes),
+            "embedding": np.asarray(embedding, "<f4").tobytes(), "quality": int(quality),
+            "closed_wall_s": repr(link.closed_wall_s), "linked_wall_s": repr(link.linked_wall_s),
+        }
+        keys = [self._k("tracklet", tid), self._k("tracklets"), self._k("tracklets", "end"),
+                self._k("identity", gid, "tracklets"), self._k("camera", link.camera, "sightings"),
+                self._k("identity", gid), self._k("identities"), self._k("thumb", tid),
+                "" if self.zone == DEFAULT_ZONE else self._end_index(self.zone), self._k("zones")]
+        args: list[Any] = [tid, gid, link.camera, fields["start_s"], fields["end_s"], time.time_ns(),
+                           self.retention_s or 0, thumbnail or b"", fields["linked_wall_s"], self.zone]
+        for name, value in fields.items():
+            args.extend((name, value))
+        return bool(self._record_link(keys=keys, args=args))
 
     def load_window(self, since_end_s: float | None = None, limit: int | None = None) -> list[WindowEntry]:
-        """Linked tracklets whose last sighting is at or after ``since_end_s`` (all when None), the
-        newest ``limit`` of them, ordered by end time; for a matcher (re)start."""
+        """Linked tracklets of this view's zone whose last sighting is at or after ``since_end_s`` (all
+        when None), the newest ``limit`` of them, ordered by end time; for a matcher (re)start. The
+        zone ``default`` reads ``{ns}:tracklets:end`` and skips tracklets of other zones."""
         lo = "-inf" if since_end_s is None else repr(float(since_end_s))
-        tids = [t.decode() for t in self.r.zrangebyscore(self._k("tracklets", "end"), lo, "+inf")]
-        if limit is not None:
-            tids = tids[-limit:]
-        out = []
-        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding")
-        for i in range(0, len(tids), 1000):
-            chunk = tids[i:i + 1000]
+        tids = [t.decode() for t in self.r.zrangebyscore(self._end_index(self.zone), lo, "+inf")]
+        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding", "zone")
+        out: list[WindowEntry] = []
+        stop = len(tids)  # newest first, in chunks, until ``limit`` entries of this zone are found
+        while stop > 0 and (limit is None or len(out) < limit):
+            chunk = tids[max(stop - 1000, 0):stop]
+            stop -= len(chunk)
             with self.r.pipeline(transaction=False) as pipe:
                 for tid in chunk:
                     pipe.hmget(self._k("tracklet", tid), *fields)
                 rows = pipe.execute()
-            for tid, (cam, s, e, q, gid, emb) in zip(chunk, rows):
-                if cam is None or emb is None:
+            found = []
+            for tid, (cam, s, e, q, gid, emb, zone) in zip(chunk, rows):
+                if cam is None or emb is None or (zone.decode() if zone else DEFAULT_ZONE) != self.zone:
                     continue
-                out.append(WindowEntry(tid, cam.decode(), float(s), float(e), int(q or 1), gid.decode(),
-                                       np.frombuffer(emb, "<f4").copy()))
+                found.append(WindowEntry(tid, cam.decode(), float(s), float(e), int(q or 1), gid.decode(),
+                                         np.frombuffer(emb, "<f4").copy()))
+            out = found + out
+        if limit is not None and len(out) > limit:
+            out = out[len(out) - limit:]
         return out
 
     def identity_sightings(self, global_ids: Iterable[str]) -> dict[str, list[tuple[str, str, float, float]]]:
@@ -439,45 +542,85 @@ class IdentityStore:
     def apply_reassociation(self, change: Reassignment) -> None:
         """Write a re-association atomically: move tracklets, refresh the identities they left and
         joined, retire emptied identities (``{ns}:merged:{gid}`` points at the survivor), append the
-        audit records, and update ``{ns}:reassociation``. Idempotent: writing the same change twice
-        leaves the same state.
+        audit records, and update this zone's ``{zk}:reassociation``. Idempotent: writing the same
+        change twice leaves the same state.
+
+        The identities' members and the moved tracklets are WATCHed while they are read; when another
+        writer (a link, another instance's re-association) changes one before the transaction runs,
+        everything is read again and recomputed, so no concurrent update is lost. A move whose
+        tracklet meanwhile left the identity it is moved from (another writer moved it) or was purged
+        is skipped.
 
         Raises:
-            redis.ConnectionError, redis.TimeoutError: Redis is unreachable (nothing is written).
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable, or other writers kept
+                changing these identities for ``_WATCH_ATTEMPTS`` tries (nothing is written).
         """
-        touched = {g for old_new in change.moves.values() for g in old_new}
+        import redis
+
+        touched = sorted({g for old_new in change.moves.values() for g in old_new})
+        watched = [self._k("identity", g, "tracklets") for g in touched] + \
+            [self._k("identity", g) for g in touched] + [self._k("tracklet", t) for t in change.moves]
+        for attempt in range(_WATCH_ATTEMPTS):
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    if watched:
+                        pipe.watch(*watched)
+                    self._write_reassociation(pipe, change, touched)
+                    return
+                except redis.WatchError:
+                    log.info("store: re-association write conflicted with another writer (attempt %d); "
+                             "reading again", attempt + 1)
+                    time.sleep(min(0.01 * 2 ** attempt, 0.5))
+        raise redis.ConnectionError(f"re-association of {len(change.moves)} moves conflicted with other writers "
+                                    f"{_WATCH_ATTEMPTS} times; retrying later")
+
+    def _write_reassociation(self, pipe: Any, change: Reassignment, touched: list[str]) -> None:
+        """Read the touched identities (``pipe`` is watching them), compute and queue the writes."""
+        moves = dict(change.moves)
+        if moves:
+            tids = list(moves)
+            with self.r.pipeline(transaction=False) as read:
+                for tid in tids:
+                    read.hget(self._k("tracklet", tid), "global_id")
+                current = dict(zip(tids, read.execute()))
+            for tid, (old, new) in change.moves.items():
+                now = current[tid].decode() if current[tid] is not None else None
+                if now not in (old, new):
+                    log.warning("store: %s is in %s now, not %s: another writer moved it; its move to %s is "
+                                "skipped", tid, now, old, new)
+                    del moves[tid]
         members = self.identity_sightings(touched)
-        for tid, (old, new) in change.moves.items():
+        for tid, (old, new) in moves.items():
             row = next((m for m in members.get(old, []) if m[0] == tid), None) or \
                 next((m for m in members.get(new, []) if m[0] == tid), None)
             members[old] = [m for m in members.get(old, []) if m[0] != tid]
             if row is not None and all(m[0] != tid for m in members.get(new, [])):
                 members.setdefault(new, []).append(row)
-        with self.r.pipeline(transaction=True) as pipe:
-            for tid, (old, new) in change.moves.items():
-                pipe.hset(self._k("tracklet", tid), "global_id", new)
-                pipe.zrem(self._k("identity", old, "tracklets"), tid)
-            for gid in sorted(touched):
-                rows = members.get(gid, [])
-                if not rows:
-                    pipe.delete(self._k("identity", gid), self._k("identity", gid, "tracklets"))
-                    pipe.zrem(self._k("identities"), gid)
-                    continue
-                pipe.zadd(self._k("identity", gid, "tracklets"), {tid: s for tid, _, s, _ in rows})
-                first = min(s for _, _, s, _ in rows)
-                pipe.hset(self._k("identity", gid), mapping={
-                    "first_seen_s": repr(first), "last_seen_s": repr(max(e for *_, e in rows)),
-                    "cameras": json.dumps(sorted({c for _, c, _, _ in rows})), "n_tracklets": len(rows)})
-                pipe.zadd(self._k("identities"), {gid: first})
-                self._retain(pipe, self._k("identity", gid), self._k("identity", gid, "tracklets"))
-            for gid, into in change.retired.items():
-                if into is not None:
-                    pipe.set(self._k("merged", gid), into)
-                    self._retain(pipe, self._k("merged", gid))
-            for record in change.audit:
-                pipe.xadd(self._k("audit"), {"record": json.dumps(record)})
-            pipe.hset(self._k("reassociation"), mapping={k: repr(v) for k, v in change.summary.items()})
-            pipe.execute()
+        pipe.multi()
+        for tid, (old, new) in moves.items():
+            pipe.hset(self._k("tracklet", tid), "global_id", new)
+            pipe.zrem(self._k("identity", old, "tracklets"), tid)
+        for gid in touched:
+            rows = members.get(gid, [])
+            if not rows:
+                pipe.delete(self._k("identity", gid), self._k("identity", gid, "tracklets"))
+                pipe.zrem(self._k("identities"), gid)
+                continue
+            pipe.zadd(self._k("identity", gid, "tracklets"), {tid: s for tid, _, s, _ in rows})
+            first = min(s for _, _, s, _ in rows)
+            pipe.hset(self._k("identity", gid), mapping={
+                "first_seen_s": repr(first), "last_seen_s": repr(max(e for *_, e in rows)),
+                "cameras": json.dumps(sorted({c for _, c, _, _ in rows})), "n_tracklets": len(rows)})
+            pipe.zadd(self._k("identities"), {gid: first})
+            self._retain(pipe, self._k("identity", gid), self._k("identity", gid, "tracklets"))
+        for gid, into in change.retired.items():
+            if into is not None and not members.get(gid):
+                pipe.set(self._k("merged", gid), into)
+                self._retain(pipe, self._k("merged", gid))
+        for record in change.audit:
+            pipe.xadd(self._k("audit"), {"record": json.dumps(record)})
+        pipe.hset(self._zk("reassociation"), mapping={k: repr(v) for k, v in change.summary.items()})
+        pipe.execute()
 
     def resolve(self, global_id: str) -> str:
         """The current id of ``global_id``: itself, or the identity it was (transitively) merged into."""
@@ -526,29 +669,42 @@ class IdentityStore:
         return out
 
     def save_matcher_state(self, fields: dict[str, bytes | str | float | int]) -> None:
-        """Store the matcher's scoring space, threshold and transit statistics (``{ns}:matcher``)."""
-        self.r.hset(self._k("matcher"), mapping=fields)
+        """Store this zone matcher's scoring space, threshold and transit statistics (``{zk}:matcher``)."""
+        self.r.hset(self._zk("matcher"), mapping=fields)
 
     def matcher_state(self) -> dict[str, bytes]:
-        """``{ns}:matcher`` as raw bytes per field (empty when never saved)."""
-        return {k.decode(): v for k, v in self.r.hgetall(self._k("matcher")).items()}
+        """``{zk}:matcher`` of this view's zone as raw bytes per field (empty when never saved)."""
+        return {k.decode(): v for k, v in self.r.hgetall(self._zk("matcher")).items()}
 
     def reassociation_status(self) -> dict[str, float]:
-        """``{ns}:reassociation`` (empty before the first re-association)."""
-        return {k.decode(): float(v) for k, v in self.r.hgetall(self._k("reassociation")).items()}
+        """``{zk}:reassociation`` of this view's zone (empty before its first re-association)."""
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self._zk("reassociation")).items()}
 
     def count_all_links(self) -> int:
-        """How many tracklets of this namespace are linked."""
+        """How many tracklets of this namespace are linked (all zones)."""
         return int(self.r.zcard(self._k("tracklets")))
 
+    def count_zone_links(self) -> int:
+        """How many tracklets of this view's zone are linked (for ``default``: all links less those of
+        the other zones in ``{ns}:zones``)."""
+        if self.zone != DEFAULT_ZONE:
+            return int(self.r.zcard(self._end_index(self.zone)))
+        others = sorted(z.decode() for z in self.r.smembers(self._k("zones")))
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._k("tracklets", "end"))
+            for zone in others:
+                pipe.zcard(self._end_index(zone))
+            total, *counts = pipe.execute()
+        return int(total) - int(sum(counts))
+
     def save_prototypes(self, protos: dict[str, list[Prototype]], epoch: int) -> None:
-        """Store identities' prototypes compactly (``{ns}:proto:{gid}``, :func:`encode_prototypes`);
-        an empty list deletes the record. Pipelined in batches of 1000."""
+        """Store identities' prototypes compactly (``{zk}:proto:{gid}`` of this view's zone,
+        :func:`encode_prototypes`); an empty list deletes the record. Pipelined in batches of 1000."""
         items = list(protos.items())
         for start in range(0, len(items), 1000):
             with self.r.pipeline(transaction=False) as pipe:
                 for gid, rows in items[start:start + 1000]:
-                    key = self._k("proto", gid)
+                    key = self._zk("proto", gid)
                     if rows:
                         pipe.set(key, encode_prototypes(rows, epoch))
                         self._retain(pipe, key)
@@ -558,14 +714,15 @@ class IdentityStore:
 
     def load_prototypes(self, exclude: set[str] | frozenset = frozenset(),
                         batch: int = 5000) -> dict[str, tuple[int, list[Prototype]]]:
-        """The stored prototypes of every identity (but ``exclude``): ``gid → (epoch, prototypes)``.
-        Identities without a record (never linked by a matcher of this version) are left out."""
+        """The stored prototypes of every identity of this view's zone (but ``exclude``):
+        ``gid → (epoch, prototypes)``. Identities without a record in this zone (other zones', or never
+        linked by a matcher of this version) are left out."""
         gids = [g.decode() for g in self.r.zrange(self._k("identities"), 0, -1)]
         gids = [g for g in gids if g not in exclude]
         out: dict[str, tuple[int, list[Prototype]]] = {}
         for start in range(0, len(gids), batch):
             part = gids[start:start + batch]
-            for gid, blob in zip(part, self.r.mget([self._k("proto", g) for g in part])):
+            for gid, blob in zip(part, self.r.mget([self._zk("proto", g) for g in part])):
                 if blob:
                     out[gid] = decode_prototypes(blob)
         return out
@@ -714,14 +871,16 @@ class IdentityStore:
             return set()
         with self.r.pipeline(transaction=False) as pipe:
             for tid in tids:
-                pipe.hmget(self._k("tracklet", tid), "global_id", "camera")
+                pipe.hmget(self._k("tracklet", tid), "global_id", "camera", "zone")
             rows = pipe.execute()
         gids: set[str] = set()
         with self.r.pipeline(transaction=True) as pipe:
-            for tid, (gid, cam) in zip(tids, rows):
+            for tid, (gid, cam, zone) in zip(tids, rows):
                 pipe.delete(self._k("tracklet", tid), self._k("thumb", tid))
                 pipe.zrem(self._k("tracklets"), tid)
                 pipe.zrem(self._k("tracklets", "end"), tid)
+                if zone and zone.decode() != DEFAULT_ZONE:
+                    pipe.zrem(self._end_index(zone.decode()), tid)
                 if gid is not None:
                     gids.add(gid.decode())
                     pipe.zrem(self._k("identity", gid.decode(), "tracklets"), tid)

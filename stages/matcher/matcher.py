@@ -202,8 +202,13 @@ class CrossCameraMatcher:
         self._threshold_gauge = metrics.MATCH_THRESHOLD.labels(stage=STAGE)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> CrossCameraMatcher:
+    def from_config(cls, cfg: Config, store: IdentityStore | None = None) -> CrossCameraMatcher:
         """Build from the ``matcher`` section (and read its calibration file, if set).
+
+        Args:
+            cfg: The config.
+            store: The store (view) to use, e.g. one zone's :meth:`IdentityStore.for_zone`; None
+                connects to ``cfg.store`` (the zone ``default``).
 
         Raises:
             CalibrationError: The calibration file is unreadable.
@@ -214,17 +219,19 @@ class CrossCameraMatcher:
             from stages.matcher.calibration import read_calibration
 
             cal = read_calibration(m.calibration).threshold
-        return cls(IdentityStore.from_config(cfg.store), m.threshold, Rules.from_config(m), m.prototypes_per_camera,
+        store = store if store is not None else IdentityStore.from_config(cfg.store)
+        return cls(store, m.threshold, Rules.from_config(m), m.prototypes_per_camera,
                    m.reassociation if m.reassociation.enabled else None, cal, m.gallery_ttl_s,
                    index=IndexSettings(m.index.kind, m.index.exact_below, m.index.nprobe, m.index.candidates,
                                        m.index.retrain_growth, m.index.threads, m.index.hot_s))
 
     # ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Check Redis and restore what it holds (a restarted matcher, or one that was handed a zone,
-        continues where the previous one was): the scoring space, threshold and hand-off gaps, the
-        re-association window (whose identities' prototypes are recomputed from it), and the stored
-        prototypes of the other identities of the gallery (unseen for at most ``gallery_ttl_s``).
+        """Check Redis and restore what it holds for this matcher's zone (its store view's keys, see
+        :meth:`IdentityStore.for_zone`), so that a restarted matcher, or one that was handed the zone
+        after a rebalance, continues where the previous one was: the scoring space, threshold and
+        hand-off gaps, the re-association window (whose identities' prototypes are recomputed from it),
+        and the stored prototypes of the zone's other identities (unseen for at most ``gallery_ttl_s``).
 
         Raises:
             StoreError: Redis is unreachable.
@@ -276,7 +283,7 @@ class CrossCameraMatcher:
                     self._newest_end = max(self._newest_end, max(p.end_s for p in protos))
                 self.gallery.replace(keep)
         self._refresh_summaries(in_window)
-        self.links_total = self.store.count_all_links()
+        self.links_total = self.store.count_zone_links()
         if self.store.reassociation_status().get("links", -1) < self.links_total:
             self._since_reassociation = 1  # links arrived after the last re-association: redo it when idle
         self._identities.set(len(self.gallery))
@@ -284,8 +291,9 @@ class CrossCameraMatcher:
         if stale:
             log.warning("matcher: %d stored identities have prototypes of an older scoring space (used as they are)",
                         stale)
-        log.info("matcher: %d tracklets of %d identities in the window, %d identities in the gallery (%s search), "
-                 "threshold %.3f, restored in %.2f s, store %s", len(self.window), len(in_window), len(self.gallery),
+        log.info("matcher: zone %s: %d tracklets of %d identities in the window, %d identities in the gallery "
+                 "(%s search), threshold %.3f, restored in %.2f s, store %s", self.store.zone, len(self.window),
+                 len(in_window), len(self.gallery),
                  "approximate" if self.gallery.index is not None and self.gallery.index.approximate else "exact",
                  self.threshold, time.perf_counter() - t0, self.store.url)
 
@@ -718,7 +726,9 @@ def _gid_order(gid: str) -> tuple[int, str]:
 
 def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = None,
                 on_ready: Any = None) -> Any:
-    """Run the matcher against the configured Kafka and Redis until stopped.
+    """Run the matcher against the configured Kafka and Redis until stopped: one instance of the
+    consumer group ``matcher.group_id``, matching the zones of the ``embeddings`` partitions it is
+    given (:class:`~stages.matcher.zones.ZonedMatcher`). Start as many as there are partitions at most.
 
     Raises:
         BusError: The broker is unreachable.
@@ -726,8 +736,12 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
         CalibrationError: ``matcher.calibration`` is unreadable.
     """
     from pipeline.runner import run_consuming_stage
+    from stages.matcher.zones import ZonedMatcher
 
-    matcher = CrossCameraMatcher.from_config(cfg)
+    from pipeline.bus import ensure_topics, partition_count
+
+    ensure_topics(cfg.bus)
+    matcher = ZonedMatcher.from_config(cfg, partition_count(cfg.bus, cfg.bus.topics.embeddings))
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
     return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,

@@ -3,8 +3,11 @@
 ``reidstream reid --config C`` consumes the ``tracklets`` topic in a consumer group (so several
 re-id workers share the partitions), decodes each tracklet's JPEG crops, samples T of them evenly,
 runs the configured network (STA by default) on up to ``reid.batch.max_tracklets`` tracklets per
-forward pass, and publishes an :class:`~pipeline.messages.EmbeddingRecord` per tracklet, keyed by
-camera, to the ``embeddings`` topic.
+forward pass, and publishes an :class:`~pipeline.messages.EmbeddingRecord` per tracklet to the
+``embeddings`` topic, keyed by the camera's **zone** (``zones`` in the config; ``default`` for cameras
+no zone lists). The producer's partitioner hashes the key with murmur2 (as the Java client does), so
+all of a zone's embeddings land in one partition, in order, and the matcher instance that owns that
+partition sees the whole zone (see :mod:`stages.matcher.zones`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from pipeline import metrics
-from pipeline.config import Config, ReidConfig
+from pipeline.config import DEFAULT_ZONE, Config, ReidConfig
 from pipeline.messages import EmbeddingRecord, TrackletRecord, encode
 from pipeline.runner import Output
 
@@ -116,12 +120,16 @@ class ReidStage:
         clock: Unix-seconds clock.
         flow: Optical-flow channels for the network (``model.config["flow"]`` of RCN), or None.
         blurrer: A :class:`stages.reid.faces.FaceBlurrer` applied to each stored thumbnail, or None.
+        zones: Camera name → zone name; an embedding's Kafka key is its camera's zone (cameras not in
+            the mapping, and every camera when it is None, are in zone ``default``).
     """
 
     def __init__(self, engine: Any, model_name: str, seq_len: int, input_size: tuple[int, int],
                  mean: tuple[float, ...], std: tuple[float, ...], output_topic: str, max_batch: int = 8,
-                 clock=time.time, flow: str | None = None, blurrer: Any | None = None) -> None:
+                 clock=time.time, flow: str | None = None, blurrer: Any | None = None,
+                 zones: Mapping[str, str] | None = None) -> None:
         self.blurrer = blurrer
+        self.zones = dict(zones or {})
         self.engine = engine
         self.model_name = model_name
         self.seq_len = seq_len
@@ -148,7 +156,8 @@ class ReidStage:
 
             blurrer = FaceBlurrer(threshold=r.face_threshold, threads=max(r.engine.threads, 1))
         return cls(engine, name, r.model.seq_len, size, model.mean, model.std, cfg.bus.topics.embeddings,
-                   r.batch.max_tracklets, flow=getattr(model, "config", {}).get("flow"), blurrer=blurrer)
+                   r.batch.max_tracklets, flow=getattr(model, "config", {}).get("flow"), blurrer=blurrer,
+                   zones=cfg.camera_zones())
 
     def setup(self) -> None:
         """Load the engine (and the face detector when blurring).
@@ -182,7 +191,8 @@ class ReidStage:
         return np.concatenate(out, axis=0).astype(np.float32)
 
     def process(self, records: list[TrackletRecord]) -> list[Output]:
-        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order).
+        """Embed ``records`` and return one ``embeddings`` message per tracklet (same order), keyed by
+        the camera's zone.
 
         Raises:
             ValueError: A record's crops cannot be decoded, or the network returned a zero or non-finite
@@ -201,7 +211,7 @@ class ReidStage:
             if self.blurrer is not None:  # raises for an undecodable crop: never store it unblurred
                 thumb = self.blurrer.blur_jpeg(thumb)
             emb = EmbeddingRecord.from_tracklet(rec.meta(), vec, self.model_name, thumb, now)
-            outputs.append(Output(self.output_topic, rec.camera, encode(emb)))
+            outputs.append(Output(self.output_topic, self.zones.get(rec.camera, DEFAULT_ZONE), encode(emb)))
             metrics.EMBEDDINGS.labels(stage=STAGE, camera=rec.camera).inc()
         return outputs
 

@@ -139,7 +139,7 @@ def test_planted_secret_in_no_log_status_or_metrics(auth_redis, kafka_server, un
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, logs[-2000:]
-    assert "reidstream_identities" in body and "in the window, threshold" in logs and "store redis://:***@" in logs
+    assert "reidstream_identities" in body and "identities in the window" in logs and "store redis://:***@" in logs
     status = run_cli("status", "--config", str(ROOT / "configs" / "demo.yaml"), env=env, timeout=60)
     assert "redis://:***@" in status.stdout
     wrong = {**env, "REIDSTREAM__STORE__URL": env["REIDSTREAM__STORE__URL"].replace(SECRET, SECRET + "x")}

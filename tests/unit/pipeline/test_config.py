@@ -102,3 +102,44 @@ def test_resolve_asset_from_installed_package_and_errors(tmp_path):
         resolve_asset("package://no_such_pkg_xyz/a.pt")
     with pytest.raises(FileNotFoundError, match="no such file"):
         resolve_asset(str(tmp_path / "missing.pt"))
+
+
+ZONED = """\
+version: 1
+cameras:
+  - {name: gate, source: a.avi}
+  - {name: lobby, source: b.avi}
+  - {name: dock, source: c.avi}
+zones:
+  - name: north
+    cameras: [gate, lobby]
+  - name: south
+    cameras: [dock]
+"""
+
+
+def test_zones_map_cameras_and_default_the_rest():
+    cfg = parse_config(ZONED, "z.yaml", environ={})
+    assert [cfg.zone_of(c) for c in ("gate", "lobby", "dock", "unlisted")] == ["north", "north", "south", "default"]
+    assert cfg.camera_zones() == {"gate": "north", "lobby": "north", "dock": "south"}
+    assert parse_config(BASE, "x.yaml", environ={}).zone_of("left") == "default"  # no zones: one zone
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (ZONED.replace("cameras: [dock]", "cameras: [dock, gate]"),
+         ["z.yaml:10:", "zones.1.cameras.1:", "'gate' is in two zones", "'north' (zones.0.cameras.0)"]),
+        (ZONED.replace("cameras: [dock]", "cameras: [dokc]"),
+         ["z.yaml:10:", "zones.1.cameras.0:", "unknown camera 'dokc'", "'gate', 'lobby', 'dock'"]),
+        (ZONED.replace("name: south", "name: north"), ["z.yaml:9:", "zones.1.name:", "declared twice"]),
+        (ZONED.replace("name: south", "name: 'so:uth'"), ["z.yaml:9:", "zones.1.name:", "pattern"]),
+        (ZONED + "matcher:\n  topology:\n    - {a: gate, b: dock, min_transit_s: 0, max_transit_s: 5}\n",
+         ["z.yaml:13:", "matcher.topology.0:", "different zones"]),
+    ],
+)
+def test_invalid_zones_name_file_line_and_key(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "z.yaml", environ={})
+    for part in expected:
+        assert part in str(info.value), str(info.value)

@@ -66,11 +66,20 @@ def test_stage_batches_and_publishes_one_embedding_per_tracklet():
     outs = stage.process(recs)
     assert [b[0] for b in engine.batches] == [2, 2, 1]
     assert engine.batches[0][1:] == (4, 3, 32, 16)
-    assert [o.topic for o in outs] == ["emb"] * 5 and [o.key for o in outs] == ["cam"] * 5
+    assert [o.topic for o in outs] == ["emb"] * 5 and [o.key for o in outs] == ["default"] * 5
     embs = [decode(o.value, EmbeddingRecord) for o in outs]
     assert [e.tracklet_id for e in embs] == [f"t{i}" for i in range(5)]
     assert all(abs(np.linalg.norm(e.vector) - 1) < 1e-5 for e in embs)
     assert embs[0].thumbnail_jpeg == recs[0].crops_jpeg[1]
+
+
+def test_embeddings_are_keyed_by_the_cameras_zone():
+    """One zone → one Kafka key → one partition: the matcher owning it sees the whole zone."""
+    stage = ReidStage(FakeEngine(), "fake", 2, (32, 16), (0.5,) * 3, (0.5,) * 3, "emb",
+                      zones={"gate": "north", "lobby": "north", "dock": "south"})
+    recs = [make_tracklet(tracklet_id=f"t{i}", camera=cam, crops_jpeg=[jpeg((i * 40, 0, 0))] * 2)
+            for i, cam in enumerate(["gate", "dock", "lobby", "elsewhere"])]
+    assert [o.key for o in stage.process(recs)] == ["north", "south", "north", "default"]
 
 
 @pytest.fixture(scope="module")
