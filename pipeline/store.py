@@ -330,13 +330,16 @@ class IdentityStore:
     def __init__(self, url: str, namespace: str = "reidstream", connect_timeout_s: float = 5.0,
                  username: str | None = None, password: str | None = None, tls: bool = False,
                  tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
-                 retention_days: float | None = None) -> None:
+                 retention_days: float | None = None, embedding_dtype: str = "float16") -> None:
         import redis
 
         from pipeline.redact import redact, register_secret
 
         register_secret(password)
         self.url = redact(url)  # for messages; the client keeps the credentials
+        if embedding_dtype not in _EMBEDDING_CODES:
+            raise ValueError(f"embedding_dtype must be float16 or float32, got {embedding_dtype!r}")
+        self.embedding_code = _EMBEDDING_CODES[embedding_dtype]
         self.ns = namespace
         self.retention_s = int(retention_days * 86400) if retention_days else None
         opts: dict[str, Any] = {}
@@ -380,7 +383,7 @@ class IdentityStore:
         return cls(cfg.url, cfg.namespace, cfg.connect_timeout_s, username=cfg.username,
                    password=cfg.password.get_secret_value() if cfg.password else None, tls=cfg.tls,
                    tls_ca_file=cfg.tls_ca_file, tls_cert_file=cfg.tls_cert_file, tls_key_file=cfg.tls_key_file,
-                   retention_days=cfg.retention_days)
+                   retention_days=cfg.retention_days, embedding_dtype=cfg.embedding_dtype)
 
     def _retain(self, pipe: Any, *keys: str) -> None:
         """Give ``keys`` the retention TTL (``store.retention_days``) in ``pipe``; no-op without one."""
@@ -478,7 +481,8 @@ class IdentityStore:
             "score": "" if link.score is None else repr(float(link.score)),
             "start_s": repr(float(link.start_s)), "end_s": repr(float(link.end_s)),
             "frames": json.dumps(link.frames), "boxes": json.dumps(link.boxes),
-            "embedding": np.asarray(embedding, "<f4").tobytes(), "quality": int(quality),
+            "embedding": encode_embedding(embedding, self.embedding_code), "embedding_dtype": self.embedding_code,
+            "quality": int(quality),
             "closed_wall_s": repr(link.closed_wall_s), "linked_wall_s": repr(link.linked_wall_s),
         }
         keys = [self._k("tracklet", tid), self._k("tracklets"), self._k("tracklets", "end"),
@@ -497,7 +501,7 @@ class IdentityStore:
         zone ``default`` reads ``{ns}:tracklets:end`` and skips tracklets of other zones."""
         lo = "-inf" if since_end_s is None else repr(float(since_end_s))
         tids = [t.decode() for t in self.r.zrangebyscore(self._end_index(self.zone), lo, "+inf")]
-        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding", "zone")
+        fields = ("camera", "start_s", "end_s", "quality", "global_id", "embedding", "zone", "embedding_dtype")
         out: list[WindowEntry] = []
         stop = len(tids)  # newest first, in chunks, until ``limit`` entries of this zone are found
         while stop > 0 and (limit is None or len(out) < limit):
@@ -508,11 +512,11 @@ class IdentityStore:
                     pipe.hmget(self._k("tracklet", tid), *fields)
                 rows = pipe.execute()
             found = []
-            for tid, (cam, s, e, q, gid, emb, zone) in zip(chunk, rows):
+            for tid, (cam, s, e, q, gid, emb, zone, code) in zip(chunk, rows):
                 if cam is None or emb is None or (zone.decode() if zone else DEFAULT_ZONE) != self.zone:
                     continue
                 found.append(WindowEntry(tid, cam.decode(), float(s), float(e), int(q or 1), gid.decode(),
-                                         np.frombuffer(emb, "<f4").copy()))
+                                         decode_embedding(emb, code).copy()))
             out = found + out
         if limit is not None and len(out) > limit:
             out = out[len(out) - limit:]
@@ -658,14 +662,15 @@ class IdentityStore:
         embedding float32 [D])``; unlinked ones are left out. Pipelined."""
         with self.r.pipeline(transaction=False) as pipe:
             for tid in tracklet_ids:
-                pipe.hmget(self._k("tracklet", tid), "global_id", "camera", "start_s", "end_s", "quality", "embedding")
+                pipe.hmget(self._k("tracklet", tid), "global_id", "camera", "start_s", "end_s", "quality", "embedding",
+                           "embedding_dtype")
             rows = pipe.execute()
         out = {}
-        for tid, (gid, cam, start, end, quality, raw) in zip(tracklet_ids, rows):
+        for tid, (gid, cam, start, end, quality, raw, code) in zip(tracklet_ids, rows):
             if gid is None or raw is None:
                 continue
             out[tid] = (gid.decode(), cam.decode(), float(start), float(end), int(quality or 1),
-                        decode_embedding(raw))
+                        decode_embedding(raw, code))
         return out
 
     def save_matcher_state(self, fields: dict[str, bytes | str | float | int]) -> None:
@@ -746,8 +751,13 @@ class IdentityStore:
 
     def embedding(self, tracklet_id: str) -> np.ndarray | None:
         """The stored ``float32 [D]`` embedding of a linked tracklet."""
-        raw = self.r.hget(self._k("tracklet", tracklet_id), "embedding")
-        return np.frombuffer(raw, "<f4") if raw else None
+        raw, code = self.r.hmget(self._k("tracklet", tracklet_id), "embedding", "embedding_dtype")
+        return decode_embedding(raw, code) if raw else None
+
+    def stored_embedding(self, embedding: np.ndarray) -> np.ndarray:
+        """``embedding`` as it will read back from this store (rounded to the stored dtype),
+        ``float32 [D]``."""
+        return decode_embedding(encode_embedding(embedding, self.embedding_code), self.embedding_code).copy()
 
     def links(self) -> list[Link]:
         """Every link, in the order they were stored."""
@@ -1133,9 +1143,9 @@ class IdentityStore:
         for tids in self._rank_chunks(key, int(self.r.zcard(key)), False, batch_size):
             with self.r.pipeline(transaction=False) as pipe:
                 for tid in tids:
-                    pipe.hmget(self._k("tracklet", tid), "global_id", "embedding")
+                    pipe.hmget(self._k("tracklet", tid), "global_id", "embedding", "embedding_dtype")
                 rows = pipe.execute()
-            yield [(tid, gid.decode(), decode_embedding(raw)) for tid, (gid, raw) in zip(tids, rows)
+            yield [(tid, gid.decode(), decode_embedding(raw, code)) for tid, (gid, raw, code) in zip(tids, rows)
                    if gid is not None and raw]
 
     def constraints(self) -> list[OperatorConstraint]:
@@ -1361,10 +1371,28 @@ OPERATOR_CANDIDATES = 50_000  # most tracklets a filter reads to count its match
 T = TypeVar("T")
 
 
-def decode_embedding(raw: bytes) -> np.ndarray:
-    """A stored embedding's bytes as ``float32 [D]`` (stored little-endian float32); the one place the
-    operator queries decode embeddings."""
-    return np.frombuffer(raw, "<f4")
+_EMBEDDING_CODES = {"float16": "f2", "float32": "f4"}
+
+
+def encode_embedding(embedding: np.ndarray, code: str = "f2") -> bytes:
+    """An embedding's stored bytes: little-endian float16 (``code`` ``f2``) or float32 (``f4``)."""
+    return np.asarray(embedding, "<" + code).tobytes()
+
+
+def decode_embedding(raw: bytes, code: bytes | str | None = None) -> np.ndarray:
+    """A stored embedding's bytes as ``float32 [D]``. ``code`` is the tracklet hash's
+    ``embedding_dtype`` (``f2`` or ``f4``); None (stores written before it existed) is float32.
+
+    Raises:
+        ValueError: An unknown code, or a length that is no whole number of values.
+    """
+    c = code.decode() if isinstance(code, bytes) else (code or "f4")
+    if c not in ("f2", "f4"):
+        raise ValueError(f"unknown stored embedding dtype {c!r}")
+    if len(raw) % int(c[1]):
+        raise ValueError(f"stored embedding of {len(raw)} bytes is not a whole number of {c} values")
+    v = np.frombuffer(raw, "<" + c)
+    return v if c == "f4" else v.astype(np.float32)
 
 
 def _check_page(offset: int, limit: int | None) -> None:

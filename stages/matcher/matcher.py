@@ -352,7 +352,7 @@ class CrossCameraMatcher:
     def _apply(self, rec: EmbeddingRecord, prefetched: tuple[np.ndarray, np.ndarray] | None = None,
                also: Iterable[int] = ()) -> str | None:
         """Decide and write one link; returns the global id it went to (None: a replay)."""
-        vec = rec.vector.astype(np.float32)
+        vec = self.store.stored_embedding(rec.vector)  # what a restart will read back from Redis
         decision = self.decide(rec.camera, rec.start_s, rec.end_s, vec, prefetched, also)
         gid = decision.global_id or self.store.next_global_id()
         summary = self.summaries.get(gid) or {"cameras": set(), "first": rec.start_s, "last": rec.end_s}

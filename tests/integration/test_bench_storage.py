@@ -24,7 +24,7 @@ def _bench(*args: str) -> list[dict]:
 
 
 def test_storage_bench_reports_bytes_per_tracklet_and_identity():
-    rows = _bench("--n", "50", "--dim", "2560")
+    rows = _bench("--n", "50", "--dim", "2560", "--embedding-dtype", "float32")
     storage = [r for r in rows if r["bench"] == "storage"]
     projection = [r for r in rows if r["bench"] == "storage_projection"]
     assert len(storage) == 1 and len(projection) == 1
@@ -43,10 +43,10 @@ def test_storage_bench_reports_bytes_per_tracklet_and_identity():
 
 
 def test_storage_bench_float16_halves_the_embedding():
-    f32 = next(r for r in _bench("--n", "30", "--dim", "2560") if r["bench"] == "storage")
+    f32 = next(r for r in _bench("--n", "30", "--dim", "2560", "--embedding-dtype", "float32") if r["bench"] == "storage")
     f16 = next(r for r in _bench("--n", "30", "--dim", "2560", "--embedding-dtype", "float16")
                if r["bench"] == "storage")
     assert f16["embedding_bytes"] == 2560 * 2
-    assert f16["tracklet_fields_mean_bytes"]["embedding"] == 2560 * 2
+    assert f16["tracklet_fields_mean_bytes"]["embedding"] == 2560 * 2 and not f16["float16_rewritten"]
     saved = f32["breakdown"]["tracklet_hash"] - f16["breakdown"]["tracklet_hash"]
     assert saved >= 2560 * 2, (f32["breakdown"], f16["breakdown"])

@@ -212,6 +212,7 @@ def _mean_cosine(q, members, space=None):
 
 def test_search_by_tracklet_id(store):
     gids, vec = _small(store)
+    vec = {t: store.stored_embedding(v) for t, v in vec.items()}  # as Redis holds them (float16)
     client = TestClient(create_app(store))
     resp = client.post("/search", json={"tracklet_id": "x1", "k": 10})
     assert resp.status_code == 200, resp.text
