@@ -226,14 +226,7 @@ class ScoringSpace:
             ValueError: The embedding dimension differs from the fitted one.
         """
         one = np.ndim(embeddings) == 1
-        x = _unit_rows(np.atleast_2d(embeddings))
-        if x.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"embedding dimension {x.shape[1]} differs from the scoring space's "
-                             f"{self.mean.shape[0]} (was the re-id model changed? recalibrate or use a new namespace)")
-        z = x - self.mean
-        if self.components is not None:
-            z = z @ self.components
-        z = _unit_rows(z)
+        z = _unit_rows(np.atleast_2d(self.project(embeddings)))
         return z[0] if one else z
 
     def project(self, embeddings: np.ndarray) -> np.ndarray:

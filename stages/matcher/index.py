@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,6 +198,10 @@ class IdentityIndex:
 
     def rebuild(self) -> None:
         """(Re)train the IVF on the vectors present and add them all (exact search needs none)."""
+        # OpenMP threads that spin while idle starve numpy's BLAS threads of the projection (and the
+        # other way round): measured 110 vs 1,400 decisions/s at 10^5 identities, 2560-d, 2 cores.
+        # Only effective when this is the process's first OpenMP library, as in a matcher.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import faiss
 
         if self.settings.threads is not None:

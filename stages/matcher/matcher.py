@@ -1,17 +1,22 @@
 """Cross-camera matcher: assign each embedded tracklet a global identity, and keep them right.
 
-``reidstream matcher --config C`` consumes the ``embeddings`` topic (one matcher per deployment: it
-owns the identity window). Two decisions, one rule set (:mod:`stages.matcher.association`):
+``reidstream matcher --config C`` consumes the ``embeddings`` topic; a :class:`CrossCameraMatcher`
+owns one zone's identities (:mod:`stages.matcher.zones` holds one per zone an instance is assigned).
+Two decisions, one rule set (:mod:`stages.matcher.association`):
 
 **Online, per tracklet** (within the latency budget). For a tracklet ``x`` of camera ``c`` spanning
 ``[start_s, end_s]``:
 
 1. Its embedding is mapped into the site's *scoring space* (centred on the site's mean embedding and
    projected onto its principal directions, fitted by the last re-association or a calibration).
-2. **Candidates** are identities with members in the window none of which is cannot-linked to ``x``:
-   on camera ``c`` a member may not overlap ``x`` in time (and with ``reentry`` off no member may be on
-   ``c`` at all); on another camera a member may overlap ``x`` by at most ``max_overlap_s``, or, for a
-   camera pair of the configured topology, must leave at least ``min_transit_s`` between them.
+2. **Candidates** are the gallery's identities (:mod:`stages.matcher.gallery`: every identity seen
+   within ``gallery_ttl_s``, in memory; older ones are archived in Redis) none of whose members is
+   cannot-linked to ``x``: on camera ``c`` a member may not overlap ``x`` in time (and with ``reentry``
+   off no member may be on ``c`` at all); on another camera a member may overlap ``x`` by at most
+   ``max_overlap_s``, or, for a camera pair of the configured topology, must leave at least
+   ``min_transit_s`` between them. The gallery's index (:mod:`stages.matcher.index`: exact below
+   ``index.exact_below`` identities, faiss IVF above, plus an exact hot tier of recent identities)
+   only *finds* candidates; these rules and the score below are applied exactly to them.
 3. An identity's **score** is the mean cosine between ``x`` and its prototypes (per camera, the
    ``prototypes_per_camera`` longest-observed members): the average linkage of the re-association.
    A learned (or configured) hand-off gap adds up to ``transit.weight`` per prototype.
@@ -22,15 +27,20 @@ owns the identity window). Two decisions, one rule set (:mod:`stages.matcher.ass
 ``reassociation.idle_s`` pass without any). The whole recent window (``window_s`` stream seconds, at
 most ``max_tracklets``) is re-scored in a scoring space fitted on it, the threshold is recalibrated on
 it when it holds enough cannot-link evidence, hand-off gaps are learned from a first clustering, and
-the constrained average linkage is run again with them. The result depends only on the window's
-tracklets (not on their arrival order). Clusters map onto the existing ids so that ids stay stable: an
-id stays with the cluster holding most of its members, a merge keeps the oldest id, a split gives the
-breakaway part a new id. Moves, identity updates and one audit record per merge or split are written to
-Redis in one transaction; ``query``, the API, ``links.json`` and the report read the *current* id.
+the constrained average linkage is run again with them; operators' splits are cannot-links and their
+merges are kept joined. The result depends only on the window's tracklets (not on their arrival
+order). Clusters map onto the existing ids so that ids stay stable: an id stays with the cluster
+holding most of its members, a merge keeps the oldest id, a split gives the breakaway part a new id.
+Moves, identity updates and one audit record per merge or split are written to Redis in one
+transaction; ``query``, the API, ``links.json`` and the report read the *current* id. The new scoring
+space is rotated onto the old one (same cosines), and the prototypes of identities outside the window
+are carried into it by the affine change of space when it moved by more than
+:data:`REEXPRESS_TOLERANCE`.
 
 Replaying a message changes nothing (a tracklet id already linked is skipped), and re-associating an
 unchanged window changes nothing. The runner commits Kafka offsets only after :meth:`process` returns,
-i.e. after Redis has the link.
+i.e. after Redis has the link. Operators' merges and splits (audit records with ``reason: operator``)
+are taken in before each batch and when idle.
 """
 
 from __future__ import annotations
