@@ -400,7 +400,8 @@ class IndexConfig(_Model):
     )
     exact_below: int = Field(20000, ge=1, description="Gallery size (identities) below which search is exact.")
     nprobe: int = Field(
-        128, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); see bench/matcher.py."
+        256, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); at 10^6 identities "
+        "256 gives recall@10 0.98 at p99 3 ms on 2 cores, 128 gives 0.95 at 2 ms (bench/matcher.py)."
     )
     candidates: int = Field(
         64, ge=1, description="Identities retrieved per tracklet before the rules apply (widened automatically "

@@ -55,7 +55,7 @@ class IndexSettings:
 
     kind: str = "auto"
     exact_below: int = 20000
-    nprobe: int = 128
+    nprobe: int = 256
     candidates: int = 64
     retrain_growth: float = 4.0
     threads: int | None = None

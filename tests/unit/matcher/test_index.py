@@ -193,3 +193,20 @@ def test_prototype_records_round_trip_compactly():
         decode_prototypes(blob[:-3])
     with pytest.raises(ValueError):
         decode_prototypes(b"nope" + blob[4:])
+
+
+def test_the_hot_tier_finds_recent_identities_the_ivf_misses():
+    dim, n = 32, 3000
+    x = _vectors(n, dim, seed=3)
+    groups = {f"G{i:05d}": [Member(f"t{i}", "a", float(i), i + 1.0, 5, x[i], i)] for i in range(n)}
+    queries = _unit(x[-300:] + 0.5 * _vectors(300, dim, seed=4))   # the 300 most recent identities return
+    rules = Rules(transit_weight=0.0)
+    found = {}
+    for hot_s in (None, 400.0):
+        g = Gallery(settings=IndexSettings(kind="ivf", nprobe=1, candidates=8, hot_s=hot_s))
+        with g.bulk(dim):
+            g.replace(groups)
+        assert g.index.approximate
+        found[hot_s] = sum(g.best(q, "b", n + 10.0, n + 12.0, 0.3, rules, TransitModel())[0] == f"G{n - 300 + i:05d}"
+                           for i, q in enumerate(queries))
+    assert found[400.0] == 300 and found[None] < 290   # one probed cell misses many; the hot tier none
