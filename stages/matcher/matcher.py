@@ -607,7 +607,10 @@ class CrossCameraMatcher:
             if rec.get("reason") != "operator":
                 continue
             into = rec.get("into")
-            touched |= {rec.get("from"), *(into if isinstance(into, list) else [into])} - {None}
+            named = {rec.get("from"), *(into if isinstance(into, list) else [into])} - {None}
+            # only this zone's identities: another zone's matcher takes in its own
+            if any(g in self.gallery for g in named) or any(t in self.window.index for t in rec.get("tracklets", ())):
+                touched |= named
         if touched:
             self._reload(touched)
             log.info("matcher: took in an operator's change of %d identities", len(touched))

@@ -84,3 +84,17 @@ def test_operator_merge_and_split_are_taken_in_and_survive_reassociation(store):
     assert store.link("A2").global_id == g_split != store.link("A1").global_id
     assert store.link("C1").global_id == store.link("B1").global_id == gb
     assert split is not None
+
+
+def test_an_operator_change_is_taken_in_by_its_zone_only(store):
+    reassoc = ReassociationConfig(every_s=1e9, idle_s=1e9, calibrate=False)
+    north = CrossCameraMatcher(store.for_zone("north"), threshold=0.8, rules=plain(), reassociation=reassoc)
+    south = CrossCameraMatcher(store.for_zone("south"), threshold=0.8, rules=plain(), reassociation=reassoc)
+    north.setup()
+    south.setup()
+    north.process([emb("N1", "gate", 0, 2, unit(80)), emb("N2", "lobby", 10, 12, unit(81))])
+    south.process([emb("S1", "dock", 0, 2, unit(82))])
+    g1, g2 = store.link("N1").global_id, store.link("N2").global_id
+    store.operator_merge(g1, [g2], operator="test")
+    assert south.follow_operators() == 0 and south.gallery.gids() == [store.link("S1").global_id]
+    assert north.follow_operators() == 2 and north.gallery.gids() == [g1]
