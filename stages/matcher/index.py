@@ -158,10 +158,6 @@ class IdentityIndex:
             self._ivf.remove_ids(r)
         return len(rows)
 
-    def clear(self) -> None:
-        """Drop every vector (and the IVF)."""
-        self.__init__(self.dim, self.settings)  # type: ignore[misc]
-
     def _grow(self) -> int:
         if self._top == len(self._keys):
             cap = 2 * len(self._keys)
