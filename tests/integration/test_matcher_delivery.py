@@ -24,20 +24,10 @@ from pipeline.store import IdentityStore
 from stages.matcher import CrossCameraMatcher
 from stages.matcher.association import Rules
 from tests.integration.test_bus_runner import EchoStage, _drain
+from tests.integration.test_matcher_store import noisy, unit
 from tests.unit.pipeline.test_messages import make_tracklet
 
-D = 16
 THUMB = cv2.imencode(".jpg", np.full((32, 16, 3), 120, np.uint8))[1].tobytes()
-
-
-def unit(seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).normal(size=D).astype(np.float32)
-    return v / np.linalg.norm(v)
-
-
-def noisy(base: np.ndarray, seed: int, scale: float = 0.05) -> np.ndarray:
-    v = base + np.random.default_rng(seed).normal(scale=scale, size=D).astype(np.float32)
-    return (v / np.linalg.norm(v)).astype(np.float32)
 
 
 def emb(tid: str, camera: str, start: float, vec: np.ndarray) -> bytes:
