@@ -143,14 +143,14 @@ def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: 
         done = 0
         for s in range(0, len(recs), 64):
             batch = _records(q[s:s + 64], cams, ids[s:s + 64], 10 ** 7 + s)
-            pre = m._prefetch(batch)
+            ys = [m._project(r.vector) for r in batch]  # as process() does: one projection per record
+            pre = m._prefetch(ys)
             touched: list[int] = []
-            for r, p in zip(batch, pre):
-                d = m.decide(r.camera, r.start_s, r.end_s, r.vector, p, touched)
+            for r, y, p in zip(batch, ys, pre):
+                d = m._decide(r.camera, r.start_s, r.end_s, y, p, touched)
                 gid = d.global_id or f"N{r.tracklet_id}"
                 m._arrival += 1
-                m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, m._project(r.vector),
-                                          m._arrival))
+                m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, y, m._arrival))
                 touched.append(m.gallery.code(gid))
                 done += 1
         per_s = done / (time.perf_counter() - t)

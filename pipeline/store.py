@@ -70,7 +70,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -720,8 +720,12 @@ class IdentityStore:
     def load_prototypes(self, exclude: set[str] | frozenset = frozenset(),
                         batch: int = 5000) -> dict[str, tuple[int, list[Prototype]]]:
         """The stored prototypes of every identity of this view's zone (but ``exclude``):
-        ``gid → (epoch, prototypes)``. Identities without a record in this zone (other zones', or never
-        linked by a matcher of this version) are left out."""
+        ``gid → (epoch, prototypes)``, vectors ``float32 [K]`` of the scoring space. Identities without
+        a record in this zone (other zones', or never linked by a matcher of this version) are left out.
+
+        Raises:
+            ValueError: A stored record is not a prototype record (:func:`decode_prototypes`).
+        """
         gids = [g.decode() for g in self.r.zrange(self._k("identities"), 0, -1)]
         gids = [g for g in gids if g not in exclude]
         out: dict[str, tuple[int, list[Prototype]]] = {}
@@ -1018,26 +1022,14 @@ class IdentityStore:
             return Page(self.identities_by_id([g for _, g in window]), len(matched), offset, limit,
                         _next_offset(offset, limit, len(matched)))
 
-        picked: list[str] = []
-        count = 0
-        complete = True
-        for gids in self._rank_chunks(zkey, n_range, newest_first):
-            rows = self._identity_rows(gids)
-            for gid in gids:
-                row = rows.get(gid)
-                if row is None or not keep(*row[1:]):
-                    continue
-                if count >= offset and (limit is None or len(picked) < limit):
-                    picked.append(gid)
-                count += 1
-                if limit is not None and count > offset + limit:
-                    complete = False
-                    break
-            if not complete:
-                break
-        total = count if complete else None
+        def kept() -> Iterator[list[str]]:
+            for gids in self._rank_chunks(zkey, n_range, newest_first):
+                rows = self._identity_rows(gids)
+                yield [g for g in gids if rows.get(g) is not None and keep(*rows[g][1:])]
+
+        picked, count, complete = _scan_page(kept(), offset, limit)
         nxt = offset + limit if limit is not None and not complete else _next_offset(offset, limit, count)
-        return Page(self.identities_by_id(picked), total, offset, limit, nxt)
+        return Page(self.identities_by_id(picked), count if complete else None, offset, limit, nxt)
 
     def camera_sightings(self, camera: str, since_s: float | None = None, until_s: float | None = None,
                          offset: int = 0, limit: int | None = 100) -> Page[SightingRecord] | None:
@@ -1106,27 +1098,18 @@ class IdentityStore:
             tids = [] if lo > hi else [t.decode() for t in self.r.zrange(key, lo, hi)]
             return Page(self.links_of(tids), n, offset, limit, _next_offset(offset, limit, n))
         spans: dict[str, int] = {}
-        picked: list[Link] = []
-        count = 0
-        complete = True
-        for tids in self._rank_chunks(key, n, False):
-            links = self.links_of(tids)
-            unknown = sorted({lk.global_id for lk in links} - spans.keys())
-            with self.r.pipeline(transaction=False) as pipe:
-                for gid in unknown:
-                    pipe.hget(self._k("identity", gid), "cameras")
-                spans.update({g: len(json.loads(c)) if c else 0 for g, c in zip(unknown, pipe.execute())})
-            for lk in links:
-                if spans.get(lk.global_id, 0) < 2:
-                    continue
-                if count >= offset and (limit is None or len(picked) < limit):
-                    picked.append(lk)
-                count += 1
-                if limit is not None and count > offset + limit:
-                    complete = False
-                    break
-            if not complete:
-                break
+
+        def kept() -> Iterator[list[Link]]:
+            for tids in self._rank_chunks(key, n, False):
+                links = self.links_of(tids)
+                unknown = sorted({lk.global_id for lk in links} - spans.keys())
+                with self.r.pipeline(transaction=False) as pipe:
+                    for gid in unknown:
+                        pipe.hget(self._k("identity", gid), "cameras")
+                    spans.update({g: len(json.loads(c)) if c else 0 for g, c in zip(unknown, pipe.execute())})
+                yield [lk for lk in links if spans.get(lk.global_id, 0) >= 2]
+
+        picked, count, complete = _scan_page(kept(), offset, limit)
         nxt = offset + limit if limit is not None and not complete else _next_offset(offset, limit, count)
         return Page(picked, count if complete else None, offset, limit, nxt)
 
@@ -1400,6 +1383,21 @@ def _check_page(offset: int, limit: int | None) -> None:
         raise ValueError(f"offset must be >= 0, got {offset}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+
+
+def _scan_page(chunks: Iterable[list[Any]], offset: int, limit: int | None) -> tuple[list[Any], int, bool]:
+    """Page ``[offset, offset + limit)`` of the items ``chunks`` yields, reading chunks only until the
+    page and one more item are found: ``(page, items counted, whether every chunk was read)``."""
+    picked: list[Any] = []
+    count = 0
+    for items in chunks:
+        for item in items:
+            if count >= offset and (limit is None or len(picked) < limit):
+                picked.append(item)
+            count += 1
+            if limit is not None and count > offset + limit:
+                return picked, count, False
+    return picked, count, True
 
 
 def _next_offset(offset: int, limit: int | None, total: int) -> int | None:

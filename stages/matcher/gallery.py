@@ -159,8 +159,9 @@ class Gallery:
         return out
 
     # ---------------------------------------------------------------------------------------------
-    def add(self, gid: str, member: Member) -> None:
-        """Add a member tracklet to ``gid`` (created when new); its prototypes and mean follow."""
+    def add(self, gid: str, member: Member) -> bool:
+        """Add a member tracklet to ``gid`` (created when new); its prototypes and mean follow.
+        Returns whether its prototypes changed."""
         self._ensure_index(len(member.y))
         ident = self._ident(gid)
         ident.members = np.vstack([ident.members, [self._cam(member.camera), member.start_s, member.end_s]])
@@ -169,10 +170,12 @@ class Gallery:
         ident.protos = self._select([*ident.protos, member])
         if [p.tracklet_id for p in ident.protos] != before:
             self._upsert([ident], self._mean(ident)[None, :])
-        elif self.hot is not None and ident.code not in self.hot:
+            return True
+        if self.hot is not None and ident.code not in self.hot:
             self.newest_end = max(self.newest_end, ident.last_end)
             if ident.last_end >= self.newest_end - self.settings.hot_s:
                 self.hot.upsert([ident.code], self._mean(ident)[None, :])
+        return False
 
     def replace(self, groups: dict[str, list[Member]], extra_members: dict[str, np.ndarray] | None = None) -> None:
         """Rebuild identities from their members (a re-association or a reload): each ``gid`` of

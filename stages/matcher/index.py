@@ -95,6 +95,7 @@ class IdentityIndex:
         self._ivf: Any = None
         self._trained_on = 0
         self._bulk = False
+        self._changed_in_bulk = False
 
     def __len__(self) -> int:
         return len(self._row)
@@ -138,7 +139,7 @@ class IdentityIndex:
             rows[i] = row
         self._vecs[rows] = vectors
         if self._bulk:
-            self._changed_while_suspended = True
+            self._changed_in_bulk = True
         if self._ivf is not None:
             if replaced:
                 self._ivf.remove_ids(np.asarray(replaced, np.int64))
@@ -272,15 +273,14 @@ class IdentityIndex:
         """Search exactly (and keep no IVF up to date) until :meth:`resume` is called with what this
         returns; benchmarks compare brute force with the index on one gallery."""
         ivf, self._ivf = self._ivf, None
-        self._bulk = True
-        self._changed_while_suspended = False
+        self._bulk, self._changed_in_bulk = True, False
         return ivf
 
     def resume(self, ivf: Any) -> None:
         """Undo :meth:`suspend`; the IVF is rebuilt when vectors changed meanwhile."""
         self._bulk = False
         self._ivf = ivf
-        if ivf is not None and self.__dict__.pop("_changed_while_suspended", False):
+        if ivf is not None and self._changed_in_bulk:
             self.rebuild()
 
     def scores(self, keys: np.ndarray | list[int], query: np.ndarray) -> np.ndarray:

@@ -203,7 +203,6 @@ class CrossCameraMatcher:
         self._audit_seen: str | None = None
         self.space: ScoringSpace | None = None
         self.transit = rules.empty_transit()
-        self.summaries: dict[str, dict[str, Any]] = {}
         self.links_total = 0
         self._since_reassociation = 0
         self._last_reassociation = monotonic()
@@ -292,7 +291,6 @@ class CrossCameraMatcher:
                     keep[gid] = protos
                     self._newest_end = max(self._newest_end, max(p.end_s for p in protos))
                 self.gallery.replace(keep)
-        self._refresh_summaries(in_window)
         self.links_total = self.store.count_zone_links()
         if self.store.reassociation_status().get("links", -1) < self.links_total:
             self._since_reassociation = 1  # links arrived after the last re-association: redo it when idle
@@ -320,15 +318,6 @@ class CrossCameraMatcher:
         y = self._project(embedding)
         return y / max(float(np.linalg.norm(y)), 1e-12)
 
-    def _refresh_summaries(self, gids: set[str]) -> None:
-        for gid in gids:
-            ident = self.store.identity(gid)
-            if ident is not None:
-                self.summaries[gid] = {"cameras": set(ident.cameras), "first": ident.first_seen_s,
-                                       "last": ident.last_seen_s}
-            else:
-                self.summaries.pop(gid, None)
-
     # ---------------------------------------------------------------------------------------------
     def decide(self, camera: str, start_s: float, end_s: float, embedding: np.ndarray,
                prefetched: tuple[np.ndarray, np.ndarray] | None = None, also: Iterable[int] = ()) -> Decision:
@@ -349,39 +338,43 @@ class CrossCameraMatcher:
         Raises:
             ValueError: ``embedding`` has another dimension than the gallery's.
         """
-        if self._dim is not None and embedding.shape[0] != self._dim:
-            raise ValueError(f"embedding dimension {embedding.shape[0]} differs from the gallery's "
+        self._check_dim(embedding.shape[0])
+        return self._decide(camera, start_s, end_s, self._project(embedding), prefetched, also)
+
+    def _check_dim(self, dim: int) -> None:
+        if self._dim is not None and dim != self._dim:
+            raise ValueError(f"embedding dimension {dim} differs from the gallery's "
                              f"{self._dim} (was the re-id model changed? use a new store namespace)")
+
+    def _decide(self, camera: str, start_s: float, end_s: float, y: np.ndarray,
+                prefetched: tuple[np.ndarray, np.ndarray] | None, also: Iterable[int]) -> Decision:
+        """:meth:`decide` for a projected vector ``y`` (``float32 [K]``, :meth:`_project`)."""
         if not len(self.gallery):
             return Decision(None, None)
-        gid, score = self.gallery.best(self._transform(embedding), camera, start_s, end_s, self.threshold, self.rules,
-                                       self.transit, self.gallery_ttl_s, prefetched, list(also))
+        z = y / max(float(np.linalg.norm(y)), 1e-12)
+        gid, score = self.gallery.best(z, camera, start_s, end_s, self.threshold, self.rules, self.transit,
+                                       self.gallery_ttl_s, prefetched, list(also))
         return Decision(gid, score)
 
     # ---------------------------------------------------------------------------------------------
-    def _apply(self, rec: EmbeddingRecord, prefetched: tuple[np.ndarray, np.ndarray] | None = None,
-               also: Iterable[int] = ()) -> str | None:
-        """Decide and write one link; returns the global id it went to (None: a replay)."""
-        vec = self.store.stored_embedding(rec.vector)  # what a restart will read back from Redis
-        decision = self.decide(rec.camera, rec.start_s, rec.end_s, vec, prefetched, also)
+    def _apply(self, rec: EmbeddingRecord, vec: np.ndarray, y: np.ndarray,
+               prefetched: tuple[np.ndarray, np.ndarray] | None = None, also: Iterable[int] = ()) -> str | None:
+        """Decide and write one link (``vec``: the embedding as stored, ``y``: its projection); returns
+        the global id it went to (None: a replay)."""
+        decision = self._decide(rec.camera, rec.start_s, rec.end_s, y, prefetched, also)
         gid = decision.global_id or self.store.next_global_id()
-        summary = self.summaries.get(gid) or {"cameras": set(), "first": rec.start_s, "last": rec.end_s}
-        cameras = summary["cameras"] | {rec.camera}
-        first, last = min(summary["first"], rec.start_s), max(summary["last"], rec.end_s)
         now = self.clock()
         link = Link(rec.tracklet_id, rec.camera, rec.track_id, gid, decision.score, rec.start_s, rec.end_s,
                     list(rec.frames), [list(b) for b in rec.boxes], rec.closed_wall_s, now)
-        written = self.store.record_link(link, vec, cameras, first, last, rec.thumbnail_jpeg, rec.observed_frames)
+        # the store updates the identity's cameras and span from what Redis holds
+        written = self.store.record_link(link, vec, [rec.camera], rec.start_s, rec.end_s, rec.thumbnail_jpeg,
+                                         rec.observed_frames)
         if not written:
             return None
-        self.summaries[gid] = {"cameras": cameras, "first": first, "last": last}
         entry = WindowEntry(rec.tracklet_id, rec.camera, rec.start_s, rec.end_s, rec.observed_frames, gid, vec)
-        y = self._project(vec)
         self._arrival += 1
         self.window.add(entry, y, self._arrival)
-        before = [p.tracklet_id for p in self.gallery.prototypes(gid)]
-        self.gallery.add(gid, self.window.member(len(self.window) - 1))
-        if [p.tracklet_id for p in self.gallery.prototypes(gid)] != before:
+        if self.gallery.add(gid, self.window.member(len(self.window) - 1)):
             self.store.save_prototypes({gid: self.gallery.prototypes(gid)}, self._epoch)
         self._dim = len(vec)
         self._newest_end = max(self._newest_end, rec.end_s)
@@ -395,18 +388,16 @@ class CrossCameraMatcher:
                  extra={"camera": rec.camera})
         return gid
 
-    def _prefetch(self, records: list[EmbeddingRecord]) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """One index search for a whole batch (records of another dimension get None: :meth:`decide`
-        rejects them)."""
+    def _prefetch(self, ys: list[np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """One index search for a whole batch of projected vectors (None: a record of another
+        dimension, which :meth:`_check_dim` rejects), one candidate list per record."""
         dim = self.gallery.dim
-        rows = [i for i, r in enumerate(records) if dim is not None and (self._dim is None or len(r.vector) == self._dim)]
-        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(records)
+        rows = [i for i, y in enumerate(ys) if y is not None and len(y) == dim]
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(ys)
         if len(rows) < 2 or not len(self.gallery):
             return out
-        z = np.stack([self._transform(records[i].vector.astype(np.float32)) for i in rows])
-        if z.shape[1] != dim:
-            return out
-        scores, codes = self.gallery.search(z)
+        z = np.stack([ys[i] for i in rows]).astype(np.float32)
+        scores, codes = self.gallery.search(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12))
         for j, i in enumerate(rows):
             out[i] = (scores[j], codes[j])
         return out
@@ -426,15 +417,19 @@ class CrossCameraMatcher:
             self.follow_operators()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
-        prefetched = self._prefetch(records)
+        # each embedding as Redis will hold it, projected once
+        vecs = [self.store.stored_embedding(rec.vector) for rec in records]
+        ys = [self._project(v) if self._dim is None or len(v) == self._dim else None for v in vecs]
+        prefetched = self._prefetch(ys)
         touched: list[int] = []
-        for rec, pre in zip(records, prefetched):
+        for rec, vec, y, pre in zip(records, vecs, ys, prefetched):
             t = time.perf_counter()
             try:
                 if self.store.has_tracklet(rec.tracklet_id):
                     log.debug("matcher: %s already linked (replay)", rec.tracklet_id)
                     continue
-                gid = self._apply(rec, pre, touched)
+                self._check_dim(len(vec))
+                gid = self._apply(rec, vec, y, pre, touched)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise TransientError(f"Redis unavailable: {exc}") from exc
             code = self.gallery.code(gid) if gid is not None else None
@@ -553,7 +548,6 @@ class CrossCameraMatcher:
         self.store.save_matcher_state(state)
         saved = set(groups) if not reexpressed else set(self.gallery.gids())
         self.store.save_prototypes({g: self.gallery.prototypes(g) for g in saved}, self._epoch)
-        self._refresh_summaries({g for pair in change.moves.values() for g in pair})
         self.archive()
         merges = sum(1 for r in change.audit if r["kind"] == "merge")
         splits = sum(1 for r in change.audit if r["kind"] == "split")
@@ -641,7 +635,6 @@ class CrossCameraMatcher:
                     self.window.gids[i] = moved.global_id
         self.gallery.replace(groups)
         self.store.save_prototypes({g: self.gallery.prototypes(g) for g in groups}, self._epoch)
-        self._refresh_summaries(set(groups))
 
     def _reassignment(self, labels: np.ndarray, old: list[str], ids: list[str],
                       threshold: float) -> tuple[Reassignment, list[str]]:

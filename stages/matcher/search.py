@@ -15,7 +15,7 @@ Example::
 
     from stages.matcher.search import rank_identities
     hits = rank_identities(store, store.embedding("left-3-120"), k=5, exclude=["left-3-120"])
-    print([(h.global_id, round(h.score, 3)) for h in hits])
+    best = [(h.global_id, round(h.score, 3)) for h in hits]
 """
 
 from __future__ import annotations
