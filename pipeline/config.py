@@ -395,17 +395,26 @@ class ReassociationConfig(_Model):
 class IndexConfig(_Model):
     kind: Literal["auto", "exact", "ivf"] = Field(
         "auto", description="How the gallery is searched for candidate identities: `auto` is exact below "
-        "`exact_below` identities and a faiss IVF index (8-bit codes, exact re-scoring) above; the association "
-        "rules are applied exactly to the candidates either way.",
+        "`exact_below` identities and a faiss IVF index (4-bit codes of the principal directions, exact re-scoring) "
+        "above; the association rules are applied exactly to the candidates either way.",
     )
     exact_below: int = Field(20000, ge=1, description="Gallery size (identities) below which search is exact.")
     nprobe: int = Field(
         256, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); at 10^6 identities "
-        "256 gives recall@10 0.98 at p99 3 ms on 2 cores, 128 gives 0.95 at 2 ms (bench/matcher.py)."
+        "256 gives recall@10 0.96 at p99 1.3 ms on 2 cores (bench/matcher.py)."
     )
     candidates: int = Field(
         64, ge=1, description="Identities retrieved per tracklet before the rules apply (widened automatically "
         "while an identity left out could still score higher).",
+    )
+    fetch: int = Field(
+        1024, ge=1, description="IVF codes re-ranked per tracklet on the projected vectors; the best 128 of them are "
+        "scored exactly (more: higher recall, slower).",
+    )
+    code_dim: int = Field(64, ge=2, description="Principal directions the IVF codes keep, 4 bits each.")
+    flush_every: int = Field(
+        256, ge=1, description="Changed identities searched exactly from a pending buffer before they are written "
+        "into the IVF in one go.",
     )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
     threads: int | None = Field(None, ge=1, description="faiss threads; null uses every core.")

@@ -42,6 +42,8 @@ __all__ = [
     "average_linkage",
     "cannot_link",
     "cannot_link_between",
+    "cannot_link_coded",
+    "topology_codes",
     "cross_camera_mask",
     "cut_tree",
     "score_vectors",
@@ -125,12 +127,27 @@ def cannot_link_between(cams_a: Sequence[str], starts_a: np.ndarray, ends_a: np.
         ``bool [M, N]``.
     """
     ca, cb = _codes(cams_a, cams_b)
+    names = sorted(set(map(str, cams_a)) | set(map(str, cams_b)))
+    return cannot_link_coded(ca, starts_a, ends_a, cb, starts_b, ends_b, max_overlap_s, reentry,
+                             topology_codes(topology, names))
+
+
+def topology_codes(topology: Sequence[Edge], names: Sequence[str]) -> list[tuple[int, int, float]]:
+    """The topology's edges between cameras of ``names``, both directions, as ``(code_a, code_b,
+    min_transit_s)`` with a camera's code its position in ``names`` (for :func:`cannot_link_coded`)."""
+    code = {c: i for i, c in enumerate(names)}
+    return [(code[x], code[y], e.min_transit_s) for e in topology for x, y in ((e.a, e.b), (e.b, e.a))
+            if x in code and y in code]
+
+
+def cannot_link_coded(ca: np.ndarray, starts_a: np.ndarray, ends_a: np.ndarray, cb: np.ndarray,
+                      starts_b: np.ndarray, ends_b: np.ndarray, max_overlap_s: float, reentry: bool,
+                      edges: Sequence[tuple[int, int, float]]) -> np.ndarray:
+    """:func:`cannot_link_between` on integer camera codes (``int [M]``, ``int [N]``, one code book)
+    with the topology as :func:`topology_codes` gives it; ``bool [M, N]``."""
+    ca, cb = np.asarray(ca), np.asarray(cb)
     sa, ea = np.asarray(starts_a, np.float64), np.asarray(ends_a, np.float64)
     sb, eb = np.asarray(starts_b, np.float64), np.asarray(ends_b, np.float64)
-    names = sorted(set(map(str, cams_a)) | set(map(str, cams_b)))
-    code = {c: i for i, c in enumerate(names)}
-    edges = [(code[x], code[y], e.min_transit_s) for e in topology for x, y in ((e.a, e.b), (e.b, e.a))
-             if x in code and y in code]
     out = np.empty((len(ca), len(cb)), bool)
     for r0 in range(0, len(ca), _BLOCK):  # row blocks bound the temporaries to _BLOCK x N
         r1 = min(r0 + _BLOCK, len(ca))

@@ -30,12 +30,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from pipeline.store import Prototype
-from stages.matcher.association import Rules, TransitModel, cannot_link_between
+from stages.matcher.association import Rules, TransitModel, cannot_link_coded, topology_codes
 from stages.matcher.index import IdentityIndex, IndexSettings
 
 
 Member = Prototype
 """A member tracklet as the gallery takes it (:class:`pipeline.store.Prototype`)."""
+
+_CHUNK = 8  # candidates scored at a time, best first, until no other can win
 
 
 class _Identity:
@@ -75,6 +77,10 @@ class Gallery:
         self._next_code = 0
         self._cams: dict[str, int] = {}
         self.cam_names: list[str] = []
+        # per identity code, for scoring candidates without a Python loop over them
+        self._alive = np.zeros(1024, bool)
+        self._last = np.full(1024, -np.inf)
+        self._edges: tuple[tuple, int, list[tuple[int, int, float]]] | None = None
 
     def __len__(self) -> int:
         return len(self._by_gid)
@@ -117,6 +123,10 @@ class Gallery:
             self._next_code += 1
             self._by_gid[gid] = ident
             self._by_code[ident.code] = ident
+            if ident.code >= len(self._alive):
+                self._alive = np.concatenate([self._alive, np.zeros(len(self._alive), bool)])
+                self._last = np.concatenate([self._last, np.full(len(self._last), -np.inf)])
+            self._alive[ident.code] = True
         return ident
 
     def _ensure_index(self, dim: int) -> None:
@@ -166,6 +176,7 @@ class Gallery:
         ident = self._ident(gid)
         ident.members = np.vstack([ident.members, [self._cam(member.camera), member.start_s, member.end_s]])
         ident.last_end = max(ident.last_end, member.end_s)
+        self._last[ident.code] = ident.last_end
         before = [p.tracklet_id for p in ident.protos]
         ident.protos = self._select([*ident.protos, member])
         if [p.tracklet_id for p in ident.protos] != before:
@@ -194,6 +205,7 @@ class Gallery:
             ident.members = np.asarray(rows, np.float64) if extra is None or not len(extra) else \
                 np.vstack([np.asarray(rows, np.float64), extra])
             ident.last_end = float(ident.members[:, 2].max())
+            self._last[ident.code] = ident.last_end
             ident.protos = self._select(members)
             codes.append(ident)
             vecs.append(self._mean(ident))
@@ -212,6 +224,7 @@ class Gallery:
             ident = self._by_gid.pop(gid, None)
             if ident is not None:
                 del self._by_code[ident.code]
+                self._alive[ident.code] = False
                 gone.append(gid)
                 if self.index is not None:
                     self.index.remove([ident.code])
@@ -288,16 +301,35 @@ class Gallery:
         if prefetched is None:
             s, c = self.search(z[None, :], k)
             prefetched = (s[0], c[0])
-        scored: dict[int, float] = {}
+        extra = np.asarray(list(also), np.int64)
         if self.hot is not None and self.index.approximate and len(self.hot):
-            also = [*also, *(int(c) for c in self.hot.search(z[None, :], min(k, len(self.hot)))[1][0] if c >= 0)]
+            extra = np.concatenate([extra, self.hot.search(z[None, :], min(k, len(self.hot)))[1][0]])
+        done = np.zeros(0, np.int64)  # codes scored so far, and their scores
+        vals = np.zeros(0)
+        best_code, best = None, -np.inf
         while True:
             scores, codes = prefetched
-            fresh = [int(c) for c in codes if c >= 0 and int(c) not in scored and int(c) in self._by_code]
-            fresh += [int(c) for c in also if int(c) not in scored and int(c) in self._by_code and int(c) not in fresh]
-            scored.update(self._score(fresh, z, camera, start_s, end_s, rules, transit, ttl_s))
-            best_code = max(scored, key=lambda c: (scored[c], -c)) if scored else None
-            best = scored[best_code] if best_code is not None else -np.inf
+            cand = np.concatenate([codes, extra]) if len(extra) else codes
+            cand = np.unique(cand[cand >= 0])
+            cand = cand[self._alive[cand]]
+            if len(done):
+                cand = cand[~np.isin(cand, done)]
+            extra = extra[:0]
+            # best first; an identity whose z·m plus the largest bonus stays under the threshold, or under
+            # the best score found so far, cannot be chosen, so it is not scored
+            base = self.index.scores(cand, z).astype(np.float64)
+            order = np.argsort(-base, kind="stable")
+            cand, base = cand[order], base[order]
+            cand, base = cand[base + w >= threshold], base[base + w >= threshold]
+            for i in range(0, len(cand), _CHUNK):
+                if best > base[i] + w:
+                    break
+                got = self._score(cand[i:i + _CHUNK], base[i:i + _CHUNK], camera, start_s, end_s, rules, transit,
+                                  ttl_s)
+                done = np.concatenate([done, cand[i:i + _CHUNK]])
+                vals = np.concatenate([vals, got])
+                top = vals.max()
+                best_code, best = int(done[vals == top].min()), float(top)  # ties: the older identity
             valid = scores[codes >= 0]
             exhausted = len(valid) < len(codes) or len(codes) >= len(self.index)
             bound = float(valid[-1]) + w if len(valid) else -np.inf
@@ -308,23 +340,31 @@ class Gallery:
             prefetched = (s[0], c[0])
         if best_code is None or not np.isfinite(best) or best < threshold:
             return None, None
-        return self._by_code[best_code].gid, float(best)
+        return self._by_code[best_code].gid, best
 
-    def _score(self, codes: list[int], z: np.ndarray, camera: str, start_s: float, end_s: float, rules: Rules,
-               transit: TransitModel, ttl_s: float | None) -> dict[int, float]:
-        """Exact scores of identities ``codes`` (``-inf`` where a rule blocks them)."""
-        if not codes:
-            return {}
-        idents = [self._by_code[c] for c in codes]
-        names = np.asarray(self.cam_names, object)
-        owner = np.repeat(np.arange(len(idents)), [len(i.members) for i in idents])
-        mem = np.concatenate([i.members for i in idents])
-        cannot = cannot_link_between([camera], np.array([start_s]), np.array([end_s]), names[mem[:, 0].astype(int)],
-                                     mem[:, 1], mem[:, 2], rules.max_overlap_s, rules.reentry, rules.topology)[0]
+    def _camera_edges(self, rules: Rules) -> list[tuple[int, int, float]]:
+        """The topology in this gallery's camera codes (cached while cameras and topology stay)."""
+        if self._edges is None or self._edges[0] is not rules.topology or self._edges[1] != len(self.cam_names):
+            self._edges = (rules.topology, len(self.cam_names), topology_codes(rules.topology, self.cam_names))
+        return self._edges[2]
+
+    def _score(self, codes: np.ndarray, base: np.ndarray, camera: str, start_s: float, end_s: float, rules: Rules,
+               transit: TransitModel, ttl_s: float | None) -> np.ndarray:
+        """Exact scores (``float64 [len(codes)]``, ``-inf`` where a rule blocks) of identities ``codes``
+        whose ``z·m`` is ``base``."""
+        if not len(codes):
+            return np.zeros(0)
+        idents = [self._by_code[c] for c in codes.tolist()]
+        mems = [i.members for i in idents]
+        owner = np.repeat(np.arange(len(idents)), [len(m) for m in mems])
+        mem = np.concatenate(mems)
+        here = self._cam(camera)
+        cannot = cannot_link_coded(np.array([here]), np.array([start_s]), np.array([end_s]), mem[:, 0].astype(np.int64),
+                                   mem[:, 1], mem[:, 2], rules.max_overlap_s, rules.reentry,
+                                   self._camera_edges(rules))[0]
         blocked = np.bincount(owner, weights=cannot, minlength=len(idents)) > 0
         if ttl_s is not None:
-            blocked |= start_s - np.array([i.last_end for i in idents]) > ttl_s
-        base = self.index.scores(codes, z)
+            blocked |= start_s - self._last[codes] > ttl_s
         if rules.transit_weight > 0:
             protos = [(j, p) for j, i in enumerate(idents) for p in i.protos if p.camera != camera]
             bonus = np.zeros(len(idents))
@@ -339,7 +379,7 @@ class Gallery:
                     gap = np.where(start_s >= ps, start_s - pe, ps - end_s)
                     np.add.at(bonus, js, rules.transit_weight * transit.support(camera, other, gap))
                 base = base + bonus / np.array([len(i.protos) for i in idents])
-        return {c: (-np.inf if b else float(s)) for c, b, s in zip(codes, blocked, base)}
+        return np.where(blocked, -np.inf, base)
 
 
 __all__ = ["Gallery", "Member"]

@@ -4,21 +4,31 @@ The matcher scores a tracklet ``x`` against an identity by the mean cosine to it
 ``mean_j x·z_j`` (see :mod:`stages.matcher.matcher`). Because ``x`` is fixed that mean equals
 ``x·m`` with ``m = mean_j z_j``, so one vector per identity (its *mean prototype*, not normalised)
 ranks identities exactly as the association rule does. :class:`IdentityIndex` keeps those vectors
-and finds the top-k by inner product:
+(a float32 copy) and finds the top-k by inner product:
 
 * below ``exact_below`` vectors: exact, one matrix product over all of them;
 * from there on: a faiss inverted-file index (Jégou et al., "Product quantization for nearest
-  neighbor search", TPAMI 2011, for the IVF structure) with 8-bit scalar-quantised codes, ``nlist ≈
-  4·√N`` cells trained on the vectors present, searching ``nprobe`` cells; the candidates it returns are
-  re-scored exactly from the float32 copy this class keeps, so the codes only decide *which* vectors
-  are looked at, never a score. The IVF is retrained when the index has grown ``retrain_growth``-fold
-  since it was trained.
+  neighbor search", TPAMI 2011, for the IVF structure and the codes) built on a compressed copy:
+  each vector is centred and projected onto the ``code_dim`` principal directions of the stored
+  vectors (PCA of a sample, re-fitted at each training), then coded with 4 bits per dimension
+  (a product quantiser with one dimension per sub-quantiser, scanned with faiss' SIMD "fast-scan"
+  kernels, André et al., "Quicker ADC", TPAMI 2019). ``nlist ≈ 2·√N`` cells; ``nprobe`` of them are
+  scanned per query; the ``fetch`` best codes are re-ranked on the projected float32 vectors, and
+  the best ``max(2k, 128)`` of those re-scored exactly from the float32 copy, so the codes only
+  decide *which* vectors are looked at, never a score. Since ``q·v = q·(v - μ) + q·μ``
+  and ``q·μ`` is the same for every ``v``, centring changes no ranking. The IVF is retrained when
+  the index has grown ``retrain_growth``-fold since it was trained.
 
-Updates are incremental: :meth:`upsert` replaces an identity's vector (a link changed its prototypes,
-a merge or split changed its members), :meth:`remove` drops it (merged away, purged, archived).
+Updates are incremental and cheap: :meth:`upsert` replaces an identity's vector (a link changed its
+prototypes, a merge or split changed its members), :meth:`remove` drops it (merged away, purged,
+archived). While the IVF is in use, changed vectors are first held in a small *pending* buffer that
+every search scans exactly, and are written into the IVF ``flush_every`` at a time (one faiss
+removal and one addition per flush, instead of one per link); so a search always sees every vector
+as it is now.
 
 Shapes: ``dim`` is the scoring-space dimension ``K``; vectors are ``float32 [K]``; keys are
-non-negative ``int64`` identity codes. faiss is imported when the first IVF is built.
+non-negative ``int64`` identity codes below 2³¹ (the gallery's codes are dense). faiss is imported
+when the first IVF is built.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+_MAX_KEY = 2 ** 31
+
 
 @dataclasses.dataclass(frozen=True)
 class IndexSettings:
@@ -45,6 +57,11 @@ class IndexSettings:
         exact_below: Vectors under which search is exact.
         nprobe: IVF cells searched per query (more: slower, higher recall).
         candidates: Identities retrieved per query before the matcher's exact rules apply.
+        fetch: IVF codes re-scored exactly per query (the ``candidates`` best of them are returned).
+        code_dim: Principal directions the IVF codes keep (4 bits each); vectors of at most this
+            dimension are coded whole.
+        flush_every: Changed vectors held in the exactly-searched pending buffer before they are
+            written into the IVF.
         retrain_growth: Retrain the IVF once the index holds this many times the vectors it was
             trained on.
         threads: faiss threads (None: all cores).
@@ -57,6 +74,9 @@ class IndexSettings:
     exact_below: int = 20000
     nprobe: int = 256
     candidates: int = 64
+    fetch: int = 1024
+    code_dim: int = 64
+    flush_every: int = 256
     retrain_growth: float = 4.0
     threads: int | None = None
     hot_s: float | None = 3600.0
@@ -64,9 +84,11 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "ivf"):
             raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
-        for name in ("exact_below", "nprobe", "candidates"):
+        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
+        if self.code_dim < 2:
+            raise ValueError(f"index code_dim must be >= 2, got {self.code_dim}")
         if self.retrain_growth <= 1:
             raise ValueError(f"index retrain_growth must be > 1, got {self.retrain_growth}")
 
@@ -88,82 +110,143 @@ class IdentityIndex:
         self.dim = dim
         self.settings = settings or IndexSettings()
         self._vecs = np.zeros((1024, dim), np.float32)
-        self._keys = np.full(1024, -1, np.int64)
-        self._row: dict[int, int] = {}
+        self._keys = np.full(1024, -1, np.int64)      # row -> key (-1: free, or removed)
+        self._row_of = np.full(1024, -1, np.int64)    # key -> row (-1: absent)
         self._free: list[int] = []
         self._top = 0  # rows [0, _top) have been used
+        self._n = 0
         self._ivf: Any = None
+        self._mu: np.ndarray | None = None            # float32 [K], centre of the codes
+        self._proj: np.ndarray | None = None          # float32 [K, r], or None: coded whole
+        self._low = np.zeros((0, 0), np.float32)      # float32 [rows, r]: _code() of each row (IVF only)
+        self._in_ivf = np.zeros(1024, bool)           # row has an entry in the IVF
+        self._pending = np.zeros(1024, bool)          # row's IVF entry is out of date (new, changed, removed)
+        self._pending_rows: list[int] = []
         self._trained_on = 0
         self._bulk = False
         self._changed_in_bulk = False
 
     def __len__(self) -> int:
-        return len(self._row)
+        return self._n
 
     def __contains__(self, key: int) -> bool:
-        return int(key) in self._row
+        key = int(key)
+        return 0 <= key < len(self._row_of) and self._row_of[key] >= 0
 
     @property
     def approximate(self) -> bool:
         """Whether searches go through the IVF (else they are exact)."""
         return self._ivf is not None
 
+    def _rows(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys`` (``int64 [B]``); raises KeyError for an absent key."""
+        ok = (keys >= 0) & (keys < len(self._row_of))
+        rows = np.full(len(keys), -1, np.int64)
+        rows[ok] = self._row_of[keys[ok]]
+        if (rows < 0).any():
+            raise KeyError(int(keys[np.argmax(rows < 0)]))
+        return rows
+
     def vector(self, key: int) -> np.ndarray:
         """The stored vector of ``key`` (a copy). Raises KeyError when absent."""
-        return self._vecs[self._row[int(key)]].copy()
+        return self._vecs[self._rows(np.array([int(key)], np.int64))[0]].copy()
 
     # ---------------------------------------------------------------------------------------------
     def upsert(self, keys: np.ndarray | list[int], vectors: np.ndarray) -> None:
         """Insert or replace the vectors of ``keys`` (``int64 [B]``, ``float32 [B, K]``).
 
         Raises:
-            ValueError: Shapes disagree or a key is negative.
+            ValueError: Shapes disagree, or a key is negative or not below 2³¹.
         """
         keys = np.asarray(keys, np.int64).reshape(-1)
         vectors = np.asarray(vectors, np.float32).reshape(len(keys), -1) if len(keys) else \
             np.zeros((0, self.dim), np.float32)
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dimension {vectors.shape[1]}, the index {self.dim}")
-        if len(keys) and keys.min() < 0:
-            raise ValueError("index keys must be >= 0")
-        rows = np.empty(len(keys), np.int64)
-        replaced = []
-        for i, key in enumerate(keys.tolist()):
-            row = self._row.get(key)
-            if row is None:
+        if not len(keys):
+            return
+        if keys.min() < 0 or keys.max() >= _MAX_KEY:
+            raise ValueError("index keys must be >= 0 and < 2**31")
+        if keys.max() >= len(self._row_of):
+            grown = np.full(max(2 * len(self._row_of), int(keys.max()) + 1), -1, np.int64)
+            grown[:len(self._row_of)] = self._row_of
+            self._row_of = grown
+        rows = self._row_of[keys].copy()
+        for i in np.flatnonzero(rows < 0).tolist():
+            key = int(keys[i])
+            row = self._row_of[key]  # a key repeated within this call
+            if row < 0:
                 row = self._free.pop() if self._free else self._grow()
-                self._row[key] = row
+                self._row_of[key] = row
                 self._keys[row] = key
-            else:
-                replaced.append(row)
+                self._n += 1
             rows[i] = row
         self._vecs[rows] = vectors
         if self._bulk:
             self._changed_in_bulk = True
-        if self._ivf is not None:
-            if replaced:
-                self._ivf.remove_ids(np.asarray(replaced, np.int64))
-            self._ivf.add_with_ids(vectors, rows)
+        elif self._ivf is not None:
+            self._mark(rows)
         self._maybe_rebuild()
 
     def remove(self, keys: np.ndarray | list[int]) -> int:
         """Drop ``keys`` (absent ones are ignored); returns how many were present."""
-        rows = [self._row.pop(int(k)) for k in np.asarray(keys, np.int64).reshape(-1).tolist() if int(k) in self._row]
-        if not rows:
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        keys = keys[(keys >= 0) & (keys < len(self._row_of))]
+        rows = np.unique(self._row_of[keys])
+        rows = rows[rows >= 0]
+        if not len(rows):
             return 0
-        r = np.asarray(rows, np.int64)
-        self._keys[r] = -1
-        self._vecs[r] = 0
-        self._free.extend(rows)
-        if self._ivf is not None:
-            self._ivf.remove_ids(r)
+        self._row_of[self._keys[rows]] = -1
+        self._keys[rows] = -1
+        self._vecs[rows] = 0
+        self._n -= len(rows)
+        if self._ivf is not None and not self._bulk:
+            self._mark(rows)  # freed once the IVF has forgotten them
+        else:
+            self._changed_in_bulk = self._changed_in_bulk or self._bulk
+            self._free.extend(rows.tolist())
+        return len(rows)
+
+    def _mark(self, rows: np.ndarray) -> None:
+        fresh = rows[~self._pending[rows]]
+        self._pending[fresh] = True
+        self._pending_rows.extend(np.unique(fresh).tolist())
+        if len(self._pending_rows) >= self.settings.flush_every:
+            self.flush()
+
+    def flush(self) -> int:
+        """Write the pending changes into the IVF (one removal, one addition); returns how many rows
+        changed. Searches are the same before and after: pending vectors are searched exactly."""
+        if self._ivf is None or not self._pending_rows:
+            return 0
+        rows = np.asarray(sorted(set(self._pending_rows)), np.int64)
+        stale = rows[self._in_ivf[rows]]
+        if len(stale):
+            import faiss
+
+            self._ivf.remove_ids(faiss.IDSelectorBatch(stale))
+            self._in_ivf[stale] = False
+        live = rows[self._keys[rows] >= 0]
+        if len(live):
+            if len(self._low) < len(self._vecs):
+                self._low = np.concatenate([self._low, np.zeros((len(self._vecs) - len(self._low), self._low.shape[1]),
+                                                                np.float32)])
+            self._low[live] = self._code(self._vecs[live])
+            self._ivf.add_with_ids(self._low[live], live)
+            self._in_ivf[live] = True
+        self._free.extend(rows[self._keys[rows] < 0].tolist())
+        self._pending[rows] = False
+        self._pending_rows = []
         return len(rows)
 
     def _grow(self) -> int:
         if self._top == len(self._keys):
             cap = 2 * len(self._keys)
-            self._vecs = np.concatenate([self._vecs, np.zeros((cap - len(self._keys), self.dim), np.float32)])
-            self._keys = np.concatenate([self._keys, np.full(cap - len(self._keys), -1, np.int64)])
+            extra = cap - len(self._keys)
+            self._vecs = np.concatenate([self._vecs, np.zeros((extra, self.dim), np.float32)])
+            self._keys = np.concatenate([self._keys, np.full(extra, -1, np.int64)])
+            self._in_ivf = np.concatenate([self._in_ivf, np.zeros(extra, bool)])
+            self._pending = np.concatenate([self._pending, np.zeros(extra, bool)])
         self._top += 1
         return self._top - 1
 
@@ -172,7 +255,8 @@ class IdentityIndex:
     def bulk(self) -> Iterator[None]:
         """Load many vectors at once: inside the block searches are exact and no IVF is trained or
         updated; on exit the IVF is (re)built once if the size calls for one."""
-        self._bulk, self._ivf = True, None
+        self._drop_ivf()
+        self._bulk = True
         try:
             yield
         finally:
@@ -180,11 +264,20 @@ class IdentityIndex:
             self._trained_on = 0
             self._maybe_rebuild()
 
+    def _drop_ivf(self) -> None:
+        self._ivf = None
+        dead = np.asarray(self._pending_rows, np.int64)
+        if len(dead):
+            self._free.extend(dead[self._keys[dead] < 0].tolist())
+            self._pending[dead] = False
+        self._pending_rows = []
+        self._in_ivf[:] = False
+
     def _maybe_rebuild(self) -> None:
         if self._bulk:
             return
         s = self.settings
-        n = len(self._row)
+        n = self._n
         if s.kind == "exact":
             return
         if self._ivf is None:
@@ -193,8 +286,13 @@ class IdentityIndex:
         elif n >= s.retrain_growth * max(self._trained_on, 1):
             self.rebuild()
 
+    def _code(self, v: np.ndarray) -> np.ndarray:
+        """What the IVF holds of stored vectors ``float32 [B, K]``: centred, projected, ``[B, r]``."""
+        c = v - self._mu
+        return np.ascontiguousarray(c if self._proj is None else c @ self._proj, np.float32)
+
     def rebuild(self) -> None:
-        """(Re)train the IVF on the vectors present and add them all (exact search needs none)."""
+        """(Re)train the IVF (projection, cells, codes) on the vectors present and add them all."""
         # OpenMP threads that spin while idle starve numpy's BLAS threads of the projection (and the
         # other way round): measured 110 vs 1,400 decisions/s at 10^5 identities, 2560-d, 2 cores.
         # Only effective when this is the process's first OpenMP library, as in a matcher.
@@ -203,23 +301,37 @@ class IdentityIndex:
 
         if self.settings.threads is not None:
             faiss.omp_set_num_threads(self.settings.threads)
+        self._drop_ivf()
         live = np.flatnonzero(self._keys[:self._top] >= 0)
         n = len(live)
-        nlist = int(min(max(4 * math.sqrt(n), 1), 65536, max(n // 39, 1)))
-        quantizer = faiss.IndexFlatIP(self.dim)
-        ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                            faiss.METRIC_INNER_PRODUCT)
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        nlist = int(min(max(2 * math.sqrt(n), 1), 65536, max(n // 39, 1)))
         rng = np.random.default_rng(0)
-        sample = live if n <= 64 * nlist else np.sort(rng.choice(live, 64 * nlist, replace=False))
-        ivf.cp.min_points_per_centroid = 1  # small indexes (kind: ivf in tests) train without warnings
+        sample = self._vecs[live if n <= 64 * nlist else np.sort(rng.choice(live, 64 * nlist, replace=False))]
+        self._mu = sample.mean(axis=0).astype(np.float32)
+        r = min(self.settings.code_dim, self.dim)
+        r -= r % 2  # fast-scan codes come in pairs of dimensions
+        if r < self.dim:
+            c = (sample - self._mu).astype(np.float64)
+            w, v = np.linalg.eigh(c.T @ c)
+            self._proj = np.ascontiguousarray(v[:, np.argsort(-w)[:r]], np.float32)
+        else:
+            self._proj, r = None, self.dim
+        # 4-bit fast-scan codes need 16 training points per cell of each sub-quantiser; tiny indexes
+        # (kind: ivf in tests) keep their projected vectors whole
+        codes = f"PQ{r}x4fs" if len(sample) >= 1024 and r % 2 == 0 else "Flat"
+        ivf = faiss.index_factory(r, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.min_points_per_centroid = 1  # small indexes train without warnings
         ivf.verbose = False
-        ivf.train(self._vecs[sample])
-        ivf.add_with_ids(self._vecs[live], live.astype(np.int64))
+        ivf.train(self._code(sample))
+        self._low = np.zeros((len(self._vecs), r), np.float32)
+        self._low[live] = self._code(self._vecs[live])
+        ivf.add_with_ids(self._low[live], live.astype(np.int64))
         ivf.nprobe = min(self.settings.nprobe, nlist)
-        self._ivf, self._quantizer = ivf, quantizer
+        self._ivf = ivf
+        self._in_ivf[live] = True
         self._trained_on = n
-        log.info("identity index: IVF of %d cells over %d identities (nprobe %d)", nlist, n, ivf.nprobe)
+        log.info("identity index: IVF of %d cells over %d identities (%s codes of %d dimensions, nprobe %d)",
+                 nlist, n, codes, r, ivf.nprobe)
 
     # ---------------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,28 +349,44 @@ class IdentityIndex:
         b = q.shape[0]
         scores = np.full((b, k), -np.inf, np.float32)
         keys = np.full((b, k), -1, np.int64)
-        if not self._row or b == 0:
+        if not self._n or b == 0:
             return scores, keys
         if self._ivf is None:
-            live = self._keys[:self._top] >= 0
             sims = q @ self._vecs[:self._top].T
-            sims[:, ~live] = -np.inf
-            kk = min(k, int(live.sum()))
-            part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < sims.shape[1] else \
-                np.tile(np.arange(sims.shape[1]), (b, 1))
-            rows = part
-        else:
-            # codes are 8-bit: fetch more than asked so that the exact re-scoring decides the last places
-            _, rows = self._ivf.search(q, max(2 * k, k + 16))
-        for i in range(b):
-            r = rows[i][rows[i] >= 0]
-            r = r[self._keys[r] >= 0]
-            if not len(r):
-                continue
-            s = self._vecs[r] @ q[i]
-            order = np.argsort(-s, kind="stable")[:k]
-            scores[i, :len(order)] = s[order]
-            keys[i, :len(order)] = self._keys[r[order]]
+            sims[:, self._keys[:self._top] < 0] = -np.inf
+            return self._top_k(sims, np.broadcast_to(np.arange(self._top), sims.shape), k)
+        qc = q if self._proj is None else np.ascontiguousarray(q @ self._proj)
+        _, rows = self._ivf.search(qc, max(self.settings.fetch, k))
+        rows = np.where((rows >= 0) & ~self._pending[np.maximum(rows, 0)], rows, -1)
+        # re-score in two steps, each reading few bytes: the codes' rank is refined on the r-dim float
+        # copy, then the best of those are scored exactly on the K-dim vectors
+        keep = min(max(2 * k, 128), rows.shape[1])
+        if keep < rows.shape[1]:
+            approx = np.matmul(np.take(self._low, np.maximum(rows, 0), axis=0), qc[:, :, None])[..., 0]
+            approx[rows < 0] = -np.inf
+            rows = np.take_along_axis(rows, np.argpartition(-approx, keep - 1, axis=1)[:, :keep], axis=1)
+        pend = np.asarray(self._pending_rows, np.int64)
+        pend = pend[self._keys[pend] >= 0]
+        if len(pend):
+            rows = np.concatenate([rows, np.broadcast_to(pend, (b, len(pend)))], axis=1)
+        sims = np.matmul(np.take(self._vecs, np.maximum(rows, 0), axis=0), q[:, :, None])[..., 0]  # take: 3x a fancy index
+        sims[(rows < 0) | (self._keys[np.maximum(rows, 0)] < 0)] = -np.inf
+        return self._top_k(sims, rows, k)
+
+    def _top_k(self, sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` of each row of ``sims`` (``[B, F]``, ``-inf``: no candidate) as scores and keys."""
+        b, f = sims.shape
+        kk = min(k, f)
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < f else np.broadcast_to(np.arange(f), (b, f))
+        top = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        picked = np.take_along_axis(np.asarray(rows)[np.arange(b)[:, None], part], order, axis=1)
+        scores = np.full((b, k), -np.inf, np.float32)
+        keys = np.full((b, k), -1, np.int64)
+        ok = np.isfinite(top)
+        scores[:, :kk] = np.where(ok, top, -np.inf)
+        keys[:, :kk] = np.where(ok, self._keys[np.maximum(picked, 0)], -1)
         return scores, keys
 
     def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +400,7 @@ class IdentityIndex:
     def suspend(self) -> Any:
         """Search exactly (and keep no IVF up to date) until :meth:`resume` is called with what this
         returns; benchmarks compare brute force with the index on one gallery."""
+        self.flush()
         ivf, self._ivf = self._ivf, None
         self._bulk, self._changed_in_bulk = True, False
         return ivf
@@ -286,7 +415,7 @@ class IdentityIndex:
     def scores(self, keys: np.ndarray | list[int], query: np.ndarray) -> np.ndarray:
         """Exact inner products of ``query`` (``float32 [K]``) with the vectors of ``keys``
         (``float32 [len(keys)]``). Raises KeyError for an absent key."""
-        rows = np.fromiter((self._row[int(k)] for k in keys), np.int64)
+        rows = self._rows(np.asarray(keys, np.int64).reshape(-1))
         return self._vecs[rows] @ np.asarray(query, np.float32)
 
 
