@@ -97,7 +97,7 @@ CONSUMER_LAG = Gauge(
     "Messages between the consumer position and the partition high-water mark.",
     ["stage", "topic", "partition"],
 )
-IDENTITIES = Gauge("reidstream_identities", "Global identities known to the matcher.", ["stage"])
+IDENTITIES = Gauge("reidstream_identities", "Global identities in a zone matcher's gallery.", ["stage", "zone"])
 REASSOCIATIONS = Counter("reidstream_reassociations", "Re-associations of the matcher's window.", ["stage"])
 REASSOCIATION_SECONDS = Histogram(
     "reidstream_reassociation_seconds", "Wall time of one re-association of the window.", ["stage"],
@@ -106,7 +106,8 @@ REASSOCIATION_SECONDS = Histogram(
 IDENTITY_CHANGES = Counter(
     "reidstream_identity_changes", "Identities merged or split by re-association.", ["stage", "kind"]
 )
-MATCH_THRESHOLD = Gauge("reidstream_match_threshold", "Association threshold in force (scoring-space cosine).", ["stage"])
+MATCH_THRESHOLD = Gauge("reidstream_match_threshold", "Association threshold in force in a zone (scoring-space cosine).",
+                        ["stage", "zone"])
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -808,8 +808,9 @@ class IdentityStore:
     # erasure: everything stored about one identity, one camera, or before a time
     def purge_identity(self, global_id: str) -> int:
         """Delete identity ``global_id``: its tracklets' links, embeddings and crops, its sightings, the
-        identity itself, merge pointers from or to it, audit records naming it or its tracklets, and any
-        key named after it or its tracklets. A running matcher keeps them in its window until it
+        identity itself, merge pointers from or to it, audit records naming it or its tracklets, its
+        tracklets in the operators' constraints, and any key named after it or its tracklets. A running
+        matcher keeps them in its window until it
         restarts; its saved scoring space is refitted at its next re-association.
 
         Returns:
@@ -819,11 +820,12 @@ class IdentityStore:
         self._purge_tracklets(tids)
         self._rebuild_identity(global_id)
         self._purge_audit({global_id, *tids})
+        self._purge_constraints(set(tids))
         return len(tids)
 
     def purge_camera(self, camera: str) -> int:
         """Delete every tracklet of ``camera`` (links, embeddings, crops, sightings, audit records and
-        keys named after them); identities left without tracklets are deleted, the others are rebuilt
+        keys named after them, their places in the operators' constraints); identities left without tracklets are deleted, the others are rebuilt
         from their remaining members (cameras, time span, count).
 
         Returns:
@@ -833,12 +835,13 @@ class IdentityStore:
         emptied = self._purge_tracklets(tids)
         self.r.delete(self._k("camera", camera, "sightings"))
         self._purge_audit(set(tids) | emptied)
+        self._purge_constraints(set(tids))
         return len(tids)
 
     def purge_before(self, wall_s: float) -> int:
         """Delete every tracklet its camera closed before ``wall_s`` (Unix seconds, ``closed_wall_s``),
         rebuilding or deleting their identities, and trim index entries whose keys already expired;
-        audit records older than ``wall_s`` go too.
+        audit records and operators' constraints older than ``wall_s`` go too.
 
         Returns:
             Tracklets removed (expired leftovers included).
@@ -853,6 +856,7 @@ class IdentityStore:
                     old.append(tid)
         emptied = self._purge_tracklets(old)
         self._purge_audit(set(old) | emptied, before_wall_s=wall_s)
+        self._purge_constraints(set(old), before_wall_s=wall_s)
         return len(old)
 
     def _keys_named_after(self, *idents: str) -> list[bytes]:
@@ -878,6 +882,41 @@ class IdentityStore:
         if doomed and self.r.xlen(self._k("audit")) == 0:
             self.r.delete(self._k("audit"))
         return len(doomed)
+
+    def _purge_constraints(self, tids: set[str], before_wall_s: float | None = None) -> int:
+        """Take the purged tracklets ``tids`` out of the operators' constraints (``{ns}:constraints``);
+        a constraint left without tracklets on a side, or decided before ``before_wall_s`` (Unix
+        seconds), is deleted. Rewritten under WATCH, so a constraint appended meanwhile is kept.
+        Returns how many constraints changed or went."""
+        key = self._k("constraints")
+        changed = 0
+
+        def rewrite(pipe: Any) -> None:
+            nonlocal changed
+            raws = pipe.lrange(key, 0, -1)
+            kept, changed = [], 0
+            for raw in raws:
+                obj = json.loads(raw)
+                a = [t for t in obj.get("a", ()) if t not in tids]
+                b = [t for t in obj.get("b", ()) if t not in tids]
+                old = before_wall_s is not None and float(obj.get("wall_s", float("inf"))) < before_wall_s
+                if old or not a or not b:
+                    changed += 1
+                    continue
+                if len(a) != len(obj.get("a", ())) or len(b) != len(obj.get("b", ())):
+                    changed += 1
+                    raw = json.dumps({**obj, "a": a, "b": b})
+                kept.append(raw)
+            if not changed:
+                return
+            pipe.multi()
+            pipe.delete(key)
+            if kept:
+                pipe.rpush(key, *kept)
+
+        if tids or before_wall_s is not None:
+            self.r.transaction(rewrite, key)
+        return changed
 
     def _purge_tracklets(self, tids: list[str]) -> set[str]:
         """Delete ``tids`` everywhere; returns the identities left without tracklets (deleted)."""

@@ -61,7 +61,7 @@ from pipeline import metrics
 from pipeline.config import Config, ReassociationConfig
 from pipeline.messages import EmbeddingRecord
 from pipeline.runner import Output, TransientError
-from pipeline.store import IdentityStore, Link, Reassignment, WindowEntry
+from pipeline.store import DEFAULT_ZONE, IdentityStore, Link, Reassignment, WindowEntry
 from stages.matcher.association import Rules, ScoringSpace, associate
 from stages.matcher.gallery import Gallery, Member
 from stages.matcher.index import IndexSettings
@@ -209,8 +209,9 @@ class CrossCameraMatcher:
         self._since_reassociation = 0
         self._last_reassociation = monotonic()
         self._last_arrival = monotonic()
-        self._identities = metrics.IDENTITIES.labels(stage=STAGE)
-        self._threshold_gauge = metrics.MATCH_THRESHOLD.labels(stage=STAGE)
+        self._zone = str(getattr(store, "zone", DEFAULT_ZONE))  # no store: benchmarks of decide()
+        self._identities = metrics.IDENTITIES.labels(stage=STAGE, zone=self._zone)
+        self._threshold_gauge = metrics.MATCH_THRESHOLD.labels(stage=STAGE, zone=self._zone)
 
     @classmethod
     def from_config(cls, cfg: Config, store: IdentityStore | None = None) -> CrossCameraMatcher:
@@ -705,7 +706,16 @@ class CrossCameraMatcher:
                 "splits": splits, "moved": moved}
 
     def close(self) -> None:
+        self.drop_metrics()
         self.store.close()
+
+    def drop_metrics(self) -> None:
+        """Remove this zone's gauges (the zone went to another instance, or this one stops)."""
+        for gauge in (metrics.IDENTITIES, metrics.MATCH_THRESHOLD):
+            try:
+                gauge.remove(STAGE, self._zone)
+            except KeyError:
+                pass
 
 
 def _join(labels: np.ndarray, must: list[tuple[int, int]]) -> np.ndarray:

@@ -37,7 +37,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pipeline import metrics
 from pipeline.config import DEFAULT_ZONE, Config
 from pipeline.messages import EmbeddingRecord
 from pipeline.runner import Output, TransientError
@@ -71,7 +70,6 @@ class ZonedMatcher:
         self.zones = dict(zones or {})
         self.partitions = partitions
         self.matchers: dict[str, CrossCameraMatcher] = {}
-        self._identities = metrics.IDENTITIES.labels(stage=STAGE)
 
     @classmethod
     def from_config(cls, cfg: Config, partitions: int | None = None) -> ZonedMatcher:
@@ -112,12 +110,12 @@ class ZonedMatcher:
             StoreError: Redis is unreachable.
         """
         self.store.check()
-        self._identities.set(0)
         log.info("matcher: store %s, zones %s; a zone's state loads from Redis when its partition is assigned",
                  self.store.url, sorted({*self.zones.values(), DEFAULT_ZONE}))
 
     def _count_identities(self) -> None:
-        self._identities.set(sum(len(m.gallery) for m in self.matchers.values()))
+        for m in self.matchers.values():
+            m._identities.set(len(m.gallery))
 
     def matcher(self, zone: str) -> CrossCameraMatcher:
         """The matcher of ``zone``, built and loaded from Redis on first use.
@@ -169,8 +167,9 @@ class ZonedMatcher:
         if self.matchers:
             log.info("matcher: rebalance (%d partition(s) revoked): dropping zones %s; they reload from Redis "
                      "when assigned again", len(partitions), sorted(self.matchers))
+        for m in self.matchers.values():
+            m.drop_metrics()
         self.matchers.clear()
-        self._identities.set(0)
 
     def on_assign(self, partitions: Sequence[Any]) -> None:
         """Build, from Redis, the matchers of the known zones keyed to ``partitions`` (kafka-python
@@ -186,6 +185,8 @@ class ZonedMatcher:
         self._count_identities()
 
     def close(self) -> None:
+        for m in self.matchers.values():
+            m.drop_metrics()
         self.matchers.clear()
         self.store.close()
 

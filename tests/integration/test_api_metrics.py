@@ -96,11 +96,11 @@ def test_matcher_process_serves_metrics(kafka_server, redis_server, unique):
         while time.monotonic() < deadline:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
-                if 'reidstream_identities{stage="matcher"}' in body:
+                if 'reidstream_identities{stage="matcher",zone="default"}' in body:
                     break
             except OSError:
                 time.sleep(0.2)
-        assert 'reidstream_identities{stage="matcher"} 0.0' in body
+        assert 'reidstream_identities{stage="matcher",zone="default"} 0.0' in body
         assert "reidstream_stage_latency_seconds" in body
     finally:
         proc.terminate()

@@ -357,6 +357,34 @@ def test_operator_split_with_audit_and_cannot_link(store):
     assert [s["tracklet_id"] for s in client.get(f"/identities/{new}/timeline").json()["sightings"]] == ["x3"]
 
 
+def _sides(c) -> tuple[str, list[str], list[str]]:
+    return c.kind, sorted(c.a), sorted(c.b)
+
+
+def test_purges_take_their_tracklets_out_of_the_constraints(store):
+    """A purged person must not live on in the operators' constraints: purging an identity or a camera
+    removes its tracklets there, and a constraint left without tracklets on a side goes."""
+    gids, _ = _small(store)
+    x, y, z = gids["X"], gids["Y"], gids["Z"]
+    client = TestClient(create_app(store))
+    assert client.post(f"/identities/{x}/merge", json={"from": [y], "operator": "a"}).status_code == 200
+    split = client.post(f"/identities/{x}/split", json={"tracklets": ["x3"], "operator": "a"}).json()
+    assert client.post(f"/identities/{x}/merge", json={"from": [z], "operator": "a"}).status_code == 200
+    first = store.constraints()
+    assert [_sides(c) for c in first] == [("must", ["x1", "x2", "x3"], ["y1", "y2"]),
+                                          ("cannot", ["x3"], ["x1", "x2", "y1", "y2"]),
+                                          ("must", ["x1", "x2", "y1", "y2"], ["z1"])]
+    assert store.purge_identity(split["new_global_id"]) == 1  # x3 alone
+    assert [_sides(c) for c in store.constraints()] == [
+        ("must", ["x1", "x2"], ["y1", "y2"]), ("must", ["x1", "x2", "y1", "y2"], ["z1"])]
+    assert store.purge_camera("left") == 2  # x1 and z1
+    after = store.constraints()
+    assert [_sides(c) for c in after] == [("must", ["x2"], ["y1", "y2"])]
+    assert (after[0].audit_id, after[0].wall_s, after[0].operator) == \
+        (first[0].audit_id, first[0].wall_s, first[0].operator)  # the rest of the decision kept whole
+    assert client.get("/constraints").json() == [c.to_json() for c in after]
+
+
 @pytest.mark.parametrize("route, body, status, needle", [
     ("merge", {"from": ["@X"], "operator": "a"}, 422, "itself"),
     ("merge", {"from": ["G999999"], "operator": "a"}, 404, "unknown"),
