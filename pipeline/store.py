@@ -1170,6 +1170,21 @@ class IdentityStore:
             yield [(tid, gid.decode(), decode_embedding(raw, code)) for tid, (gid, raw, code) in zip(tids, rows)
                    if gid is not None and raw]
 
+    def _identity_zones(self, members: dict[str, list[str]]) -> dict[str, str]:
+        """The zone of each identity of ``members`` (global id → its tracklet ids), read from its
+        tracklets (``zone`` field; records written before zones existed are in ``default``); an identity
+        whose tracklets disagree is reported as ``"a+b"``."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for tids in members.values():
+                for tid in tids:
+                    pipe.hget(self._k("tracklet", tid), "zone")
+            raw = iter(pipe.execute())
+        out = {}
+        for gid, tids in members.items():
+            zs = sorted({(z.decode() if z else DEFAULT_ZONE) for z in (next(raw) for _ in tids)})
+            out[gid] = "+".join(zs) if zs else DEFAULT_ZONE
+        return out
+
     def constraints(self) -> list[OperatorConstraint]:
         """The operators' must-link and cannot-link decisions (``{ns}:constraints``), oldest first."""
         return [OperatorConstraint.from_json(json.loads(raw)) for raw in self.r.lrange(self._k("constraints"), 0, -1)]
@@ -1193,7 +1208,8 @@ class IdentityStore:
         Raises:
             IdentityNotFoundError: ``into`` or a source is unknown.
             IdentityRetiredError: ``into`` or a source was merged away (its ``into`` names the survivor).
-            ValueError: No source, a repeated source, ``into`` among them, or an empty ``operator``.
+            ValueError: No source, a repeated source, ``into`` among them, an empty ``operator``, or
+                identities of different zones.
         """
         srcs = list(sources)
         operator = _operator_name(operator)
@@ -1205,6 +1221,10 @@ class IdentityStore:
             raise ValueError(f"cannot merge identity {into} into itself")
         self._require_current([into, *srcs])
         members = self._member_ids([into, *srcs])
+        zones = self._identity_zones(members)
+        if len(set(zones.values())) > 1:
+            raise ValueError("identities of different zones cannot be merged (identities are zone-local): "
+                             + ", ".join(f"{g} in {z}" for g, z in zones.items()))
         now = time.time() if wall_s is None else float(wall_s)
         operation = f"op-{time.time_ns():x}-{into}"
         moves = {tid: (src, into) for src in srcs for tid in members[src]}

@@ -357,6 +357,19 @@ def test_operator_split_with_audit_and_cannot_link(store):
     assert [s["tracklet_id"] for s in client.get(f"/identities/{new}/timeline").json()["sightings"]] == ["x3"]
 
 
+def test_identities_of_two_zones_are_not_merged(store):
+    gids, _ = _small(store)
+    for tid in ("y1", "y2"):  # Y was linked by the matcher of zone north
+        store.r.hset(f"{store.ns}:tracklet:{tid}", "zone", "north")
+    client = TestClient(create_app(store))
+    before = (store.audit(), store.constraints(), store.link("y1").global_id)
+    resp = client.post(f"/identities/{gids['X']}/merge", json={"from": [gids["Y"]], "operator": "a"})
+    assert resp.status_code == 422 and "zone-local" in resp.text and "north" in resp.text
+    assert (store.audit(), store.constraints(), store.link("y1").global_id) == before  # nothing written
+    ok = client.post(f"/identities/{gids['X']}/merge", json={"from": [gids["Z"]], "operator": "a"})
+    assert ok.status_code == 200  # both in zone default
+
+
 def _sides(c) -> tuple[str, list[str], list[str]]:
     return c.kind, sorted(c.a), sorted(c.b)
 
