@@ -26,6 +26,9 @@ def calibrate_command(
         None, "--output", "-o", help="Calibration JSON to write (a PNG plot goes beside it); default: beside the "
         "model's checkpoint, else services.data_dir/calibration/<namespace>.json."),
     plot: bool = typer.Option(True, help="Write the diagnostic plot."),
+    zone: str | None = typer.Option(
+        None, "--zone", help="With the store: the zone whose linked tracklets to read (see `zones:`); default: the "
+        "cameras in no zone. Each zone's matcher also recalibrates online on its own window."),
 ) -> None:
     """Estimate the association threshold label-free (cannot-links + held-out constraints) and write it.
 
@@ -40,9 +43,10 @@ def calibrate_command(
         if tracklets is not None:
             ts, source = embed_folders(cfg, tracklets), f"tracklets {tracklets}"
         else:
-            ts, source = from_store(cfg), f"store namespace {cfg.store.namespace}"
+            ts = from_store(cfg, zone)
+            source = f"store namespace {cfg.store.namespace}" + (f", zone {zone}" if zone else "")
         cal = calibrate_set(cfg, ts, source=f"({cfg.reid.model.type}, {source})")
-        path = output or default_calibration_path(cfg)
+        path = output or default_calibration_path(cfg, zone if tracklets is None else None)
         files = write_calibration(cal, path, plot=plot)
         out.print_json(json.dumps(cal.summary()))
         err.print("wrote " + ", ".join(str(f) for f in files))

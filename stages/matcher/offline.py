@@ -71,18 +71,28 @@ class TrackletSet:
                            self.starts[keep], self.ends[keep], self.embeddings[keep])
 
 
-def from_store(cfg: Config) -> TrackletSet:
-    """The linked tracklets of the configured namespace (the matcher's window rules).
+def from_store(cfg: Config, zone: str | None = None) -> TrackletSet:
+    """The linked tracklets of the configured namespace in one zone (the matcher's window rules).
+
+    Args:
+        cfg: The config (store, matcher window, zones).
+        zone: A zone of ``cfg.zones``, or None / ``default`` for the cameras in no zone.
 
     Raises:
         StoreError: Redis is unreachable.
+        ValueError: ``zone`` is not a zone of the config.
     """
+    from pipeline.config import DEFAULT_ZONE
     from pipeline.store import IdentityStore
 
+    zone = zone or DEFAULT_ZONE
+    known = sorted({DEFAULT_ZONE, *(z.name for z in cfg.zones)})
+    if zone not in known:
+        raise ValueError(f"zone {zone!r} is not in the config's zones (known: {', '.join(known)})")
     store = IdentityStore.from_config(cfg.store)
     store.check()
     try:
-        entries = store.load_window(None, cfg.matcher.reassociation.max_tracklets)
+        entries = store.for_zone(zone).load_window(None, cfg.matcher.reassociation.max_tracklets)
     finally:
         store.close()
     if entries:
@@ -151,9 +161,11 @@ def cluster_set(cfg: Config, ts: TrackletSet, threshold: float) -> np.ndarray:
                      threshold).labels
 
 
-def default_calibration_path(cfg: Config) -> Path:
-    """Beside the model's checkpoint when there is one, else under ``services.data_dir``."""
+def default_calibration_path(cfg: Config, zone: str | None = None) -> Path:
+    """Beside the model's checkpoint when there is one, else under ``services.data_dir``; a zone other
+    than ``default`` adds ``.<zone>`` to the name."""
+    suffix = f".{zone}" if zone and zone != "default" else ""
     ckpt = cfg.reid.model.checkpoint
     if ckpt is not None:
-        return Path(ckpt).with_name(Path(ckpt).stem + ".calibration.json")
-    return Path(cfg.services.data_dir) / "calibration" / f"{cfg.store.namespace}.json"
+        return Path(ckpt).with_name(Path(ckpt).stem + suffix + ".calibration.json")
+    return Path(cfg.services.data_dir) / "calibration" / f"{cfg.store.namespace}{suffix}.json"

@@ -193,3 +193,28 @@ def test_a_rebuilt_zone_gallery_holds_only_the_zones_identities(store):
     assert rebuilt.matcher("south").gallery.gids() == [south]
     assert rebuilt.matcher("default").gallery.gids() == [default]
     assert store.r.exists(f"{store.ns}:zone:north:proto:{north}") and store.r.exists(f"{store.ns}:proto:{default}")
+
+
+def test_calibration_reads_the_window_of_the_zone_it_is_given(store, redis_server, tmp_path):
+    import yaml
+
+    from pipeline.config import load_config
+    from stages.matcher.offline import default_calibration_path, from_store
+
+    raw = {"version": 1, "store": {"url": redis_server, "namespace": store.ns},
+           "cameras": [{"name": c, "source": "unused.avi"} for c in [*ZONES, "elsewhere"]],
+           "zones": [{"name": z, "cameras": [c for c, zz in ZONES.items() if zz == z]} for z in ("north", "south")]}
+    path = tmp_path / "zones.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path, environ={})
+    stage = zoned(store)
+    a = unit(9)
+    stage.process([emb("N1", "gate", 0, 2, a), emb("N2", "lobby", 3, 5, noisy(a, 1)),
+                   emb("S1", "dock", 0, 2, noisy(a, 2)), emb("D1", "elsewhere", 0, 2, noisy(a, 3))])
+    assert list(from_store(cfg, "north").ids) == ["N1", "N2"]
+    assert list(from_store(cfg, "south").ids) == ["S1"]
+    assert list(from_store(cfg).ids) == ["D1"]  # no zone given: the cameras in no zone
+    with pytest.raises(ValueError, match="known: default, north, south"):
+        from_store(cfg, "west")
+    assert default_calibration_path(cfg, "north").name == f"{store.ns}.north.json"
+    assert default_calibration_path(cfg).name == f"{store.ns}.json"
