@@ -324,8 +324,10 @@ class IdentityIndex:
         ivf.verbose = False
         ivf.train(self._code(sample))
         self._low = np.zeros((len(self._vecs), r), np.float32)
-        self._low[live] = self._code(self._vecs[live])
-        ivf.add_with_ids(self._low[live], live.astype(np.int64))
+        for s in range(0, n, 65536):  # in slices: a 10^6 gallery's float32 copy is 1 GB
+            rows = live[s:s + 65536]
+            self._low[rows] = self._code(self._vecs[rows])
+            ivf.add_with_ids(self._low[rows], rows.astype(np.int64))
         ivf.nprobe = min(self.settings.nprobe, nlist)
         self._ivf = ivf
         self._in_ivf[live] = True
