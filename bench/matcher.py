@@ -18,7 +18,8 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
   the batch are scored exactly) and added to the gallery (prototypes, mean, index update);
 * ``recall_at_10``: share of the exact top-10 identities (by mean-prototype score) the index returns
   in its top 10; ``same_decision``: share of tracklets the index path sends to the same identity as
-  brute force.
+  brute force; ``memory_bytes_per_identity``: resident memory the process grew by while loading the
+  gallery (identities, prototypes, index), per identity.
 
 Synthetic data: ``N`` identities with one prototype each, spread over ``--cameras`` cameras and a
 day of stream time; embeddings are drawn with a power-law eigen-spectrum ``λ_i ∝ i^-α`` (``--alpha``,
@@ -75,6 +76,7 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     m = CrossCameraMatcher(store=None, threshold=args.threshold, rules=rules, index=settings)  # type: ignore[arg-type]
     m.space = space
     cams = [f"cam{i}" for i in range(args.cameras)]
+    rss0 = _rss_bytes()
     t = time.perf_counter()
     truth = {"x": np.zeros((args.queries, dim), np.float32), "id": rng.integers(0, n, args.queries)}
     wanted = {int(i): j for j, i in enumerate(truth["id"])}
@@ -100,11 +102,21 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     m._dim = dim
     m._newest_end = DAY_S + 8
     build_s = time.perf_counter() - t
+    grown = _rss_bytes() - rss0  # the gallery and its index (the query arrays are small)
     # queries: a new tracklet of a gallery identity, cosine about 0.8 to it
     noise = _draw(rng, args.queries, sd)
     q = 0.8 * truth["x"] + 0.6 * noise
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return m, {"queries": q, "truth": truth["id"], "build_s": build_s, "cams": cams}
+    return m, {"queries": q, "truth": truth["id"], "build_s": build_s, "cams": cams, "gallery_bytes": grown}
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +258,8 @@ def main() -> None:
             for name, row, extra in (("brute", brute, {"recall_at_10": 1.0, "same_decision": 1.0}),
                                      (label, ivf, {"recall_at_10": round(recall, 4), "same_decision": round(same, 4),
                                                    "nprobe": args.nprobe, "fetch": args.fetch,
-                                                   "code_dim": args.code_dim, "build_s": round(data2["build_s"], 1)})):
+                                                   "code_dim": args.code_dim, "build_s": round(data2["build_s"], 1),
+                                                   "memory_bytes_per_identity": round(data2["gallery_bytes"] / n)})):
                 print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
                                   "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)
             if args.rebuild:
