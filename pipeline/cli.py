@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cli_common import EXIT_SOURCE_INCOMPLETE, EXIT_UNDELIVERED, err, out, run_reporting
+from pipeline.cli_common import EXIT_SOURCE_INCOMPLETE, EXIT_UNDELIVERED, err, out, print_table, run_reporting
 from pipeline.config import Config, load_config
 from pipeline.redact import redact, register_config_secrets
 
@@ -205,12 +205,7 @@ def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[tuple[str, Call
     if fmt is Format.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(title=title)
-    for name, _ in columns:
-        table.add_column(name)
-    for row in rows:
-        table.add_row(*[fn(row) for _, fn in columns])
-    out.print(table)
+    print_table(title, rows, columns)
 
 
 @query_app.command("identities")

@@ -22,6 +22,18 @@ out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("reidstream")
 
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, Callable[[dict], str]]]) -> None:
+    """Print ``rows`` on stdout as a rich table, one column per ``(header, cell of a row)`` pair."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name, _ in columns:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*[fn(row) for _, fn in columns])
+    out.print(table)
+
 # (module, exception) pairs that mean "the user must fix something"; looked up only when the module
 # is already imported, so this file imports no stage.
 _STAGE_ERRORS = (

@@ -26,9 +26,8 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from pipeline.cli_common import err, out, run_reporting
+from pipeline.cli_common import err, out, print_table, run_reporting
 
 __all__ = ["page_line", "register"]
 
@@ -85,13 +84,6 @@ def page_line(result: dict[str, Any], page: int, limit: int, what: str, to_stder
     (err if to_stderr else out).print(where, highlight=False)
 
 
-def _table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, Callable[[dict], str]]]) -> None:
-    table = Table(title=title)
-    for name, _ in columns:
-        table.add_column(name)
-    for row in rows:
-        table.add_row(*[fn(row) for _, fn in columns])
-    out.print(table)
 
 
 _SIGHTING_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
@@ -118,7 +110,7 @@ def timeline_command(global_id: str = typer.Argument(..., help="Global id (a mer
         _json(found)
         return
     merged = f" (asked as {found['merged_from']})" if found["merged_from"] else ""
-    _table(f"timeline of {found['global_id']}{merged}: {', '.join(found['cameras'])}, "
+    print_table(f"timeline of {found['global_id']}{merged}: {', '.join(found['cameras'])}, "
            f"{found['first_seen_s']:.1f}–{found['last_seen_s']:.1f} s", found["sightings"], _SIGHTING_COLUMNS)
     page_line(found, page, limit, "tracklets", False)
 
@@ -147,7 +139,7 @@ def crops_command(global_id: str = typer.Argument(..., help="Global id."),
         _json(found)
         return
     rows = [{"camera": cam, **item} for cam, items in found["cameras"].items() for item in items]
-    _table(f"crops of {found['global_id']}", rows, [
+    print_table(f"crops of {found['global_id']}", rows, [
         ("camera", lambda r: r["camera"]), ("tracklet", lambda r: r["tracklet_id"]),
         ("start s", lambda r: f"{r['start_s']:.1f}"), ("end s", lambda r: f"{r['end_s']:.1f}"),
         ("url", lambda r: r["thumbnail_url"])])
@@ -173,7 +165,7 @@ def sightings_command(camera: str = typer.Argument(..., help="Camera name."),
     if fmt is Fmt.json:
         _json(found)
         return
-    _table(f"sightings of {camera}", found["items"], _SIGHTING_COLUMNS)
+    print_table(f"sightings of {camera}", found["items"], _SIGHTING_COLUMNS)
     page_line(found, page, limit, "sightings", False)
 
 
@@ -218,7 +210,7 @@ def search_command(crop: list[Path] = typer.Option(None, "--crop", help="JPEG/PN
     if fmt is Fmt.json:
         _json(result)
         return
-    _table(f"identities most like {tracklet or f'{len(crops)} crop(s)'} ({result['space']})", result["results"], [
+    print_table(f"identities most like {tracklet or f'{len(crops)} crop(s)'} ({result['space']})", result["results"], [
         ("rank", lambda r: str(result["results"].index(r) + 1)), ("global id", lambda r: r["global_id"]),
         ("score", lambda r: f"{r['score']:.3f}"), ("cameras", lambda r: ", ".join(r["cameras"])),
         ("tracklets", lambda r: str(r["n_tracklets"])), ("best tracklet", lambda r: r["best_tracklet"]),
@@ -283,7 +275,7 @@ def constraints_command(config: Path = typer.Option(Path("configs/demo.yaml"), "
     if fmt is Fmt.json:
         _json(rows)
         return
-    _table("constraints", rows, [("kind", lambda r: r["kind"]), ("a", lambda r: ", ".join(r["a"])),
+    print_table("constraints", rows, [("kind", lambda r: r["kind"]), ("a", lambda r: ", ".join(r["a"])),
                                  ("b", lambda r: ", ".join(r["b"])), ("operator", lambda r: r["operator"]),
                                  ("audit", lambda r: r["audit_id"] or "-")])
 

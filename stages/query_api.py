@@ -230,6 +230,13 @@ def _stored(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise HTTPException(422, str(exc)) from None
 
 
+def _found(value: Any, missing: str) -> Any:
+    """``value``, or a 404 saying ``missing`` when the query found nothing (None)."""
+    if value is None:
+        raise HTTPException(404, missing)
+    return value
+
+
 def _check_image(data: bytes, i: int, name: str) -> None:
     """422 unless ``data`` is a JPEG or PNG that OpenCV decodes (BGR)."""
     import cv2
@@ -308,26 +315,20 @@ def build_app(store: IdentityStore, token: str | None = None, reid: Any = None, 
 
     @app.get("/identities/{global_id}", response_model=IdentityOut, summary="One identity (follows merges)")
     def get_identity(global_id: str) -> Any:
-        found = query.identity(store, global_id)
-        if found is None:
-            raise HTTPException(404, f"identity {global_id!r} is unknown")
-        return found
+        return _found(query.identity(store, global_id),
+                      f"identity {global_id!r} is unknown")
 
     @app.get("/identities/{global_id}/timeline", response_model=TimelineOut,
              summary="An identity's sightings ordered by start time")
     def get_timeline(global_id: str, offset: int = Query(0, ge=0),
                      limit: int = Query(query.MAX_PAGE, ge=1, le=10 * query.MAX_PAGE)) -> Any:
-        found = _stored(query.timeline, store, global_id, offset, limit)
-        if found is None:
-            raise HTTPException(404, f"identity {global_id!r} is unknown")
-        return found
+        return _found(_stored(query.timeline, store, global_id, offset, limit),
+                      f"identity {global_id!r} is unknown")
 
     @app.get("/identities/{global_id}/crops", response_model=CropsOut, summary="An identity's crops per camera")
     def get_crops(global_id: str, camera: str | None = Query(None, description="Only this camera.")) -> Any:
-        found = query.crops(store, global_id, camera)
-        if found is None:
-            raise HTTPException(404, f"identity {global_id!r} is unknown")
-        return found
+        return _found(query.crops(store, global_id, camera),
+                      f"identity {global_id!r} is unknown")
 
     @app.post("/identities/{global_id}/merge", response_model=OperatorOut,
               summary="Operator merge: move every tracklet of the `from` identities into this one")
@@ -347,10 +348,8 @@ def build_app(store: IdentityStore, token: str | None = None, reid: Any = None, 
         until: float | None = Query(None, description="Latest start, stream seconds."),
         offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=query.MAX_PAGE),
     ) -> Any:
-        found = _stored(query.camera_sightings, store, camera, since, until, offset, limit)
-        if found is None:
-            raise HTTPException(404, f"no sightings of camera {camera!r} are stored")
-        return found
+        return _found(_stored(query.camera_sightings, store, camera, since, until, offset, limit),
+                      f"no sightings of camera {camera!r} are stored")
 
     @app.post("/search", response_model=SearchOut, openapi_extra=_SEARCH_BODY,
               summary="Search by example: top-k identities for uploaded crops or a tracklet id")
@@ -418,10 +417,8 @@ def build_app(store: IdentityStore, token: str | None = None, reid: Any = None, 
 
     @app.get("/tracklets/{tracklet_id}", response_model=TrackletOut, summary="One tracklet's link")
     def get_tracklet(tracklet_id: str) -> Any:
-        found = query.tracklet(store, tracklet_id)
-        if found is None:
-            raise HTTPException(404, f"tracklet {tracklet_id!r} is not linked")
-        return found
+        return _found(query.tracklet(store, tracklet_id),
+                      f"tracklet {tracklet_id!r} is not linked")
 
     @app.get("/tracklets/{tracklet_id}/thumbnail", response_class=Response, summary="A tracklet's JPEG crop",
              responses={200: {"content": {"image/jpeg": {}}, "description": "The JPEG crop (BGR-encoded)."}})

@@ -41,7 +41,7 @@ from pipeline.config import DEFAULT_ZONE, Config
 from pipeline.messages import EmbeddingRecord
 from pipeline.runner import Output, TransientError
 from pipeline.store import IdentityStore
-from stages.matcher.matcher import STAGE, CrossCameraMatcher
+from stages.matcher.matcher import CrossCameraMatcher
 
 log = logging.getLogger(__name__)
 

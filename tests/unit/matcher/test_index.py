@@ -155,7 +155,7 @@ def _site(seed: int, n_ids: int = 60, dim: int = 24):
     rng = np.random.default_rng(seed)
     cams = ["a", "b", "c"]
     centres = _vectors(n_ids, dim, seed)
-    groups, idents, arrival = {}, {}, 0
+    groups, arrival = {}, 0
     for g in range(n_ids):
         members = []
         t = float(rng.uniform(0, 200))
