@@ -14,8 +14,10 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
 * ``p50_ms`` / ``p99_ms``: one :meth:`CrossCameraMatcher.decide` (projection into the scoring space,
   index search, the association rules on the candidates);
 * ``embeddings_per_s``: the batch path of :meth:`CrossCameraMatcher.process` without Redis writes —
-  one index search per batch of 64, each record decided (identities changed by earlier records of
-  the batch are scored exactly) and added to the gallery (prototypes, mean, index update);
+  polled batches of ``--batch`` (256, ``matcher.max_batch``), one index search per sub-batch of
+  ``--search-batch`` (64, ``matcher.index.batch``), the next sub-batch searched on a second thread
+  while one is decided; each record decided (identities changed since its search are scored
+  exactly) and added to the gallery (prototypes, mean, index update);
 * ``recall_at_10``: share of the exact top-10 identities (by mean-prototype score) the index returns
   in its top 10; ``same_decision``: share of tracklets the index path sends to the same identity as
   brute force; ``memory_bytes_per_identity``: resident memory the process grew by while loading the
@@ -37,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -155,18 +158,19 @@ def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: 
         done = 0
         online = m.online()  # as process() does: numpy's BLAS on one thread while faiss searches
         online.__enter__()
-        for s in range(0, len(recs), 64):
-            batch = _records(q[s:s + 64], cams, ids[s:s + 64], 10 ** 7 + s)
+        for s in range(0, len(recs), args.batch):
+            batch = _records(q[s:s + args.batch], cams, ids[s:s + args.batch], 10 ** 7 + s)
             ys = [m._project(r.vector) for r in batch]  # as process() does: one projection per record
-            pre = m._prefetch(ys)
-            touched: list[int] = []
-            for r, y, p in zip(batch, ys, pre):
-                d = m._decide(r.camera, r.start_s, r.end_s, y, p, touched)
-                gid = d.global_id or f"N{r.tracklet_id}"
-                m._arrival += 1
-                m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, y, m._arrival))
-                touched.append(m.gallery.code(gid))
-                done += 1
+            with contextlib.closing(m._candidate_batches(ys)) as parts:  # as process() does
+                for rows, pre, touched in parts:
+                    for i, p in zip(rows, pre):
+                        r, y = batch[i], ys[i]
+                        d = m._decide(r.camera, r.start_s, r.end_s, y, p, touched)
+                        gid = d.global_id or f"N{r.tracklet_id}"
+                        m._arrival += 1
+                        m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, y, m._arrival))
+                        touched.append(m.gallery.code(gid))
+                        done += 1
         per_s = done / (time.perf_counter() - t)
         online.__exit__(None, None, None)
         return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
@@ -233,6 +237,10 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=IndexSettings().candidates)
     p.add_argument("--fetch", type=int, default=IndexSettings().fetch, help="IVF codes re-ranked per query (index.fetch).")
     p.add_argument("--code-dim", type=int, default=IndexSettings().code_dim, help="Dimensions the IVF codes keep.")
+    p.add_argument("--batch", type=int, default=256, help="Records per polled batch (matcher.max_batch).")
+    p.add_argument("--search-batch", type=int, default=IndexSettings().batch,
+                   help="Records per index search (matcher.index.batch); --search-batch equal to --batch: no "
+                   "background search.")
     p.add_argument("--hot-s", type=float, default=None,
                    help="Also search exactly the identities seen within this many seconds (index.hot_s; "
                    "the gallery spans a day). Default: the IVF alone, the worst case.")
@@ -243,7 +251,8 @@ def main() -> None:
     for dim in args.dims:
         for n in args.sizes:
             settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
-                                     code_dim=args.code_dim, threads=args.threads, hot_s=args.hot_s)
+                                     code_dim=args.code_dim, threads=args.threads, hot_s=args.hot_s,
+                                     batch=args.search_batch)
             m, data = build(n, dim, args, settings)
             brute = measure(m, data, args, exact=True)
             del m, data
@@ -258,7 +267,8 @@ def main() -> None:
             for name, row, extra in (("brute", brute, {"recall_at_10": 1.0, "same_decision": 1.0}),
                                      (label, ivf, {"recall_at_10": round(recall, 4), "same_decision": round(same, 4),
                                                    "nprobe": args.nprobe, "fetch": args.fetch,
-                                                   "code_dim": args.code_dim, "build_s": round(data2["build_s"], 1),
+                                                   "code_dim": args.code_dim, "batch": args.batch,
+                                                   "search_batch": args.search_batch, "build_s": round(data2["build_s"], 1),
                                                    "memory_bytes_per_identity": round(data2["gallery_bytes"] / n)})):
                 print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
                                   "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)

@@ -416,6 +416,10 @@ class IndexConfig(_Model):
         256, ge=1, description="Changed identities searched exactly from a pending buffer before they are written "
         "into the IVF in one go.",
     )
+    batch: int = Field(
+        64, ge=1, description="Tracklets per index search: a polled batch is cut into sub-batches of this size, and "
+        "the next one's candidates are searched on a second thread while one is decided and written.",
+    )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
     threads: int | None = Field(None, ge=1, description="faiss threads; null uses every core.")
     hot_s: float | None = Field(
@@ -458,6 +462,10 @@ class MatcherConfig(_Model):
     transit: TransitConfig = Field(default_factory=TransitConfig)
     reassociation: ReassociationConfig = Field(default_factory=ReassociationConfig)
     group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
+    max_batch: int = Field(
+        256, ge=1, description="Embeddings the matcher polls and processes at once (offsets are committed per batch; "
+        "larger batches let index searches overlap the Redis writes, see `index.batch`).",
+    )
     gallery_ttl_s: float | None = Field(
         None, gt=0, description="Identities unseen for longer (stream seconds) stop being candidates and leave the "
         "matcher's memory (archived: they stay in Redis and the API's search by example still finds them); "

@@ -301,7 +301,8 @@ class Gallery:
         if prefetched is None:
             s, c = self.search(z[None, :], k)
             prefetched = (s[0], c[0])
-        extra = np.asarray(list(also), np.int64)
+        also_codes = np.asarray(list(also), np.int64)
+        extra = also_codes
         if self.hot is not None and self.index.approximate and len(self.hot):
             extra = np.concatenate([extra, self.hot.search(z[None, :], min(k, len(self.hot)))[1][0]])
         done = np.zeros(0, np.int64)  # codes scored so far, and their scores
@@ -330,9 +331,13 @@ class Gallery:
                 vals = np.concatenate([vals, got])
                 top = vals.max()
                 best_code, best = int(done[vals == top].min()), float(top)  # ties: the older identity
-            valid = scores[codes >= 0]
-            exhausted = len(valid) < len(codes) or len(codes) >= len(self.index)
-            bound = float(valid[-1]) + w if len(valid) else -np.inf
+            found = codes >= 0
+            exhausted = int(found.sum()) < len(codes) or len(codes) >= len(self.index)
+            # an identity left out scores at most the lowest retrieved score of an identity that has not
+            # changed since the search (a changed one's score may be stale, or read half written when the
+            # search ran on another thread, see IdentityIndex.deferred); changed ones are all scored
+            steady = scores[found & ~np.isin(codes, also_codes)] if len(also_codes) else scores[found]
+            bound = float(steady.min()) + w if len(steady) else (np.inf if found.any() else -np.inf)
             if exhausted or best >= bound or (bound < threshold and best < threshold):
                 break
             k = len(codes) * 4

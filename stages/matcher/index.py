@@ -26,6 +26,12 @@ every search scans exactly, and are written into the IVF ``flush_every`` at a ti
 removal and one addition per flush, instead of one per link); so a search always sees every vector
 as it is now.
 
+Searches may run on another thread than updates inside :meth:`IdentityIndex.deferred`: there the
+IVF itself is left alone (flushes and retraining wait for the end of the block), so a concurrent
+search sees the IVF as it was when the block began; vectors changed meanwhile may be read half
+written, so the caller must score every key it changed inside the block itself (the matcher passes
+them as ``also`` to :meth:`~stages.matcher.gallery.Gallery.best`).
+
 Shapes: ``dim`` is the scoring-space dimension ``K``; vectors are ``float32 [K]``; keys are
 non-negative ``int64`` identity codes below 2³¹ (the gallery's codes are dense). faiss is imported
 when the first IVF is built.
@@ -62,6 +68,9 @@ class IndexSettings:
             dimension are coded whole.
         flush_every: Changed vectors held in the exactly-searched pending buffer before they are
             written into the IVF.
+        batch: Queries per index search on the matcher's online path: a polled batch is split into
+            sub-batches of this size, and while one is decided the next one's candidates are searched
+            on another thread (see :meth:`IdentityIndex.deferred`).
         retrain_growth: Retrain the IVF once the index holds this many times the vectors it was
             trained on.
         threads: faiss threads (None: all cores).
@@ -77,6 +86,7 @@ class IndexSettings:
     fetch: int = 1024
     code_dim: int = 64
     flush_every: int = 256
+    batch: int = 64
     retrain_growth: float = 4.0
     threads: int | None = None
     hot_s: float | None = 3600.0
@@ -84,7 +94,7 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "ivf"):
             raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
-        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every"):
+        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.code_dim < 2:
@@ -125,6 +135,7 @@ class IdentityIndex:
         self._trained_on = 0
         self._bulk = False
         self._changed_in_bulk = False
+        self._deferred = 0  # depth of deferred() blocks: no flush or retraining inside
 
     def __len__(self) -> int:
         return self._n
@@ -211,8 +222,24 @@ class IdentityIndex:
         fresh = rows[~self._pending[rows]]
         self._pending[fresh] = True
         self._pending_rows.extend(np.unique(fresh).tolist())
-        if len(self._pending_rows) >= self.settings.flush_every:
+        if len(self._pending_rows) >= self.settings.flush_every and not self._deferred:
             self.flush()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Block in which the IVF is not changed: flushes of the pending buffer and retraining wait
+        until the block ends, so that :meth:`search` may run on another thread meanwhile (faiss
+        searches are read-only; upserts and removals only touch the float32 copy and the pending
+        buffer, and freed rows are not reused until the next flush). Blocks nest."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+            if not self._deferred:
+                if len(self._pending_rows) >= self.settings.flush_every:
+                    self.flush()
+                self._maybe_rebuild()
 
     def flush(self) -> int:
         """Write the pending changes into the IVF (one removal, one addition); returns how many rows
@@ -274,7 +301,7 @@ class IdentityIndex:
         self._in_ivf[:] = False
 
     def _maybe_rebuild(self) -> None:
-        if self._bulk:
+        if self._bulk or self._deferred:
             return
         s = self.settings
         n = self._n

@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -199,6 +199,7 @@ class CrossCameraMatcher:
         self.gallery = Gallery(prototypes_per_camera, index)
         self._arrival = 0
         self._blas: Any = None  # threadpoolctl controller, made on first use (see online())
+        self._searcher: Any = None  # one-thread executor of background index searches (see _candidate_batches)
         self._newest_end = -np.inf
         self._dim: int | None = None
         self._epoch = 0
@@ -419,10 +420,51 @@ class CrossCameraMatcher:
             out[i] = (scores[j], codes[j])
         return out
 
+    def _candidate_batches(self, ys: list[np.ndarray | None]) -> Iterator[tuple[range, list, list[int]]]:
+        """The online path's index searches for records of projections ``ys`` (None: a record to skip).
+
+        Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
+        background search and ends the deferral at once. Yields ``(rows, prefetched, touched)`` per sub-batch of ``index.batch`` records: ``rows`` index
+        ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`), and
+        ``touched`` lists the identity codes changed since those candidates were searched; the caller
+        passes it as ``also`` to each decision and appends every code it changes. While the IVF is in
+        use, the next sub-batch is searched on a second thread while the caller decides and writes
+        this one (faiss and numpy release the GIL; so do Redis round trips), inside
+        :meth:`IdentityIndex.deferred`; its ``touched`` therefore starts with the codes the caller
+        changed in this one. Decisions are the same as with one search per sub-batch after the
+        previous one: every changed identity is scored exactly.
+        """
+        size = self.gallery.settings.batch
+        parts = [range(s, min(s + size, len(ys))) for s in range(0, len(ys), size)]
+        nxt = self._prefetch([ys[i] for i in parts[0]]) if parts else []
+        before: list[int] = []  # changed while the current sub-batch's candidates were searched
+        for j, rows in enumerate(parts):
+            pre, touched = nxt, list(before)
+            index = self.gallery.index
+            ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0
+            if ahead:
+                if self._searcher is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._searcher = ThreadPoolExecutor(1, thread_name_prefix="matcher-search")
+                with index.deferred():
+                    job = self._searcher.submit(self._prefetch, [ys[i] for i in parts[j + 1]])
+                    try:
+                        yield rows, pre, touched
+                    finally:
+                        nxt = job.result()  # before the IVF may change again
+                before = touched[len(before):]
+            else:
+                yield rows, pre, touched
+                before = []
+                if j + 1 < len(parts):
+                    nxt = self._prefetch([ys[i] for i in parts[j + 1]])
+
     def process(self, records: list[EmbeddingRecord]) -> list[Output]:
         """Link each record (skipping ones already linked), then re-associate when it is due; outputs
-        nothing downstream. The gallery index is searched once for the whole batch; identities changed
-        by earlier records of the batch are scored exactly for the later ones.
+        nothing downstream. The gallery index is searched once per sub-batch of ``index.batch`` records,
+        the next sub-batch in the background while one is written (:meth:`_candidate_batches`);
+        identities changed by earlier records are scored exactly for the later ones.
 
         Raises:
             TransientError: Redis is unreachable (the runner retries; nothing is committed).
@@ -438,22 +480,24 @@ class CrossCameraMatcher:
             # each embedding as Redis will hold it, projected once
             vecs = [self.store.stored_embedding(rec.vector) for rec in records]
             ys = [self._project(v) if self._dim is None or len(v) == self._dim else None for v in vecs]
-            prefetched = self._prefetch(ys)
-            touched: list[int] = []
-            for rec, vec, y, pre in zip(records, vecs, ys, prefetched):
-                t = time.perf_counter()
-                try:
-                    if self.store.has_tracklet(rec.tracklet_id):
-                        log.debug("matcher: %s already linked (replay)", rec.tracklet_id)
-                        continue
-                    self._check_dim(len(vec))
-                    gid = self._apply(rec, vec, y, pre, touched)
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    raise TransientError(f"Redis unavailable: {exc}") from exc
-                code = self.gallery.code(gid) if gid is not None else None
-                if code is not None:
-                    touched.append(code)
-                metrics.STAGE_LATENCY.labels(stage=STAGE, camera=rec.camera).observe(time.perf_counter() - t)
+            # closing: an exception ends the background search (and the deferral) before it propagates
+            with contextlib.closing(self._candidate_batches(ys)) as batches:
+                for rows, prefetched, touched in batches:
+                    for i, pre in zip(rows, prefetched):
+                        rec, vec, y = records[i], vecs[i], ys[i]
+                        t = time.perf_counter()
+                        try:
+                            if self.store.has_tracklet(rec.tracklet_id):
+                                log.debug("matcher: %s already linked (replay)", rec.tracklet_id)
+                                continue
+                            self._check_dim(len(vec))
+                            gid = self._apply(rec, vec, y, pre, touched)
+                        except (redis.ConnectionError, redis.TimeoutError) as exc:
+                            raise TransientError(f"Redis unavailable: {exc}") from exc
+                        code = self.gallery.code(gid) if gid is not None else None
+                        if code is not None:
+                            touched.append(code)
+                        metrics.STAGE_LATENCY.labels(stage=STAGE, camera=rec.camera).observe(time.perf_counter() - t)
         self._last_arrival = self.monotonic()
         if self.reassociation and self._since_reassociation and \
                 self.monotonic() - self._last_reassociation >= self.reassociation.every_s:
@@ -706,8 +750,16 @@ class CrossCameraMatcher:
                 "splits": splits, "moved": moved}
 
     def close(self) -> None:
-        self.drop_metrics()
+        self.release()
         self.store.close()
+
+    def release(self) -> None:
+        """Let go of what this matcher holds besides its store (a zone's matcher shares the zoned
+        matcher's connection): the background search thread and this zone's gauges."""
+        if self._searcher is not None:
+            self._searcher.shutdown(wait=True)
+            self._searcher = None
+        self.drop_metrics()
 
     def drop_metrics(self) -> None:
         """Remove this zone's gauges (the zone went to another instance, or this one stops)."""
@@ -778,7 +830,7 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
     return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,
-                               EmbeddingRecord, max_batch=64, max_wait_ms=200, stop=stop, idle_exit_s=idle_exit_s,
+                               EmbeddingRecord, max_batch=cfg.matcher.max_batch, max_wait_ms=200, stop=stop, idle_exit_s=idle_exit_s,
                                on_ready=on_ready)
 
 

@@ -168,7 +168,7 @@ class ZonedMatcher:
             log.info("matcher: rebalance (%d partition(s) revoked): dropping zones %s; they reload from Redis "
                      "when assigned again", len(partitions), sorted(self.matchers))
         for m in self.matchers.values():
-            m.drop_metrics()
+            m.release()
         self.matchers.clear()
 
     def on_assign(self, partitions: Sequence[Any]) -> None:
@@ -186,7 +186,7 @@ class ZonedMatcher:
 
     def close(self) -> None:
         for m in self.matchers.values():
-            m.drop_metrics()
+            m.release()
         self.matchers.clear()
         self.store.close()
 

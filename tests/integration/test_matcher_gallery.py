@@ -5,11 +5,12 @@ unseen for longer than ``gallery_ttl_s`` are archived (out of memory, still in R
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.config import ReassociationConfig
 from stages.matcher import CrossCameraMatcher
 from stages.matcher.index import IndexSettings
-from tests.integration.test_matcher_store import emb, noisy, plain, unit
+from tests.integration.test_matcher_store import D, emb, noisy, plain, unit
 
 
 def _matcher(store, **kw) -> CrossCameraMatcher:
@@ -97,3 +98,39 @@ def test_an_operator_change_is_taken_in_by_its_zone_only(store):
     store.operator_merge(g1, [g2], operator="test")
     assert south.follow_operators() == 0 and south.gallery.gids() == [store.link("S1").global_id]
     assert north.follow_operators() == 2 and north.gallery.gids() == [g1]
+
+
+def test_background_index_searches_link_a_polled_batch_right_and_survive_a_poison_record(store):
+    """A polled batch of 40 over an IVF gallery, searched 4 at a time with the next 4 searched in the
+    background: people seen twice within the batch (the second sighting in the next sub-batch) join
+    the identity founded by the first. A record of another dimension in the middle of a batch fails it
+    (the runner dead-letters it one by one) and leaves the index neither deferred nor searching, so
+    the retry links the rest."""
+    m = _matcher(store, index=IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=4,
+                                            hot_s=None))
+    base = [unit(300 + i) for i in range(30)]
+    m.process([emb(f"B{i}", "left", 2.0 * i, 2.0 * i + 1, v) for i, v in enumerate(base)])
+    assert m.gallery.index.approximate
+    people = [unit(400 + i) for i in range(20)]
+    batch = []
+    for i, v in enumerate(people):
+        batch.append(emb(f"P{i}", "left", 100.0 + 10 * i, 101.0 + 10 * i, v))
+        batch.append(emb(f"Q{i}", "right", 103.0 + 10 * i, 104.0 + 10 * i, noisy(v, 600 + i)))
+    # pairs P_i, Q_i straddle sub-batches: shift by one so that every other pair is split
+    batch = [emb("S", "right", 60.0, 61.0, noisy(base[0], 5)), *batch[:-1]]
+    m.process(batch)
+    assert m._searcher is not None and not m.gallery.index._deferred
+    assert store.link("S").global_id == store.link("B0").global_id
+    for i in range(19):
+        assert store.link(f"Q{i}").global_id == store.link(f"P{i}").global_id, i
+    assert len({store.link(f"P{i}").global_id for i in range(19)}) == 19
+    bad = emb("X", "left", 400.0, 401.0, np.ones(D + 3, np.float32) / np.sqrt(D + 3))
+    good = [emb(f"R{i}", "right", 410.0 + i, 410.5 + i, noisy(people[i], 700 + i)) for i in range(12)]
+    with pytest.raises(ValueError, match="dimension"):
+        m.process([*good[:6], bad, *good[6:]])
+    assert not m.gallery.index._deferred
+    m.process(good)  # the runner's retry (the poison record dead-lettered)
+    for i in range(12):
+        assert store.link(f"R{i}").global_id == store.link(f"P{i}").global_id
+    m.release()
+    assert m._searcher is None

@@ -3,6 +3,8 @@ scoring every identity under the association rules."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -281,3 +283,103 @@ def test_online_path_holds_blas_to_one_thread_only_while_the_ivf_is_used():
     with m.online():
         assert blas_threads() and set(blas_threads()) == {1}
     assert blas_threads() == outside
+
+
+def test_deferred_holds_the_ivf_still_and_catches_up_on_exit():
+    """Inside ``deferred()`` no flush or retraining changes the IVF (a search may run on another
+    thread); searches stay exact meanwhile, and on exit the due flush and retraining happen."""
+    full = IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=5, retrain_growth=1.5)
+    ivf, exact = IdentityIndex(16, full), IdentityIndex(16, IndexSettings(kind="exact"))
+    x = _vectors(400, 16)
+    for idx in (ivf, exact):
+        idx.upsert(np.arange(400), x)
+    trained, total = ivf._ivf, ivf._ivf.ntotal
+    with ivf.deferred():
+        with ivf.deferred():  # blocks nest
+            v = _vectors(300, 16, seed=9)
+            for i in range(300):  # 60 flushes' worth of changes and a retraining's growth
+                ivf.upsert([400 + i], v[i:i + 1])
+                exact.upsert([400 + i], v[i:i + 1])
+            ivf.remove([3, 4])
+            exact.remove([3, 4])
+        assert ivf._ivf is trained and ivf._ivf.ntotal == total and len(ivf._pending_rows) == 302
+        q = _vectors(4, 16, seed=10)
+        np.testing.assert_array_equal(ivf.search(q, 10)[1], exact.search(q, 10)[1])
+    assert ivf._ivf is not trained and not ivf._pending_rows and ivf._ivf.ntotal == len(ivf) == 698
+    np.testing.assert_array_equal(ivf.search(q, 10)[1], exact.search(q, 10)[1])
+
+
+class _Searcher:
+    """Stands in for the matcher's search thread at the two extremes of timing: the next sub-batch
+    searched at once (before any change of the current one) or only when its result is asked for
+    (after all of them)."""
+
+    def __init__(self, when: str) -> None:
+        self.when = when
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        if self.when == "early":
+            done.set_result(fn(*args))
+            return done
+
+        class Late:
+            def result(self):
+                return fn(*args)
+
+        return Late()
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+@pytest.mark.parametrize("batch,timing", [(4, "thread"), (7, "thread"), (4, "early"), (6, "early"), (5, "late")])
+def test_background_searches_decide_as_brute_force(batch, timing):
+    """The matcher's online path with the next sub-batch searched on another thread (index.batch
+    4 to 7 over polled batches of 48) sends every tracklet where scoring every identity does: new
+    people seen again in the next sub-batch join the identity founded there, though the search that
+    found the later one's candidates may have run before it existed (``early``), after (``late``) or
+    meanwhile (a real thread)."""
+    from stages.matcher.matcher import CrossCameraMatcher
+
+    dim = 32
+    gallery = _vectors(300, dim, seed=5)
+    people = _vectors(24, dim, seed=6)
+
+    def run(settings: IndexSettings) -> list[str | None]:
+        m = CrossCameraMatcher(store=None, threshold=0.85, rules=Rules(transit_weight=0.0),  # type: ignore[arg-type]
+                               index=settings)
+        if settings.kind == "ivf" and timing != "thread":
+            m._searcher = _Searcher(timing)
+        m.gallery.replace({f"G{i:04d}": [Member(f"g{i}", "a", 0.0, 1.0, 1, v, i)] for i, v in enumerate(gallery)})
+        out, arrival = [], 1000
+        for s in range(0, 96, 48):
+            recs = []
+            for j in range(48):
+                n = s + j
+                who = people[(n + 2) // 4 % 24] if n % 3 else gallery[n]  # a new person four times in a row
+                recs.append((f"q{n}", "bcd"[n % 3], 10.0 + 10 * n, 15.0 + 10 * n,
+                             _unit(who + 0.1 * _vectors(1, dim, seed=100 + n)[0])))
+            ys = [m._project(r[4]) for r in recs]
+            with m.online(), contextlib.closing(m._candidate_batches(ys)) as parts:
+                for rows, pre, touched in parts:
+                    for i, p in zip(rows, pre):
+                        tid, cam, start, end, _ = recs[i]
+                        gid = m._decide(cam, start, end, ys[i], p, touched).global_id
+                        out.append(gid)
+                        arrival += 1
+                        gid = gid or f"N{tid}"
+                        m.gallery.add(gid, Member(tid, cam, start, end, 1, ys[i], arrival))
+                        touched.append(m.gallery.code(gid))
+        if settings.kind == "ivf":
+            assert m._searcher is not None and not m.gallery.index._deferred  # searched in the background
+        m.release()
+        return out
+
+    want = run(IndexSettings(kind="exact"))
+    got = run(IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=None))
+    assert got == want
+    joined_new = sum(1 for n, g in enumerate(want) if n % 3 and g is not None and not g.startswith("G"))
+    assert joined_new > 20  # later sightings of new people joined identities founded in the same poll
