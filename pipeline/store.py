@@ -673,6 +673,38 @@ class IdentityStore:
                         decode_embedding(raw, code))
         return out
 
+    def links_since(self, linked_ns: int | None) -> tuple[list[str], int | None]:
+        """Tracklets linked at or after ``linked_ns`` (Unix nanoseconds of the write, as Redis' double
+        holds it; None: every one), oldest first, and the newest such time (``linked_ns`` when there is
+        none): a change feed for readers that keep their own view of the store (the API's search
+        index). Inclusive, so the newest of one read comes again in the next: apply it idempotently."""
+        rows = self.r.zrangebyscore(self._k("tracklets"), "-inf" if linked_ns is None else linked_ns, "+inf",
+                                    withscores=True)
+        if not rows:
+            return [], linked_ns
+        return [t.decode() for t, _ in rows], int(rows[-1][1])
+
+    def newest_link(self) -> tuple[str, int] | None:
+        """The most recently linked tracklet and its write time (as :meth:`links_since` gives it)."""
+        rows = self.r.zrevrange(self._k("tracklets"), 0, 0, withscores=True)
+        return (rows[0][0].decode(), int(rows[0][1])) if rows else None
+
+    def global_ids_of(self, tracklet_ids: Iterable[str]) -> set[str]:
+        """Current global ids of the linked tracklets among ``tracklet_ids``."""
+        return self._global_ids_of(list(tracklet_ids))
+
+    def count_tracklets(self) -> int:
+        """Linked tracklets held (all zones)."""
+        return int(self.r.zcard(self._k("tracklets")))
+
+    def identity_members(self, global_ids: list[str]) -> dict[str, list[str]]:
+        """Member tracklet ids of each of ``global_ids`` (empty for an unknown one), by start."""
+        return self._member_ids(list(global_ids))
+
+    def matcher_state_fields(self, *names: str) -> list[bytes | None]:
+        """Some fields of ``{zk}:matcher`` (None where absent), without reading the whole state."""
+        return list(self.r.hmget(self._zk("matcher"), list(names))) if names else []
+
     def save_matcher_state(self, fields: dict[str, bytes | str | float | int]) -> None:
         """Store this zone matcher's scoring space, threshold and transit statistics (``{zk}:matcher``)."""
         self.r.hset(self._zk("matcher"), mapping=fields)

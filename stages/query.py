@@ -195,12 +195,14 @@ def tracklet(store: IdentityStore, tracklet_id: str) -> dict[str, Any] | None:
 
 
 def search(store: IdentityStore, k: int = 10, *, tracklet_id: str | None = None, vector: np.ndarray | None = None,
-           n_crops: int = 0) -> dict[str, Any]:
+           n_crops: int = 0, index: Any = None) -> dict[str, Any]:
     """Search by example: the ``k`` identities most like a stored tracklet or an embedded query.
 
     Give exactly one of ``tracklet_id`` (its stored embedding is the query, and the tracklet itself is
     left out of every score) and ``vector`` (``float32 [D]``, e.g. uploaded crops embedded by
-    :class:`stages.reid.embedder.CropEmbedder`). Ranking: :func:`stages.matcher.search.rank_identities`.
+    :class:`stages.reid.embedder.CropEmbedder`). Ranking: through ``index`` (a
+    :class:`stages.matcher.search.SearchIndex`, as the API keeps one) when given, else
+    :func:`stages.matcher.search.rank_identities` (brute force); the results are the same.
 
     Returns:
         ``{"query": {"tracklet_id", "crops"}, "k", "space": "scoring space" | "cosine", "results":
@@ -223,8 +225,12 @@ def search(store: IdentityStore, k: int = 10, *, tracklet_id: str | None = None,
         if vector is None:
             raise IdentityNotFoundError(f"tracklet {tracklet_id!r} is not linked")
         exclude = [tracklet_id]
-    space = load_scoring_space(store)
-    hits = rank_identities(store, vector, k, space=space, exclude=exclude)
+    if index is not None:
+        hits = index.rank(vector, k, exclude=exclude)
+        space = index.space
+    else:
+        space = load_scoring_space(store)
+        hits = rank_identities(store, vector, k, space=space, exclude=exclude)
     return {"query": {"tracklet_id": tracklet_id, "crops": n_crops}, "k": k,
             "space": "cosine" if space is None else "scoring space", "results": [h.to_json() for h in hits]}
 

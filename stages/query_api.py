@@ -259,6 +259,9 @@ def build_app(store: IdentityStore, token: str | None = None, reid: Any = None, 
                   description="Global identities, sightings, search by example and operator merges/splits.")
     lock = threading.Lock()
     loaded: dict[str, Any] = {"embedder": embedder}
+    from stages.matcher.search import SearchIndex
+
+    search_index = SearchIndex(store)  # built by the first search, then kept current from Redis
 
     def get_embedder() -> Any:
         with lock:
@@ -392,13 +395,15 @@ def build_app(store: IdentityStore, token: str | None = None, reid: Any = None, 
         if not uploads and tracklet_id is None:
             raise HTTPException(422, "give crops (JPEG/PNG files in `crops`) or a tracklet_id")
         if tracklet_id is not None:
-            return await run_in_threadpool(_stored, query.search, store, k, tracklet_id=tracklet_id)
+            return await run_in_threadpool(_stored, query.search, store, k, tracklet_id=tracklet_id,
+                                         index=search_index)
         model = await run_in_threadpool(get_embedder)
         try:
             vector = await run_in_threadpool(model.embed, uploads)
         except ValueError as exc:
             raise HTTPException(422, f"the crops cannot be embedded: {exc}") from None
-        return await run_in_threadpool(_stored, query.search, store, k, vector=vector, n_crops=len(uploads))
+        return await run_in_threadpool(_stored, query.search, store, k, vector=vector, n_crops=len(uploads),
+                                     index=search_index)
 
     @app.get("/audit", response_model=list[AuditOut], summary="Merges and splits, oldest first")
     def get_audit(limit: int | None = Query(None, ge=1, description="The newest N records only.")) -> Any:

@@ -6,10 +6,24 @@ between the query and the identity's member embeddings, both mapped into the mat
 plain cosine of the unit embeddings when no scoring space is saved. This is the same appearance score
 the matcher's online decision averages over prototypes, but over every member.
 
-The ranking is brute force over every stored embedding, read in pipelined batches
-(:meth:`pipeline.store.IdentityStore.embedding_batches`) and reduced batch by batch, so memory stays
-at one batch plus one accumulator per identity. An ANN index can replace it behind
-:func:`rank_identities` without changing callers.
+Two ways to rank, with the same results while the index is exact:
+
+* :func:`rank_identities`, brute force over every stored embedding, read in pipelined batches
+  (:meth:`pipeline.store.IdentityStore.embedding_batches`) and reduced batch by batch, so memory
+  stays at one batch plus one accumulator per identity; for one-off searches (``reidstream query
+  search`` without a running API).
+* :class:`SearchIndex`, for a long-running process (``reidstream api``): one
+  :class:`~stages.matcher.index.IdentityIndex` over every identity's *mean member vector*
+  ``m = mean_j z_j``, so that ``q·m`` **is** the score above (exact search below
+  ``exact_below`` identities, faiss IVF above). It is built once from every stored embedding and
+  then kept current between searches from Redis' change feeds: tracklets linked since the last
+  search (``{ns}:tracklets`` is scored by write time) and audit records since the last one (every
+  re-association or operator move names the identities it changed); each identity named is
+  re-read whole, so applying a change twice is harmless. The ``max(4k, 64)`` best identities of the
+  index (and those of excluded tracklets) are then re-scored exactly from their members in Redis,
+  so a stale or approximate index can only miss an identity, never misreport a score. A purge (the
+  store holds fewer tracklets than the index counted), a new scoring space, or ``rebuild_s``
+  seconds rebuild the index.
 
 Example::
 
@@ -20,18 +34,22 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Collection
+import threading
+import time
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
 
 from stages.matcher.association import ScoringSpace
+from stages.matcher.index import IdentityIndex, IndexSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdentityMatch", "SearchError", "load_scoring_space", "rank_identities"]
+__all__ = ["IdentityMatch", "SearchError", "SearchIndex", "load_scoring_space", "rank_identities"]
 
 _UNSET: Any = object()
 
@@ -108,20 +126,10 @@ def rank_identities(store: Any, vector: np.ndarray, k: int, *, space: ScoringSpa
         SearchError: ``vector`` is not a finite non-zero 1-D vector, its dimension differs from the
             scoring space's, or no stored embedding has its dimension while some exist.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    q = np.asarray(vector, np.float32)
-    if q.ndim != 1 or q.size == 0 or not np.all(np.isfinite(q)) or not np.any(q):
-        raise SearchError(f"the query must be a finite non-zero vector [D], got shape {q.shape}")
+    q = _check_query(vector, k)
     if space is _UNSET:
         space = load_scoring_space(store)
-    if space is not None:
-        try:
-            qz = space.transform(q)
-        except ValueError as exc:
-            raise SearchError(str(exc)) from None
-    else:
-        qz = _unit(q)
+    qz = _query_vector(q, space)
     skip = set(exclude)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -147,8 +155,233 @@ def rank_identities(store: Any, vector: np.ndarray, k: int, *, space: ScoringSpa
         if not counts:
             raise SearchError(f"no stored embedding has the query's dimension {q.size} (the re-id model "
                               f"differs from the one that embedded the stored tracklets)")
+    return _matches(store, sums, counts, best, k)
+
+
+def _check_query(vector: np.ndarray, k: int) -> np.ndarray:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = np.asarray(vector, np.float32)
+    if q.ndim != 1 or q.size == 0 or not np.all(np.isfinite(q)) or not np.any(q):
+        raise SearchError(f"the query must be a finite non-zero vector [D], got shape {q.shape}")
+    return q
+
+
+def _query_vector(q: np.ndarray, space: ScoringSpace | None) -> np.ndarray:
+    if space is None:
+        return _unit(q)
+    try:
+        return space.transform(q)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from None
+
+
+def _matches(store: Any, sums: dict[str, float], counts: dict[str, int], best: dict[str, tuple[float, str]],
+             k: int) -> list[IdentityMatch]:
+    """The ``k`` best of the accumulated scores as :class:`IdentityMatch` es (score, then global id)."""
     ranked = sorted(counts, key=lambda g: (-sums[g] / counts[g], g))[:k]
     sizes = store.identity_sizes(ranked)
     cameras = {i.global_id: i.cameras for i in store.identities_by_id(ranked)}
     return [IdentityMatch(g, sums[g] / counts[g], cameras.get(g, []), sizes.get(g, counts[g]), best[g][1],
                           best[g][0], counts[g]) for g in ranked]
+
+
+class SearchIndex:
+    """Search by example through an index of the stored identities, kept current from Redis (see the
+    module docstring); thread-safe (one lock around each search and its refresh).
+
+    Args:
+        store: An :class:`~pipeline.store.IdentityStore`.
+        settings: Index settings (exact below ``exact_below`` identities, faiss IVF above).
+        rebuild_s: Seconds after which the next search rebuilds the index from every stored embedding
+            (bounds what the change feeds cannot see: tracklets expired by the store's retention).
+        batch_size: Embeddings per pipelined read while building.
+
+    Example::
+
+        index = SearchIndex(store)
+        hits = index.rank(store.embedding("left-3-120"), k=5, exclude=["left-3-120"])
+    """
+
+    def __init__(self, store: Any, settings: IndexSettings | None = None, rebuild_s: float = 3600.0,
+                 batch_size: int = 1000) -> None:
+        if rebuild_s <= 0:
+            raise ValueError(f"rebuild_s must be > 0, got {rebuild_s}")
+        self.store = store
+        self.settings = settings or IndexSettings(hot_s=None)
+        self.rebuild_s = rebuild_s
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        self.index: IdentityIndex | None = None
+        self.space: ScoringSpace | None = None
+        self._space_key: tuple[bytes | None, ...] | None = None
+        self._built_at = -np.inf
+        self._clear()
+
+    def _clear(self) -> None:
+        self.index = None
+        self._code: dict[str, int] = {}
+        self._gid: list[str] = []
+        self._count: dict[str, int] = {}   # members behind each indexed mean
+        self._dim: int | None = None
+        self._linked_ns: int | None = None
+        self._audit_id: str | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else len(self.index)
+
+    # ---------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Bring the index up to date with the store (rebuilt when due, else the change feeds).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable.
+        """
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        key = tuple(self.store.matcher_state_fields("epoch", "mean", "components"))
+        if self.index is None or key != self._space_key or time.monotonic() - self._built_at > self.rebuild_s:
+            self._build(key)
+            return
+        tids, newest = self.store.links_since(self._linked_ns)
+        audit = []
+        while True:
+            part = self.store.audit_after(audit[-1]["id"] if audit else self._audit_id, count=10000)
+            audit.extend(part)
+            if len(part) < 10000:
+                break
+        changed = self.store.global_ids_of(tids)
+        for record in audit:
+            into = record.get("into")
+            changed |= {record.get("from"), *(into if isinstance(into, list) else [into])}
+        changed.discard(None)
+        self._linked_ns = newest
+        if audit:
+            self._audit_id = audit[-1]["id"]
+        if changed:
+            self._reload(sorted(changed))
+        if self.store.count_tracklets() < sum(self._count.values()):
+            log.info("search index: tracklets were purged; rebuilding")
+            self._build(key)
+
+    def _build(self, key: tuple[bytes | None, ...]) -> None:
+        t0 = time.perf_counter()
+        self._clear()
+        self.space = load_scoring_space(self.store)
+        self._space_key = key
+        # the feeds' positions first: what is written while the embeddings are read comes again
+        self._audit_id = self.store.last_audit_id()
+        newest = self.store.newest_link()
+        self._built_at = time.monotonic()
+        if newest is None:
+            return
+        tid, self._linked_ns = newest
+        latest = self.store.embedding(tid)
+        if latest is None:  # purged meanwhile: the next search builds again
+            self._built_at = -np.inf
+            return
+        self._dim = latest.shape[0]  # the current re-id model's (older ones' embeddings are skipped)
+        row_of: dict[str, int] = {}
+        sums = np.zeros((0, 0), np.float32)  # float32 [identities, K], grown by doubling
+        counts = np.zeros(0, np.int64)
+        for rows in self.store.embedding_batches(self.batch_size):
+            same = [r for r in rows if r[2].shape[0] == self._dim]
+            if not same:
+                continue
+            z = self._transform(np.stack([r[2] for r in same]))
+            at = np.array([row_of.setdefault(gid, len(row_of)) for _, gid, _ in same], np.int64)
+            if len(row_of) > len(sums):
+                grown = np.zeros((max(2 * len(sums), len(row_of), 1024), z.shape[1]), np.float32)
+                if len(sums):
+                    grown[:len(sums)] = sums
+                sums, counts = grown, np.concatenate([counts, np.zeros(len(grown) - len(counts), np.int64)])
+            np.add.at(sums, at, z)
+            np.add.at(counts, at, 1)
+        gids = list(row_of)
+        self._count = {g: int(counts[i]) for i, g in enumerate(gids)}
+        self._put(gids, sums[:len(gids)] / counts[:len(gids), None])
+        log.info("search index: %d identities of %d tracklets indexed in %.2f s", len(self), sum(self._count.values()),
+                 time.perf_counter() - t0)
+
+    def _transform(self, x: np.ndarray) -> np.ndarray:
+        return self.space.transform(x) if self.space is not None else _unit(x)
+
+    def _put(self, gids: list[str], means: np.ndarray) -> None:
+        """Index (or replace) the mean vectors ``float32 [len(gids), K]`` of identities ``gids``."""
+        if not gids:
+            return
+        if self.index is None:
+            self.index = IdentityIndex(means.shape[1], self.settings)
+        codes = []
+        for gid in gids:
+            code = self._code.get(gid)
+            if code is None:
+                code = self._code[gid] = len(self._gid)
+                self._gid.append(gid)
+            codes.append(code)
+        with self.index.bulk() if len(gids) > 1000 and not len(self.index) else contextlib.nullcontext():
+            self.index.upsert(codes, means.astype(np.float32))
+
+    def _reload(self, gids: list[str]) -> None:
+        """Re-read identities whole from Redis (gone or emptied ones leave the index)."""
+        members = self.store.identity_members(gids)
+        rows = self.store.tracklet_rows([t for g in gids for t in members.get(g, [])])
+        means: dict[str, np.ndarray] = {}
+        for gid in gids:
+            vecs = [rows[t][5] for t in members.get(gid, []) if t in rows and rows[t][5].shape[0] == self._dim]
+            if not vecs:
+                self._count.pop(gid, None)
+                if gid in self._code and self.index is not None:
+                    self.index.remove([self._code[gid]])
+                continue
+            means[gid] = self._transform(np.stack(vecs)).mean(axis=0).astype(np.float32)
+            self._count[gid] = len(vecs)
+        self._put(list(means), np.stack(list(means.values())) if means else np.zeros((0, 0), np.float32))
+
+    # ---------------------------------------------------------------------------------------------
+    def rank(self, vector: np.ndarray, k: int, *, exclude: Collection[str] = ()) -> list[IdentityMatch]:
+        """As :func:`rank_identities` (same arguments, results and errors), through the index.
+
+        A query whose dimension differs from the indexed embeddings' falls back to
+        :func:`rank_identities`, which raises or skips as documented there.
+        """
+        q = _check_query(vector, k)
+        with self._lock:
+            self._refresh()
+            if self.index is None or not len(self.index) or q.size != self._dim:
+                space = self.space
+                index_ready = False
+            else:
+                space, index_ready = self.space, True
+                qz = _query_vector(q, space)
+                _, codes = self.index.search(qz[None, :], max(4 * k, 64))
+                cand = {self._gid[c] for c in codes[0].tolist() if c >= 0}
+        if not index_ready:
+            return rank_identities(self.store, vector, k, space=space, exclude=exclude)
+        skip = set(exclude)
+        if skip:
+            cand |= self.store.global_ids_of(sorted(skip))
+        return self._exact(qz, sorted(cand), skip, k)
+
+    def _exact(self, qz: np.ndarray, gids: Iterable[str], skip: set[str], k: int) -> list[IdentityMatch]:
+        """Score candidate identities exactly from their members in Redis."""
+        gids = list(gids)
+        members = self.store.identity_members(gids)
+        tids = [t for g in gids for t in members.get(g, []) if t not in skip]
+        rows = self.store.tracklet_rows(tids)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        best: dict[str, tuple[float, str]] = {}
+        same = [(t, r) for t, r in rows.items() if r[5].shape[0] == self._dim]
+        if same:
+            cos = self._transform(np.stack([r[5] for _, r in same])) @ qz
+            for (tid, row), c in zip(same, cos.tolist()):
+                gid = row[0]
+                sums[gid] = sums.get(gid, 0.0) + c
+                counts[gid] = counts.get(gid, 0) + 1
+                if gid not in best or c > best[gid][0]:
+                    best[gid] = (c, tid)
+        return _matches(self.store, sums, counts, best, k)
+

@@ -1,0 +1,30 @@
+"""``bench/search.py`` runs at a small N against its own throwaway Redis and prints its JSON row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import services
+from tests.conftest import ROOT
+
+
+def test_search_bench_compares_the_index_with_brute_force():
+    try:
+        services.redis_binary()
+    except services.ServiceError as exc:
+        pytest.skip(f"no redis-server: {exc}")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "search.py"), "--sizes", "2000", "--queries", "12",
+                           "--brute-queries", "4", "--new", "20", "--dim", "32"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["bench"], r["tracklets"], r["dim"], r["index"]) == ("search", 2000, 32, "exact")
+    assert 400 <= r["identities"] <= 600 and r["brute_p50_ms"] > 0 and r["index_build_s"] >= 0
+    assert 0 < r["index_p50_ms"] <= r["index_p99_ms"] and r["refresh_ms_per_link"] >= 0
+    assert r["recall_at_10"] == 1.0 and r["same_top1"] == 1.0  # exact index: brute force's ranking
