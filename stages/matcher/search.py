@@ -22,8 +22,9 @@ Two ways to rank, with the same results while the index is exact:
   re-read whole, so applying a change twice is harmless. The ``max(4k, 64)`` best identities of the
   index (and those of excluded tracklets) are then re-scored exactly from their members in Redis,
   so a stale or approximate index can only miss an identity, never misreport a score. A purge (the
-  store holds fewer tracklets than the index counted), a new scoring space, or ``rebuild_s``
-  seconds rebuild the index.
+  store holds fewer tracklets than the index counted) or a new scoring space rebuild the index at
+  the next search; after ``rebuild_s`` seconds it is rebuilt on a background thread while searches
+  go on with the current one.
 
 Example::
 
@@ -216,6 +217,8 @@ class SearchIndex:
         self.space: ScoringSpace | None = None
         self._space_key: tuple[bytes | None, ...] | None = None
         self._built_at = -np.inf
+        self._fresh: threading.Thread | None = None        # a background rebuild, while one runs
+        self._fresh_index: SearchIndex | None = None
         self._clear()
 
     def _clear(self) -> None:
@@ -241,10 +244,14 @@ class SearchIndex:
             self._refresh()
 
     def _refresh(self) -> None:
+        if self._fresh is not None and not self._fresh.is_alive():
+            self._adopt()  # then the feeds below bring it up to date
         key = tuple(self.store.matcher_state_fields("epoch", "mean", "components"))
-        if self.index is None or key != self._space_key or time.monotonic() - self._built_at > self.rebuild_s:
+        if self.index is None or key != self._space_key:
             self._build(key)
             return
+        if self._fresh is None and time.monotonic() - self._built_at > self.rebuild_s:
+            self._start_rebuild(key)
         tids, newest = self.store.links_since(self._linked_ns)
         audit = []
         while True:
@@ -265,6 +272,33 @@ class SearchIndex:
         if self.store.count_tracklets() < sum(self._count.values()):
             log.info("search index: tracklets were purged; rebuilding")
             self._build(key)
+
+    def _start_rebuild(self, key: tuple[bytes | None, ...]) -> None:
+        """Rebuild on a background thread; searches use (and update) the current index meanwhile, and
+        the first search after it finished adopts the new one and applies what changed since."""
+        other = SearchIndex(self.store, self.settings, self.rebuild_s, self.batch_size)
+
+        def build() -> None:
+            try:
+                other._build(key)
+            except Exception as exc:  # noqa: BLE001 - a failed background rebuild keeps the current index
+                log.warning("search index: background rebuild failed (%s: %s); keeping the current index",
+                            type(exc).__name__, exc)
+                other.index = None
+
+        self._fresh = threading.Thread(target=build, name="search-index-rebuild", daemon=True)
+        self._fresh_index = other
+        self._fresh.start()
+
+    def _adopt(self) -> None:
+        other, self._fresh, self._fresh_index = self._fresh_index, None, None
+        if other is None or other.index is None:
+            self._built_at = time.monotonic()  # failed or empty: try again after rebuild_s
+            return
+        for name in ("index", "space", "_space_key", "_built_at", "_code", "_gid", "_count", "_dim", "_linked_ns",
+                     "_audit_id"):
+            setattr(self, name, getattr(other, name))
+        log.info("search index: adopted the rebuilt index (%d identities)", len(self))
 
     def _build(self, key: tuple[bytes | None, ...]) -> None:
         t0 = time.perf_counter()

@@ -4,6 +4,8 @@ operator merges and splits, purges and a new scoring space, with only the change
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,19 @@ def test_the_api_searches_through_its_index_and_sees_new_links(store):
     _link(store, "twin", store.next_global_id(), "gate", 500.0, store.embedding("s06-0"))
     again = client.post("/search", json={"tracklet_id": "s06-0", "k": 3}).json()["results"]
     assert again[0]["best_tracklet"] == "twin" and again[0]["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_periodic_rebuild_runs_in_the_background_and_is_adopted(store):
+    plan, vecs = _plan(20)
+    gids = seed_store(store, plan, vecs)
+    index = SearchIndex(store, rebuild_s=0.05)
+    queries = [(store.embedding("s06-0"), ["s06-0"]), (near(unit(2009), 3, 0.2), [])]
+    _same(index, store, queries)
+    first = index.index
+    time.sleep(0.1)
+    index.refresh()  # due: a rebuild starts, searches go on with the current index
+    assert index._fresh is not None and index.index is first
+    index._fresh.join(10)
+    _link(store, "late", gids["p09"], "gate", 800.0, near(unit(2009), 4, 0.2))  # after the rebuild's scan
+    _same(index, store, queries)
+    assert index.index is not first and index._fresh is None and index._count[gids["p09"]] == 1 + 9 % 4 + 1
