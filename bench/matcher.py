@@ -180,14 +180,11 @@ def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: 
             idx.resume(saved)
 
 
-def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespace) -> dict:
-    """Store the gallery's prototypes in a throwaway Redis and time a fresh matcher's restore."""
+@contextlib.contextmanager
+def _throwaway_redis():
+    """A ``redis-server`` on a Unix socket in a temporary directory, without persistence: its URL."""
     import subprocess
     import tempfile
-
-    import redis
-
-    from pipeline.store import IdentityStore
 
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "redis.sock")
@@ -198,7 +195,54 @@ def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespac
                 if os.path.exists(sock):
                     break
                 time.sleep(0.05)
-            store = IdentityStore(f"unix://{sock}", "bench")
+            yield f"unix://{sock}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def redis_row(m: CrossCameraMatcher, data: dict, n: int, dim: int, args: argparse.Namespace) -> dict:
+    """Throughput of :meth:`CrossCameraMatcher.process` itself, writing every link to a real Redis
+    (a throwaway one on a Unix socket): the queries as embedding records, in polled batches."""
+    import redis
+
+    from pipeline.messages import EmbeddingRecord, TrackletMeta
+    from pipeline.store import IdentityStore
+
+    try:
+        with _throwaway_redis() as url:
+            m.store = IdentityStore(url, "bench")
+            m.reassociation = None
+            recs = []
+            for i, v in enumerate(data["queries"]):
+                cam = data["cams"][(int(data["truth"][i]) + 1) % len(data["cams"])]
+                start = DAY_S + 1000.0 + i
+                meta = TrackletMeta(tracklet_id=f"r{i}", camera=cam, track_id=i, frames=[0, 80],
+                                    timestamps_s=[start, start + 8.0], boxes=[[0, 0, 40, 90], [1, 0, 41, 90]],
+                                    start_s=start, end_s=start + 8.0, observed_frames=10, closed_wall_s=time.time(),
+                                    close_reason="lost")
+                recs.append(EmbeddingRecord.from_tracklet(meta, v.astype(np.float32), "bench", b"\xff\xd8", 0.0))
+            m.process(recs[:args.batch])  # warm
+            t = time.perf_counter()
+            for s in range(args.batch, len(recs), args.batch):
+                m.process(recs[s:s + args.batch])
+            per_s = (len(recs) - args.batch) / (time.perf_counter() - t)
+            m.store.close()
+    except (OSError, redis.RedisError) as exc:
+        return {"bench": "matcher_redis", "gallery": n, "dim": dim, "error": str(exc)}
+    return {"bench": "matcher_redis", "gallery": n, "dim": dim, "batch": args.batch, "search_batch": args.search_batch,
+            "embeddings_per_s": round(per_s, 1)}
+
+
+def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespace) -> dict:
+    """Store the gallery's prototypes in a throwaway Redis and time a fresh matcher's restore."""
+    import redis
+
+    from pipeline.store import IdentityStore
+
+    with _throwaway_redis() as url:
+        try:
+            store = IdentityStore(url, "bench")
             gids = m.gallery.gids()
             for s in range(0, len(gids), 10000):
                 part = gids[s:s + 10000]
@@ -220,9 +264,6 @@ def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespac
                     "redis_bytes_per_identity": round(used / max(n, 1), 1)}
         except (OSError, redis.RedisError) as exc:
             return {"bench": "rebuild", "gallery": n, "dim": dim, "error": str(exc)}
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def main() -> None:
@@ -246,6 +287,8 @@ def main() -> None:
                    "the gallery spans a day). Default: the IVF alone, the worst case.")
     p.add_argument("--threads", type=int, default=None, help="faiss threads (default: all cores).")
     p.add_argument("--rebuild", action="store_true", help="Also time a restore of the gallery from Redis.")
+    p.add_argument("--redis", action="store_true",
+                   help="Also time process() writing every link to a real Redis (one \"matcher_redis\" row).")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     for dim in args.dims:
@@ -274,6 +317,8 @@ def main() -> None:
                                   "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)
             if args.rebuild:
                 print(json.dumps(rebuild_row(m2, n, dim, args)), flush=True)
+            if args.redis:
+                print(json.dumps(redis_row(m2, data2, n, dim, args)), flush=True)
             del m2
 
 

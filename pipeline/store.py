@@ -440,6 +440,16 @@ class IdentityStore:
     def has_tracklet(self, tracklet_id: str) -> bool:
         return bool(self.r.exists(self._k("tracklet", tracklet_id)))
 
+    def linked_among(self, tracklet_ids: Iterable[str]) -> set[str]:
+        """Which of ``tracklet_ids`` are linked already (one pipelined round trip)."""
+        tids = list(tracklet_ids)
+        if not tids:
+            return set()
+        with self.r.pipeline(transaction=False) as pipe:
+            for tid in tids:
+                pipe.exists(self._k("tracklet", tid))
+            return {tid for tid, n in zip(tids, pipe.execute()) if n}
+
     def next_global_id(self) -> str:
         """Allocate a new global id ``G`` + 6 digits (monotonic per namespace)."""
         return f"G{int(self.r.incr(self._k('seq', 'identity'))):06d}"

@@ -51,6 +51,14 @@ class _Identity:
         self.last_end = -np.inf
 
 
+def _distinct(codes: np.ndarray) -> np.ndarray:
+    """The distinct values of a small ``int64`` array, sorted (cheaper than ``np.unique`` on ~100)."""
+    if len(codes) < 2:
+        return codes
+    codes = np.sort(codes)
+    return codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(v, axis=-1, keepdims=True)
     return np.divide(v, n, out=np.zeros_like(v), where=n > 1e-12)
@@ -80,6 +88,7 @@ class Gallery:
         # per identity code, for scoring candidates without a Python loop over them
         self._alive = np.zeros(1024, bool)
         self._last = np.full(1024, -np.inf)
+        self._flag = np.zeros(1024, bool)  # scratch, all False between calls (see _flagged)
         self._edges: tuple[tuple, int, list[tuple[int, int, float]]] | None = None
 
     def __len__(self) -> int:
@@ -126,6 +135,7 @@ class Gallery:
             if ident.code >= len(self._alive):
                 self._alive = np.concatenate([self._alive, np.zeros(len(self._alive), bool)])
                 self._last = np.concatenate([self._last, np.full(len(self._last), -np.inf)])
+                self._flag = np.zeros(len(self._alive), bool)
             self._alive[ident.code] = True
         return ident
 
@@ -311,10 +321,10 @@ class Gallery:
         while True:
             scores, codes = prefetched
             cand = np.concatenate([codes, extra]) if len(extra) else codes
-            cand = np.unique(cand[cand >= 0])
+            cand = _distinct(cand[cand >= 0])
             cand = cand[self._alive[cand]]
             if len(done):
-                cand = cand[~np.isin(cand, done)]
+                cand = cand[~self._flagged(cand, done)]
             extra = extra[:0]
             # best first; an identity whose z·m plus the largest bonus stays under the threshold, or under
             # the best score found so far, cannot be chosen, so it is not scored
@@ -336,7 +346,8 @@ class Gallery:
             # an identity left out scores at most the lowest retrieved score of an identity that has not
             # changed since the search (a changed one's score may be stale, or read half written when the
             # search ran on another thread, see IdentityIndex.deferred); changed ones are all scored
-            steady = scores[found & ~np.isin(codes, also_codes)] if len(also_codes) else scores[found]
+            steady = scores[found & ~self._flagged(np.maximum(codes, 0), also_codes)] if len(also_codes) else \
+                scores[found]
             bound = float(steady.min()) + w if len(steady) else (np.inf if found.any() else -np.inf)
             if exhausted or best >= bound or (bound < threshold and best < threshold):
                 break
@@ -346,6 +357,14 @@ class Gallery:
         if best_code is None or not np.isfinite(best) or best < threshold:
             return None, None
         return self._by_code[best_code].gid, best
+
+    def _flagged(self, codes: np.ndarray, among: np.ndarray) -> np.ndarray:
+        """``bool [len(codes)]``: which of ``codes`` are in ``among`` (identity codes; a scratch flag
+        per code, O(len) instead of ``np.isin``'s sort or hash)."""
+        self._flag[among] = True
+        out = self._flag[codes]
+        self._flag[among] = False
+        return out
 
     def _camera_edges(self, rules: Rules) -> list[tuple[int, int, float]]:
         """The topology in this gallery's camera codes (cached while cameras and topology stay)."""

@@ -200,6 +200,7 @@ class CrossCameraMatcher:
         self._arrival = 0
         self._blas: Any = None  # threadpoolctl controller, made on first use (see online())
         self._searcher: Any = None  # one-thread executor of background index searches (see _candidate_batches)
+        self._unsaved: set[str] = set()  # identities whose prototypes changed since they were saved
         self._newest_end = -np.inf
         self._dim: int | None = None
         self._epoch = 0
@@ -393,7 +394,7 @@ class CrossCameraMatcher:
         self._arrival += 1
         self.window.add(entry, y, self._arrival)
         if self.gallery.add(gid, self.window.member(len(self.window) - 1)):
-            self.store.save_prototypes({gid: self.gallery.prototypes(gid)}, self._epoch)
+            self._unsaved.add(gid)  # saved once per batch (process())
         self._dim = len(vec)
         self._newest_end = max(self._newest_end, rec.end_s)
         self.links_total += 1
@@ -460,6 +461,26 @@ class CrossCameraMatcher:
                 if j + 1 < len(parts):
                     nxt = self._prefetch([ys[i] for i in parts[j + 1]])
 
+    @contextlib.contextmanager
+    def _saving_prototypes(self) -> Iterator[None]:
+        """Save the prototypes the block changed in one pipelined write when it ends, also when it
+        fails (what cannot be saved then is saved with the identity's next change; a restart
+        recomputes the window's identities from their links anyway)."""
+        import redis
+
+        try:
+            yield
+        finally:
+            changed, self._unsaved = self._unsaved, set()
+            if changed:
+                try:
+                    self.store.save_prototypes({g: self.gallery.prototypes(g) for g in changed if g in self.gallery},
+                                               self._epoch)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self._unsaved = changed
+                    log.warning("matcher: %d identities' prototypes not saved yet (%s); retried with the next batch",
+                                len(changed), exc)
+
     def process(self, records: list[EmbeddingRecord]) -> list[Output]:
         """Link each record (skipping ones already linked), then re-associate when it is due; outputs
         nothing downstream. The gallery index is searched once per sub-batch of ``index.batch`` records,
@@ -476,22 +497,27 @@ class CrossCameraMatcher:
             self.follow_operators()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
+        try:
+            linked = self.store.linked_among(rec.tracklet_id for rec in records)  # replays, in one round trip
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
         with self.online():
             # each embedding as Redis will hold it, projected once
             vecs = [self.store.stored_embedding(rec.vector) for rec in records]
             ys = [self._project(v) if self._dim is None or len(v) == self._dim else None for v in vecs]
             # closing: an exception ends the background search (and the deferral) before it propagates
-            with contextlib.closing(self._candidate_batches(ys)) as batches:
+            with contextlib.closing(self._candidate_batches(ys)) as batches, self._saving_prototypes():
                 for rows, prefetched, touched in batches:
                     for i, pre in zip(rows, prefetched):
                         rec, vec, y = records[i], vecs[i], ys[i]
                         t = time.perf_counter()
                         try:
-                            if self.store.has_tracklet(rec.tracklet_id):
+                            if rec.tracklet_id in linked:
                                 log.debug("matcher: %s already linked (replay)", rec.tracklet_id)
                                 continue
                             self._check_dim(len(vec))
                             gid = self._apply(rec, vec, y, pre, touched)
+                            linked.add(rec.tracklet_id)  # a copy later in the batch is a replay too
                         except (redis.ConnectionError, redis.TimeoutError) as exc:
                             raise TransientError(f"Redis unavailable: {exc}") from exc
                         code = self.gallery.code(gid) if gid is not None else None

@@ -1,4 +1,5 @@
-"""``bench/search.py`` runs at a small N against its own throwaway Redis and prints its JSON row."""
+"""The benches that need a Redis (``bench/search.py``, ``bench/matcher.py --redis``) run at a small N
+against their own throwaway one and print their JSON rows."""
 
 from __future__ import annotations
 
@@ -28,3 +29,18 @@ def test_search_bench_compares_the_index_with_brute_force():
     assert 400 <= r["identities"] <= 600 and r["brute_p50_ms"] > 0 and r["index_build_s"] >= 0
     assert 0 < r["index_p50_ms"] <= r["index_p99_ms"] and r["refresh_ms_per_link"] >= 0
     assert r["recall_at_10"] == 1.0 and r["same_top1"] == 1.0  # exact index: brute force's ranking
+
+
+def test_matcher_bench_times_process_writing_to_redis():
+    try:
+        services.redis_binary()
+    except services.ServiceError as exc:
+        pytest.skip(f"no redis-server: {exc}")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "1500", "--dims", "32",
+                           "--queries", "300", "--redis"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r["bench"] for r in rows] == ["matcher", "matcher", "matcher_redis"]
+    r = rows[-1]
+    assert "error" not in r and (r["gallery"], r["dim"], r["batch"], r["search_batch"]) == (1500, 32, 256, 64)
+    assert r["embeddings_per_s"] > 0

@@ -134,3 +134,31 @@ def test_background_index_searches_link_a_polled_batch_right_and_survive_a_poiso
         assert store.link(f"R{i}").global_id == store.link(f"P{i}").global_id
     m.release()
     assert m._searcher is None
+
+
+def test_a_batch_saves_its_prototypes_in_one_write_and_retries_a_failed_one(store, monkeypatch):
+    import redis
+
+    m = _matcher(store)
+    calls = []
+    save = store.save_prototypes
+    monkeypatch.setattr(store, "save_prototypes", lambda protos, epoch: (calls.append(sorted(protos)),
+                                                                         save(protos, epoch)))
+    people = [unit(800 + i) for i in range(4)]
+    m.process([emb(f"A{i}", "left", 10.0 * i, 10.0 * i + 1, v) for i, v in enumerate(people)] +
+              [emb(f"B{i}", "right", 100.0 + i, 101.0 + i, noisy(v, 900 + i)) for i, v in enumerate(people)])
+    gids = sorted({store.link(f"A{i}").global_id for i in range(4)})
+    assert calls == [gids]  # one write for the batch, every changed identity in it
+    stored = store.load_prototypes()
+    assert {p.tracklet_id for p in stored[store.link("A2").global_id][1]} == {"A2", "B2"}
+
+    def down(protos, epoch):
+        raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(store, "save_prototypes", down)
+    m.process([emb("C0", "gate", 200.0, 201.0, noisy(people[0], 950))])  # linked; its prototypes not saved
+    monkeypatch.setattr(store, "save_prototypes", lambda protos, epoch: (calls.append(sorted(protos)),
+                                                                         save(protos, epoch)))
+    m.process([emb("D1", "gate", 210.0, 211.0, noisy(people[1], 951))])
+    assert calls[-1] == sorted({store.link("A0").global_id, store.link("A1").global_id})  # the failed one retried
+    assert {p.tracklet_id for p in store.load_prototypes()[store.link("A0").global_id][1]} == {"A0", "B0", "C0"}
