@@ -424,16 +424,18 @@ class CrossCameraMatcher:
     def _candidate_batches(self, ys: list[np.ndarray | None]) -> Iterator[tuple[range, list, list[int]]]:
         """The online path's index searches for records of projections ``ys`` (None: a record to skip).
 
-        Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
-        background search and ends the deferral at once. Yields ``(rows, prefetched, touched)`` per sub-batch of ``index.batch`` records: ``rows`` index
-        ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`), and
-        ``touched`` lists the identity codes changed since those candidates were searched; the caller
-        passes it as ``also`` to each decision and appends every code it changes. While the IVF is in
-        use, the next sub-batch is searched on a second thread while the caller decides and writes
-        this one (faiss and numpy release the GIL; so do Redis round trips), inside
+        Yields ``(rows, prefetched, touched)`` per sub-batch of ``index.batch`` records: ``rows``
+        index ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`),
+        and ``touched`` lists the identity codes changed since those candidates were searched; the
+        caller passes it as ``also`` to each decision and appends every code it changes. While the
+        IVF is in use, the next sub-batch is searched on a second thread while the caller decides and
+        writes this one (faiss and numpy release the GIL; so do Redis round trips), inside
         :meth:`IdentityIndex.deferred`; its ``touched`` therefore starts with the codes the caller
         changed in this one. Decisions are the same as with one search per sub-batch after the
         previous one: every changed identity is scored exactly.
+
+        Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
+        background search and ends the deferral at once.
         """
         size = self.gallery.settings.batch
         parts = [range(s, min(s + size, len(ys))) for s in range(0, len(ys), size)]
