@@ -699,17 +699,9 @@ class IdentityStore:
         rows = self.r.zrevrange(self._k("tracklets"), 0, 0, withscores=True)
         return (rows[0][0].decode(), int(rows[0][1])) if rows else None
 
-    def global_ids_of(self, tracklet_ids: Iterable[str]) -> set[str]:
-        """Current global ids of the linked tracklets among ``tracklet_ids``."""
-        return self._global_ids_of(list(tracklet_ids))
-
     def count_tracklets(self) -> int:
         """Linked tracklets held (all zones)."""
         return int(self.r.zcard(self._k("tracklets")))
-
-    def identity_members(self, global_ids: list[str]) -> dict[str, list[str]]:
-        """Member tracklet ids of each of ``global_ids`` (empty for an unknown one), by start."""
-        return self._member_ids(list(global_ids))
 
     def matcher_state_fields(self, *names: str) -> list[bytes | None]:
         """Some fields of ``{zk}:matcher`` (None where absent), without reading the whole state."""
@@ -1097,7 +1089,7 @@ class IdentityStore:
             else:
                 tids = [t.decode() for t in self.r.zrangebyscore(self._k("tracklets", "end"),
                                                                  repr(float(since_s)), "+inf")]
-            rows = self._identity_rows(sorted(self._global_ids_of(tids)))
+            rows = self._identity_rows(sorted(self.global_ids_of(tids)))
             matched = sorted(((row[0], gid) for gid, row in rows.items() if keep(*row[1:])), reverse=newest_first)
             window = matched[offset:None if limit is None else offset + limit]
             return Page(self.identities_by_id([g for _, g in window]), len(matched), offset, limit,
@@ -1262,7 +1254,7 @@ class IdentityStore:
         if into in srcs:
             raise ValueError(f"cannot merge identity {into} into itself")
         self._require_current([into, *srcs])
-        members = self._member_ids([into, *srcs])
+        members = self.identity_members([into, *srcs])
         zones = self._identity_zones(members)
         if len(set(zones.values())) > 1:
             raise ValueError("identities of different zones cannot be merged (identities are zone-local): "
@@ -1302,7 +1294,7 @@ class IdentityStore:
         if len(set(tids)) != len(tids):
             raise ValueError(f"tracklets to split off repeat: {tids}")
         self._require_current([global_id])
-        members = self._member_ids([global_id])[global_id]
+        members = self.identity_members([global_id])[global_id]
         strangers = sorted(set(tids) - set(members))
         if strangers:
             raise ValueError(f"tracklets {strangers} are not members of identity {global_id}")
@@ -1365,7 +1357,7 @@ class IdentityStore:
                 out.append(Identity(gid, json.loads(cams), [t.decode() for t in tids], float(first), float(last)))
         return out
 
-    def _global_ids_of(self, tids: list[str]) -> set[str]:
+    def global_ids_of(self, tids: list[str]) -> set[str]:
         """Current global ids of the linked tracklets among ``tids``."""
         out: set[str] = set()
         for start in range(0, len(tids), OPERATOR_CHUNK):
@@ -1425,8 +1417,8 @@ class IdentityStore:
                     raise IdentityRetiredError(gid, self.resolve(gid))
                 raise IdentityNotFoundError(f"identity {gid!r} is unknown")
 
-    def _member_ids(self, gids: list[str]) -> dict[str, list[str]]:
-        """Member tracklet ids of each identity, by start."""
+    def identity_members(self, gids: list[str]) -> dict[str, list[str]]:
+        """Member tracklet ids of each identity of ``gids`` (empty for an unknown one), by start."""
         with self.r.pipeline(transaction=False) as pipe:
             for gid in gids:
                 pipe.zrange(self._k("identity", gid, "tracklets"), 0, -1)

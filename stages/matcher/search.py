@@ -144,12 +144,7 @@ def rank_identities(store: Any, vector: np.ndarray, k: int, *, space: ScoringSpa
             continue
         x = np.stack([r[2] for r in same]).astype(np.float32)
         z = space.transform(x) if space is not None else _unit(x)
-        cos = z @ qz
-        for (tid, gid, _), c in zip(same, cos.tolist()):
-            sums[gid] = sums.get(gid, 0.0) + c
-            counts[gid] = counts.get(gid, 0) + 1
-            if gid not in best or c > best[gid][0]:
-                best[gid] = (c, tid)
+        _accumulate(same, z @ qz, sums, counts, best)
     if mismatched:
         log.warning("search: skipped %d stored embeddings whose dimension differs from the query's %d",
                     mismatched, q.size)
@@ -175,6 +170,17 @@ def _query_vector(q: np.ndarray, space: ScoringSpace | None) -> np.ndarray:
         return space.transform(q)
     except ValueError as exc:
         raise SearchError(str(exc)) from None
+
+
+def _accumulate(rows: list[tuple[str, str, np.ndarray]], cos: np.ndarray, sums: dict[str, float],
+                counts: dict[str, int], best: dict[str, tuple[float, str]]) -> None:
+    """Add members' cosines ``cos`` (``[len(rows)]``) of ``rows`` ``(tracklet_id, global_id, embedding)``
+    to their identities' sums, counts and best member (the first of equal cosines stays)."""
+    for (tid, gid, _), c in zip(rows, cos.tolist()):
+        sums[gid] = sums.get(gid, 0.0) + c
+        counts[gid] = counts.get(gid, 0) + 1
+        if gid not in best or c > best[gid][0]:
+            best[gid] = (c, tid)
 
 
 def _matches(store: Any, sums: dict[str, float], counts: dict[str, int], best: dict[str, tuple[float, str]],
@@ -358,13 +364,22 @@ class SearchIndex:
         with self.index.bulk() if len(gids) > 1000 and not len(self.index) else contextlib.nullcontext():
             self.index.upsert(codes, means.astype(np.float32))
 
+    def _members(self, gids: list[str], skip: Collection[str] = ()) -> list[tuple[str, str, np.ndarray]]:
+        """``(tracklet_id, global_id, embedding float32 [D])`` of the members of ``gids`` read from
+        Redis (but ``skip``), those of the indexed dimension only."""
+        members = self.store.identity_members(gids)
+        tids = [t for g in gids for t in members.get(g, []) if t not in skip]
+        rows = self.store.tracklet_rows(tids)
+        return [(t, rows[t][0], rows[t][5]) for t in tids if t in rows and rows[t][5].shape[0] == self._dim]
+
     def _reload(self, gids: list[str]) -> None:
         """Re-read identities whole from Redis (gone or emptied ones leave the index)."""
-        members = self.store.identity_members(gids)
-        rows = self.store.tracklet_rows([t for g in gids for t in members.get(g, [])])
+        by_gid: dict[str, list[np.ndarray]] = {}
+        for _, gid, vec in self._members(gids):
+            by_gid.setdefault(gid, []).append(vec)
         means: dict[str, np.ndarray] = {}
         for gid in gids:
-            vecs = [rows[t][5] for t in members.get(gid, []) if t in rows and rows[t][5].shape[0] == self._dim]
+            vecs = by_gid.get(gid)
             if not vecs:
                 self._count.pop(gid, None)
                 if gid in self._code and self.index is not None:
@@ -384,15 +399,13 @@ class SearchIndex:
         q = _check_query(vector, k)
         with self._lock:
             self._refresh()
-            if self.index is None or not len(self.index) or q.size != self._dim:
-                space = self.space
-                index_ready = False
-            else:
-                space, index_ready = self.space, True
+            space = self.space
+            indexed = self.index is not None and len(self.index) > 0 and q.size == self._dim
+            if indexed:
                 qz = _query_vector(q, space)
                 _, codes = self.index.search(qz[None, :], max(4 * k, 64))
                 cand = {self._gid[c] for c in codes[0].tolist() if c >= 0}
-        if not index_ready:
+        if not indexed:  # outside the lock: brute force is slow
             return rank_identities(self.store, vector, k, space=space, exclude=exclude)
         skip = set(exclude)
         if skip:
@@ -400,22 +413,13 @@ class SearchIndex:
         return self._exact(qz, sorted(cand), skip, k)
 
     def _exact(self, qz: np.ndarray, gids: Iterable[str], skip: set[str], k: int) -> list[IdentityMatch]:
-        """Score candidate identities exactly from their members in Redis."""
-        gids = list(gids)
-        members = self.store.identity_members(gids)
-        tids = [t for g in gids for t in members.get(g, []) if t not in skip]
-        rows = self.store.tracklet_rows(tids)
+        """Score candidate identities exactly from their members in Redis (``qz``: the unit query in
+        the scoring space, ``float32 [K]``)."""
+        rows = self._members(list(gids), skip)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         best: dict[str, tuple[float, str]] = {}
-        same = [(t, r) for t, r in rows.items() if r[5].shape[0] == self._dim]
-        if same:
-            cos = self._transform(np.stack([r[5] for _, r in same])) @ qz
-            for (tid, row), c in zip(same, cos.tolist()):
-                gid = row[0]
-                sums[gid] = sums.get(gid, 0.0) + c
-                counts[gid] = counts.get(gid, 0) + 1
-                if gid not in best or c > best[gid][0]:
-                    best[gid] = (c, tid)
+        if rows:
+            _accumulate(rows, self._transform(np.stack([r[2] for r in rows])) @ qz, sums, counts, best)
         return _matches(self.store, sums, counts, best, k)
 

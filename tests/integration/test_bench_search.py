@@ -13,16 +13,21 @@ from pipeline import services
 from tests.conftest import ROOT
 
 
-def test_search_bench_compares_the_index_with_brute_force():
+def _bench(script: str, *args: str) -> list[dict]:
+    """Run ``bench/{script}`` (skipped without a redis-server) and return its JSON rows."""
     try:
         services.redis_binary()
     except services.ServiceError as exc:
         pytest.skip(f"no redis-server: {exc}")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "search.py"), "--sizes", "2000", "--queries", "12",
-                           "--brute-queries", "4", "--new", "20", "--dim", "32"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_search_bench_compares_the_index_with_brute_force():
+    rows = _bench("search.py", "--sizes", "2000", "--queries", "12", "--brute-queries", "4", "--new", "20",
+                  "--dim", "32")
     assert len(rows) == 1
     r = rows[0]
     assert (r["bench"], r["tracklets"], r["dim"], r["index"]) == ("search", 2000, 32, "exact")
@@ -32,14 +37,7 @@ def test_search_bench_compares_the_index_with_brute_force():
 
 
 def test_matcher_bench_times_process_writing_to_redis():
-    try:
-        services.redis_binary()
-    except services.ServiceError as exc:
-        pytest.skip(f"no redis-server: {exc}")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "1500", "--dims", "32",
-                           "--queries", "300", "--redis"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    rows = _bench("matcher.py", "--sizes", "1500", "--dims", "32", "--queries", "300", "--redis")
     assert [r["bench"] for r in rows] == ["matcher", "matcher", "matcher_redis"]
     r = rows[-1]
     assert "error" not in r and (r["gallery"], r["dim"], r["batch"], r["search_batch"]) == (1500, 32, 256, 64)
