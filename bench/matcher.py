@@ -14,10 +14,11 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
 * ``p50_ms`` / ``p99_ms``: one :meth:`CrossCameraMatcher.decide` (projection into the scoring space,
   index search, the association rules on the candidates);
 * ``embeddings_per_s``: the batch path of :meth:`CrossCameraMatcher.process` without Redis writes —
-  polled batches of ``--batch`` (256, ``matcher.max_batch``), one index search per sub-batch of
-  ``--search-batch`` (64, ``matcher.index.batch``), the next sub-batch searched on a second thread
-  while one is decided; each record decided (identities changed since its search are scored
-  exactly) and added to the gallery (prototypes, mean, index update);
+  polled batches of ``--batch`` (512, ``matcher.max_batch``), one index search per sub-batch of
+  ``--search-batch`` (128, ``matcher.index.batch``) shared by ``--search-threads`` threads (2,
+  ``matcher.index.search_threads``), the next sub-batch searched while one is decided; each record
+  decided (identities changed since its search are scored exactly) and added to the gallery
+  (prototypes, mean, index update);
 * ``recall_at_10``: share of the exact top-10 identities (by mean-prototype score) the index returns
   in its top 10; ``same_decision``: share of tracklets the index path sends to the same identity as
   brute force; ``memory_bytes_per_identity``: resident memory the process grew by while loading the
@@ -52,6 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config import MatcherConfig  # noqa: E402
 from stages.matcher.association import Rules, ScoringSpace  # noqa: E402
 from stages.matcher.gallery import Member  # noqa: E402
 from stages.matcher.index import IndexSettings  # noqa: E402
@@ -222,16 +224,17 @@ def redis_row(m: CrossCameraMatcher, data: dict, n: int, dim: int, args: argpars
                                     start_s=start, end_s=start + 8.0, observed_frames=10, closed_wall_s=time.time(),
                                     close_reason="lost")
                 recs.append(EmbeddingRecord.from_tracklet(meta, v.astype(np.float32), "bench", b"\xff\xd8", 0.0))
-            m.process(recs[:args.batch])  # warm
+            warm = min(args.batch, len(recs) // 4)
+            m.process(recs[:warm])  # connections, scripts, the search threads
             t = time.perf_counter()
-            for s in range(args.batch, len(recs), args.batch):
+            for s in range(warm, len(recs), args.batch):
                 m.process(recs[s:s + args.batch])
-            per_s = (len(recs) - args.batch) / (time.perf_counter() - t)
+            per_s = (len(recs) - warm) / (time.perf_counter() - t)
             m.store.close()
     except (OSError, redis.RedisError) as exc:
         return {"bench": "matcher_redis", "gallery": n, "dim": dim, "error": str(exc)}
     return {"bench": "matcher_redis", "gallery": n, "dim": dim, "batch": args.batch, "search_batch": args.search_batch,
-            "embeddings_per_s": round(per_s, 1)}
+            "search_threads": args.search_threads, "embeddings_per_s": round(per_s, 1)}
 
 
 def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespace) -> dict:
@@ -278,14 +281,17 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=IndexSettings().candidates)
     p.add_argument("--fetch", type=int, default=IndexSettings().fetch, help="IVF codes re-ranked per query (index.fetch).")
     p.add_argument("--code-dim", type=int, default=IndexSettings().code_dim, help="Dimensions the IVF codes keep.")
-    p.add_argument("--batch", type=int, default=256, help="Records per polled batch (matcher.max_batch).")
+    p.add_argument("--batch", type=int, default=MatcherConfig().max_batch,
+                   help="Records per polled batch (matcher.max_batch).")
     p.add_argument("--search-batch", type=int, default=IndexSettings().batch,
                    help="Records per index search (matcher.index.batch); --search-batch equal to --batch: no "
                    "background search.")
     p.add_argument("--hot-s", type=float, default=None,
                    help="Also search exactly the identities seen within this many seconds (index.hot_s; "
                    "the gallery spans a day). Default: the IVF alone, the worst case.")
-    p.add_argument("--threads", type=int, default=None, help="faiss threads (default: all cores).")
+    p.add_argument("--threads", type=int, default=None, help="faiss threads of single searches (default: all cores).")
+    p.add_argument("--search-threads", type=int, default=IndexSettings().search_threads,
+                   help="Threads that search a sub-batch on the batch path (matcher.index.search_threads).")
     p.add_argument("--rebuild", action="store_true", help="Also time a restore of the gallery from Redis.")
     p.add_argument("--redis", action="store_true",
                    help="Also time process() writing every link to a real Redis (one \"matcher_redis\" row).")
@@ -295,7 +301,7 @@ def main() -> None:
         for n in args.sizes:
             settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
                                      code_dim=args.code_dim, threads=args.threads, hot_s=args.hot_s,
-                                     batch=args.search_batch)
+                                     batch=args.search_batch, search_threads=args.search_threads)
             m, data = build(n, dim, args, settings)
             brute = measure(m, data, args, exact=True)
             del m, data
@@ -311,7 +317,8 @@ def main() -> None:
                                      (label, ivf, {"recall_at_10": round(recall, 4), "same_decision": round(same, 4),
                                                    "nprobe": args.nprobe, "fetch": args.fetch,
                                                    "code_dim": args.code_dim, "batch": args.batch,
-                                                   "search_batch": args.search_batch, "build_s": round(data2["build_s"], 1),
+                                                   "search_batch": args.search_batch,
+                                                   "search_threads": args.search_threads, "build_s": round(data2["build_s"], 1),
                                                    "memory_bytes_per_identity": round(data2["gallery_bytes"] / n)})):
                 print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
                                   "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)

@@ -417,11 +417,18 @@ class IndexConfig(_Model):
         "into the IVF in one go.",
     )
     batch: int = Field(
-        64, ge=1, description="Tracklets per index search: a polled batch is cut into sub-batches of this size, and "
-        "the next one's candidates are searched on a second thread while one is decided and written.",
+        128, ge=1, description="Tracklets per index search: a polled batch is cut into sub-batches of this size, and "
+        "the next one's candidates are searched in the background while one is decided and written.",
+    )
+    search_threads: int = Field(
+        2, ge=1, description="Threads that search a sub-batch, each a share of it on one faiss thread, while the "
+        "decisions run (2 keeps both cores of a 2-core machine busy).",
     )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
-    threads: int | None = Field(None, ge=1, description="faiss threads; null uses every core.")
+    threads: int | None = Field(
+        None, ge=1, description="faiss threads of single searches and of training; null uses every core (the "
+        "search threads use one each).",
+    )
     hot_s: float | None = Field(
         3600.0, gt=0, description="While the IVF is in use, identities seen within this many stream seconds are also "
         "searched exactly (most people come back soon; the IVF can miss a true match); null: the IVF alone.",
@@ -463,7 +470,7 @@ class MatcherConfig(_Model):
     reassociation: ReassociationConfig = Field(default_factory=ReassociationConfig)
     group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
     max_batch: int = Field(
-        256, ge=1, description="Embeddings the matcher polls and processes at once (offsets are committed per batch; "
+        512, ge=1, description="Embeddings the matcher polls and processes at once (offsets are committed per batch; "
         "larger batches let index searches overlap the Redis writes, see `index.batch`).",
     )
     gallery_ttl_s: float | None = Field(

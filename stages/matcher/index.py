@@ -70,10 +70,14 @@ class IndexSettings:
             written into the IVF.
         batch: Queries per index search on the matcher's online path: a polled batch is split into
             sub-batches of this size, and while one is decided the next one's candidates are searched
-            on another thread (see :meth:`IdentityIndex.deferred`).
+            on other threads (see :meth:`IdentityIndex.deferred`).
+        search_threads: Threads that search a sub-batch on the online path, each a share of it with
+            one faiss (OpenMP) thread. The decisions run on the caller's thread meanwhile, so on
+            2 cores two search threads keep both cores busy where one faiss search on two OpenMP
+            threads has only the core the decisions leave.
         retrain_growth: Retrain the IVF once the index holds this many times the vectors it was
             trained on.
-        threads: faiss threads (None: all cores).
+        threads: faiss threads of searches on the caller's thread and of training (None: all cores).
         hot_s: While the IVF is in use, identities seen within this many stream seconds of the newest
             sighting are also searched exactly (most people come back soon, and the IVF can miss a
             true match whose cell it does not probe); None: the IVF alone.
@@ -86,7 +90,8 @@ class IndexSettings:
     fetch: int = 1024
     code_dim: int = 64
     flush_every: int = 256
-    batch: int = 64
+    batch: int = 128
+    search_threads: int = 2
     retrain_growth: float = 4.0
     threads: int | None = None
     hot_s: float | None = 3600.0
@@ -94,7 +99,7 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "ivf"):
             raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
-        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch"):
+        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "search_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.code_dim < 2:

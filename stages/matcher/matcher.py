@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -155,6 +155,14 @@ class _Window:
         self.index = {t: i for i, t in enumerate(self.ids)}
 
 
+def _one_faiss_thread() -> None:
+    """Initialiser of a search thread: its faiss searches run on one OpenMP thread (the setting is
+    the calling thread's own), so that the search threads and the decisions share the cores."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 class CrossCameraMatcher:
     """Assign tracklets to global identities (see the module docstring for the rules).
 
@@ -199,7 +207,7 @@ class CrossCameraMatcher:
         self.gallery = Gallery(prototypes_per_camera, index)
         self._arrival = 0
         self._blas: Any = None  # threadpoolctl controller, made on first use (see online())
-        self._searcher: Any = None  # one-thread executor of background index searches (see _candidate_batches)
+        self._searcher: Any = None  # executor of the online path's index searches (see _search_shared)
         self._unsaved: set[str] = set()  # identities whose prototypes changed since they were saved
         self._newest_end = -np.inf
         self._dim: int | None = None
@@ -421,6 +429,36 @@ class CrossCameraMatcher:
             out[i] = (scores[j], codes[j])
         return out
 
+    def _search_shared(self, ys: list[np.ndarray | None]) -> Callable[[], list]:
+        """Start :meth:`_prefetch` of ``ys`` on the search threads, one share each, while the IVF is in
+        use (else on this thread, at once); returns the call that waits for all the shares and gives
+        their results in the order of ``ys`` (re-raising the first error, after every share ended)."""
+        index = self.gallery.index
+        threads = self.gallery.settings.search_threads
+        if index is None or not index.approximate or not len(self.gallery):
+            done = self._prefetch(ys)
+            return lambda: done
+        if self._searcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._searcher = ThreadPoolExecutor(threads, thread_name_prefix="matcher-search",
+                                                initializer=_one_faiss_thread)
+        step = -(-len(ys) // threads)
+        jobs = [self._searcher.submit(self._prefetch, ys[s:s + step]) for s in range(0, len(ys), step)]
+
+        def results() -> list:
+            out: list = []
+            error: BaseException | None = None
+            for job in jobs:  # all of them, also after one failed: none may read the IVF after this
+                try:
+                    out.extend(job.result())
+                except BaseException as exc:  # noqa: BLE001 (re-raised below)
+                    error = error or exc
+            if error is not None:
+                raise error
+            return out
+        return results
+
     def _candidate_batches(self, ys: list[np.ndarray | None]) -> Iterator[tuple[range, list, list[int]]]:
         """The online path's index searches for records of projections ``ys`` (None: a record to skip).
 
@@ -428,34 +466,31 @@ class CrossCameraMatcher:
         index ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`),
         and ``touched`` lists the identity codes changed since those candidates were searched; the
         caller passes it as ``also`` to each decision and appends every code it changes. While the
-        IVF is in use, the next sub-batch is searched on a second thread while the caller decides and
-        writes this one (faiss and numpy release the GIL; so do Redis round trips), inside
-        :meth:`IdentityIndex.deferred`; its ``touched`` therefore starts with the codes the caller
-        changed in this one. Decisions are the same as with one search per sub-batch after the
-        previous one: every changed identity is scored exactly.
+        IVF is in use, every sub-batch is searched on ``index.search_threads`` threads, each a share of
+        it, and the next sub-batch is searched so while the caller decides and writes this one (faiss
+        and numpy release the GIL; so do Redis round trips), inside :meth:`IdentityIndex.deferred`;
+        its ``touched`` therefore starts with the codes the caller changed in this one. Decisions are
+        the same as with one search per sub-batch after the previous one: every changed identity is
+        scored exactly.
 
         Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
         background search and ends the deferral at once.
         """
         size = self.gallery.settings.batch
         parts = [range(s, min(s + size, len(ys))) for s in range(0, len(ys), size)]
-        nxt = self._prefetch([ys[i] for i in parts[0]]) if parts else []
+        nxt = self._search_shared([ys[i] for i in parts[0]])() if parts else []
         before: list[int] = []  # changed while the current sub-batch's candidates were searched
         for j, rows in enumerate(parts):
             pre, touched = nxt, list(before)
             index = self.gallery.index
             ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0
             if ahead:
-                if self._searcher is None:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self._searcher = ThreadPoolExecutor(1, thread_name_prefix="matcher-search")
                 with index.deferred():
-                    job = self._searcher.submit(self._prefetch, [ys[i] for i in parts[j + 1]])
+                    job = self._search_shared([ys[i] for i in parts[j + 1]])
                     try:
                         yield rows, pre, touched
                     finally:
-                        nxt = job.result()  # before the IVF may change again
+                        nxt = job()  # before the IVF may change again
                 before = touched[len(before):]
             else:
                 yield rows, pre, touched
@@ -783,7 +818,7 @@ class CrossCameraMatcher:
 
     def release(self) -> None:
         """Let go of what this matcher holds besides its store (a zone's matcher shares the zoned
-        matcher's connection): the background search thread and this zone's gauges."""
+        matcher's connection): the search threads and this zone's gauges."""
         if self._searcher is not None:
             self._searcher.shutdown(wait=True)
             self._searcher = None

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from pipeline import services
+from pipeline.config import MatcherConfig
 from tests.conftest import ROOT
 
 
@@ -40,5 +41,8 @@ def test_matcher_bench_times_process_writing_to_redis():
     rows = _bench("matcher.py", "--sizes", "1500", "--dims", "32", "--queries", "300", "--redis")
     assert [r["bench"] for r in rows] == ["matcher", "matcher", "matcher_redis"]
     r = rows[-1]
-    assert "error" not in r and (r["gallery"], r["dim"], r["batch"], r["search_batch"]) == (1500, 32, 256, 64)
+    cfg = MatcherConfig()  # the bench runs the configured batch path by default
+    assert "error" not in r and (r["gallery"], r["dim"]) == (1500, 32)
+    assert (r["batch"], r["search_batch"], r["search_threads"]) == (cfg.max_batch, cfg.index.batch,
+                                                                    cfg.index.search_threads)
     assert r["embeddings_per_s"] > 0

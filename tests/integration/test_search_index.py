@@ -99,6 +99,26 @@ def test_the_api_searches_through_its_index_and_sees_new_links(store):
     assert again[0]["best_tracklet"] == "twin" and again[0]["score"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_the_api_builds_its_index_when_the_server_starts(store):
+    """The server's start builds the search index on a background thread (the first search would
+    otherwise wait for it); the first search then uses it as built, without rebuilding."""
+    from fastapi.testclient import TestClient
+
+    from stages.query import create_app
+
+    plan, vecs = _plan(10)
+    gids = seed_store(store, plan, vecs)
+    app = create_app(store)
+    index = app.state.search_index
+    assert len(index) == 0  # nothing is read before the server starts
+    with TestClient(app) as client:  # runs the lifespan, as uvicorn does
+        app.state.warming.join(30)
+        assert not app.state.warming.is_alive() and len(index) == len(gids) == 10
+        built = index._built_at
+        hits = client.post("/search", json={"tracklet_id": "s06-0", "k": 2}).json()["results"]
+        assert hits[0]["global_id"] == gids["p06"] and index._built_at == built
+
+
 def test_the_periodic_rebuild_runs_in_the_background_and_is_adopted(store):
     plan, vecs = _plan(20)
     gids = seed_store(store, plan, vecs)

@@ -335,13 +335,14 @@ class _Searcher:
         pass
 
 
-@pytest.mark.parametrize("batch,timing", [(4, "thread"), (7, "thread"), (4, "early"), (6, "early"), (5, "late")])
-def test_background_searches_decide_as_brute_force(batch, timing):
-    """The matcher's online path with the next sub-batch searched on another thread (index.batch
-    4 to 7 over polled batches of 48) sends every tracklet where scoring every identity does: new
-    people seen again in the next sub-batch join the identity founded there, though the search that
-    found the later one's candidates may have run before it existed (``early``), after (``late``) or
-    meanwhile (a real thread)."""
+@pytest.mark.parametrize("batch,timing,threads", [(4, "thread", 1), (7, "thread", 2), (9, "thread", 3),
+                                                  (4, "early", 1), (6, "early", 2), (5, "late", 1), (8, "late", 2)])
+def test_background_searches_decide_as_brute_force(batch, timing, threads):
+    """The matcher's online path with the next sub-batch searched in the background (index.batch
+    4 to 9 over polled batches of 48, shared by 1 to 3 search threads) sends every tracklet where
+    scoring every identity does: new people seen again in the next sub-batch join the identity
+    founded there, though the search that found the later one's candidates may have run before it
+    existed (``early``), after (``late``) or meanwhile (real threads)."""
     from stages.matcher.matcher import CrossCameraMatcher
 
     dim = 32
@@ -379,7 +380,30 @@ def test_background_searches_decide_as_brute_force(batch, timing):
         return out
 
     want = run(IndexSettings(kind="exact"))
-    got = run(IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=None))
+    got = run(IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=None,
+                            search_threads=threads))
     assert got == want
     joined_new = sum(1 for n, g in enumerate(want) if n % 3 and g is not None and not g.startswith("G"))
     assert joined_new > 20  # later sightings of new people joined identities founded in the same poll
+
+
+def test_search_threads_run_faiss_on_one_thread_each():
+    """The online path's search threads each run faiss on one OpenMP thread (the decisions need the
+    other cores); the caller's own faiss setting is left alone."""
+    import faiss
+
+    from stages.matcher.matcher import CrossCameraMatcher
+
+    m = CrossCameraMatcher(store=None, rules=Rules(transit_weight=0.0),  # type: ignore[arg-type]
+                           index=IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, search_threads=2, hot_s=None))
+    x = _vectors(200, 16, seed=3)
+    m.gallery.replace({f"G{i:03d}": [Member(f"g{i}", "a", 0.0, 1.0, 1, v, i)] for i, v in enumerate(x)})
+    before = faiss.omp_get_max_threads()
+    try:
+        got = m._search_shared([m._project(v) for v in _vectors(6, 16, seed=4)])()
+        assert len(got) == 6 and all(c is not None for c in got)
+        shares = [m._searcher.submit(faiss.omp_get_max_threads) for _ in range(4)]
+        assert [f.result() for f in shares] == [1] * 4
+        assert faiss.omp_get_max_threads() == before
+    finally:
+        m.release()
