@@ -443,7 +443,7 @@ class CrossCameraMatcher:
 
             self._searcher = ThreadPoolExecutor(threads, thread_name_prefix="matcher-search",
                                                 initializer=_one_faiss_thread)
-        step = -(-len(ys) // threads)
+        step = max(1, -(-len(ys) // threads))
         jobs = [self._searcher.submit(self._prefetch, ys[s:s + step]) for s in range(0, len(ys), step)]
 
         def results() -> list:
@@ -466,12 +466,12 @@ class CrossCameraMatcher:
         index ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`),
         and ``touched`` lists the identity codes changed since those candidates were searched; the
         caller passes it as ``also`` to each decision and appends every code it changes. While the
-        IVF is in use, every sub-batch is searched on ``index.search_threads`` threads, each a share of
-        it, and the next sub-batch is searched so while the caller decides and writes this one (faiss
-        and numpy release the GIL; so do Redis round trips), inside :meth:`IdentityIndex.deferred`;
-        its ``touched`` therefore starts with the codes the caller changed in this one. Decisions are
-        the same as with one search per sub-batch after the previous one: every changed identity is
-        scored exactly.
+        IVF is in use, every sub-batch is searched on ``index.search_threads`` threads, each a share
+        of it, and the next sub-batch is searched that way while the caller decides and writes this
+        one (faiss and numpy release the GIL; so do Redis round trips), inside
+        :meth:`IdentityIndex.deferred`; its ``touched`` therefore starts with the codes the caller
+        changed in this one. Decisions are the same as with one search per sub-batch after the
+        previous one: every changed identity is scored exactly.
 
         Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
         background search and ends the deferral at once.
