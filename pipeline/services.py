@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,23 +111,35 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options
     hosts = [h.strip().rpartition(":") for h in bootstrap_servers.split(",") if h.strip()]
     if not any(port_open(host, int(port), timeout=timeout_s) for host, _, port in hosts if port.isdigit()):
         return False
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","),
-            request_timeout_ms=max(int(timeout_s * 1000), 1000) + 500,
-            metadata_max_age_ms=1000,
-            connections_max_idle_ms=int(timeout_s * 1000) + 5000,
-            **client_options,
-        )
-    except (KafkaError, OSError):
-        return False
-    try:
-        consumer.topics()
-        return True
-    except (KafkaError, OSError):
-        return False
-    finally:
-        consumer.close()
+    # kafka-python 3 waits for the bootstrap and metadata answers without our deadline (30 s, or for
+    # ever), and a broker that just started can drop a request: probe on a thread, give up at the
+    # deadline (the thread, a daemon, ends with the client's own timeouts)
+    answer: dict[str, bool] = {}
+
+    def probe() -> None:
+        try:
+            consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap_servers.split(","),
+                request_timeout_ms=max(int(timeout_s * 1000), 1000) + 500,
+                metadata_max_age_ms=1000,
+                connections_max_idle_ms=int(timeout_s * 1000) + 5000,
+                **client_options,
+            )
+        except (KafkaError, OSError):
+            answer["ok"] = False
+            return
+        try:
+            consumer.topics()
+            answer["ok"] = True
+        except (KafkaError, OSError):
+            answer["ok"] = False
+        finally:
+            consumer.close()
+
+    asking = threading.Thread(target=probe, name="kafka-probe", daemon=True)
+    asking.start()
+    asking.join(max(timeout_s, 1.0) + 2.0)
+    return answer.get("ok", False)
 
 
 def redis_ready(url: str, timeout_s: float = 1.0, **redis_options: Any) -> bool:
