@@ -15,8 +15,8 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
   index search, the association rules on the candidates);
 * ``embeddings_per_s``: the batch path of :meth:`CrossCameraMatcher.process` without Redis writes —
   polled batches of ``--batch`` (512, ``matcher.max_batch``), one index search per sub-batch of
-  ``--search-batch`` (128, ``matcher.index.batch``) shared by ``--search-threads`` threads (2,
-  ``matcher.index.search_threads``), the next sub-batch searched while one is decided; each record
+  ``--search-batch`` (128, ``matcher.index.batch``) shared by ``--search-threads`` threads (one per
+  core, ``matcher.index.search_threads``), the next sub-batch searched while one is decided; each record
   decided (identities changed since its search are scored exactly) and added to the gallery
   (prototypes, mean, index update);
 * ``recall_at_10``: share of the exact top-10 identities (by mean-prototype score) the index returns
@@ -153,8 +153,10 @@ def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: 
             times.append((time.perf_counter() - t) * 1e3)
             decisions.append(d.global_id)
         z = np.stack([m._transform(r.vector) for r in recs])
-        found = m.gallery.search(z, 10)[1]
-        exact_top = m.gallery.index.exact_search(z, 10)[1]
+        # in chunks: brute force over 10^6 identities holds a [queries, N] float32 score matrix
+        found = np.concatenate([m.gallery.search(z[s:s + 256], 10)[1] for s in range(0, len(z), 256)])
+        exact_top = np.concatenate([m.gallery.index.exact_search(z[s:s + 256], 10)[1]
+                                    for s in range(0, len(z), 256)])
         # throughput: the batch path without Redis, on copies of the queries (the gallery grows)
         t = time.perf_counter()
         done = 0
@@ -234,7 +236,7 @@ def redis_row(m: CrossCameraMatcher, data: dict, n: int, dim: int, args: argpars
     except (OSError, redis.RedisError) as exc:
         return {"bench": "matcher_redis", "gallery": n, "dim": dim, "error": str(exc)}
     return {"bench": "matcher_redis", "gallery": n, "dim": dim, "batch": args.batch, "search_batch": args.search_batch,
-            "search_threads": args.search_threads, "embeddings_per_s": round(per_s, 1)}
+            "search_threads": args.search_threads or os.cpu_count(), "embeddings_per_s": round(per_s, 1)}
 
 
 def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespace) -> dict:
@@ -291,7 +293,8 @@ def main() -> None:
                    "the gallery spans a day). Default: the IVF alone, the worst case.")
     p.add_argument("--threads", type=int, default=None, help="faiss threads of single searches (default: all cores).")
     p.add_argument("--search-threads", type=int, default=IndexSettings().search_threads,
-                   help="Threads that search a sub-batch on the batch path (matcher.index.search_threads).")
+                   help="Threads that search a sub-batch on the batch path (matcher.index.search_threads; "
+                   "default: one per core).")
     p.add_argument("--rebuild", action="store_true", help="Also time a restore of the gallery from Redis.")
     p.add_argument("--redis", action="store_true",
                    help="Also time process() writing every link to a real Redis (one \"matcher_redis\" row).")
@@ -318,7 +321,8 @@ def main() -> None:
                                                    "nprobe": args.nprobe, "fetch": args.fetch,
                                                    "code_dim": args.code_dim, "batch": args.batch,
                                                    "search_batch": args.search_batch,
-                                                   "search_threads": args.search_threads, "build_s": round(data2["build_s"], 1),
+                                                   "search_threads": args.search_threads or os.cpu_count(),
+                                                   "build_s": round(data2["build_s"], 1),
                                                    "memory_bytes_per_identity": round(data2["gallery_bytes"] / n)})):
                 print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
                                   "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)

@@ -420,9 +420,9 @@ class IndexConfig(_Model):
         128, ge=1, description="Tracklets per index search: a polled batch is cut into sub-batches of this size, and "
         "the next one's candidates are searched in the background while one is decided and written.",
     )
-    search_threads: int = Field(
-        2, ge=1, description="Threads that search a sub-batch, each a share of it on one faiss thread, while the "
-        "decisions run (2 keeps both cores of a 2-core machine busy).",
+    search_threads: int | None = Field(
+        None, ge=1, description="Threads that search a sub-batch, each a share of it on one faiss thread, while the "
+        "decisions run; null: one per core.",
     )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
     threads: int | None = Field(

@@ -113,8 +113,9 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options
         return False
     # kafka-python 3 waits for the bootstrap and metadata answers without our deadline (30 s, or for
     # ever), and a broker that just started can drop a request: probe on a thread, give up at the
-    # deadline (the thread, a daemon, ends with the client's own timeouts)
+    # deadline and close the client on the side (closing under a pending request may block too)
     answer: dict[str, bool] = {}
+    made: list[Any] = []
 
     def probe() -> None:
         try:
@@ -128,6 +129,7 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options
         except (KafkaError, OSError):
             answer["ok"] = False
             return
+        made.append(consumer)
         try:
             consumer.topics()
             answer["ok"] = True
@@ -139,6 +141,8 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options
     asking = threading.Thread(target=probe, name="kafka-probe", daemon=True)
     asking.start()
     asking.join(max(timeout_s, 1.0) + 2.0)
+    if asking.is_alive() and made:
+        threading.Thread(target=made[0].close, name="kafka-probe-close", daemon=True).start()
     return answer.get("ok", False)
 
 

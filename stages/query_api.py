@@ -266,6 +266,9 @@ def _warm(index: Any) -> None:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         log.warning("api: search index not built at start (Redis: %s); the first search builds it", exc)
         return
+    except ValueError as exc:  # SearchError: stored embeddings the index cannot take; searches say so too
+        log.warning("api: search index not built at start: %s", exc)
+        return
     log.info("api: search index of %d identities built in %.1f s", len(index), time.perf_counter() - t)
 
 

@@ -72,9 +72,9 @@ class IndexSettings:
             sub-batches of this size, and while one is decided the next one's candidates are searched
             on other threads (see :meth:`IdentityIndex.deferred`).
         search_threads: Threads that search a sub-batch on the online path, each a share of it with
-            one faiss (OpenMP) thread. The decisions run on the caller's thread meanwhile, so on
-            2 cores two search threads keep both cores busy where one faiss search on two OpenMP
-            threads has only the core the decisions leave.
+            one faiss (OpenMP) thread (None: one per core). The decisions run on the caller's thread
+            meanwhile, so on 2 cores two search threads keep both cores busy where one faiss search
+            on two OpenMP threads has only the core the decisions leave.
         retrain_growth: Retrain the IVF once the index holds this many times the vectors it was
             trained on.
         threads: faiss threads of searches on the caller's thread and of training (None: all cores).
@@ -91,7 +91,7 @@ class IndexSettings:
     code_dim: int = 64
     flush_every: int = 256
     batch: int = 128
-    search_threads: int = 2
+    search_threads: int | None = None
     retrain_growth: float = 4.0
     threads: int | None = None
     hot_s: float | None = 3600.0
@@ -100,7 +100,7 @@ class IndexSettings:
         if self.kind not in ("auto", "exact", "ivf"):
             raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
         for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "search_threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.code_dim < 2:
             raise ValueError(f"index code_dim must be >= 2, got {self.code_dim}")

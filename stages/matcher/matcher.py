@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -434,7 +435,7 @@ class CrossCameraMatcher:
         use (else on this thread, at once); returns the call that waits for all the shares and gives
         their results in the order of ``ys`` (re-raising the first error, after every share ended)."""
         index = self.gallery.index
-        threads = self.gallery.settings.search_threads
+        threads = self.gallery.settings.search_threads or os.cpu_count() or 1
         if index is None or not index.approximate or not len(self.gallery):
             done = self._prefetch(ys)
             return lambda: done

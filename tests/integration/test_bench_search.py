@@ -4,6 +4,7 @@ against their own throwaway one and print their JSON rows."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,5 +45,5 @@ def test_matcher_bench_times_process_writing_to_redis():
     cfg = MatcherConfig()  # the bench runs the configured batch path by default
     assert "error" not in r and (r["gallery"], r["dim"]) == (1500, 32)
     assert (r["batch"], r["search_batch"], r["search_threads"]) == (cfg.max_batch, cfg.index.batch,
-                                                                    cfg.index.search_threads)
+                                                                    cfg.index.search_threads or os.cpu_count())
     assert r["embeddings_per_s"] > 0
