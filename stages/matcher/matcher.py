@@ -496,8 +496,8 @@ class CrossCameraMatcher:
             else:
                 yield rows, pre, touched
                 before = []
-                if j + 1 < len(parts):
-                    nxt = self._prefetch([ys[i] for i in parts[j + 1]])
+                if j + 1 < len(parts):  # the IVF may have been built meanwhile: one way to search
+                    nxt = self._search_shared([ys[i] for i in parts[j + 1]])()
 
     @contextlib.contextmanager
     def _saving_prototypes(self) -> Iterator[None]:
@@ -894,8 +894,8 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
     matcher.store.check()
     metrics.serve(cfg.metrics.matcher_port, cfg.metrics.host)
     return run_consuming_stage(cfg.bus, matcher, STAGE, cfg.bus.topics.embeddings, cfg.matcher.group_id,
-                               EmbeddingRecord, max_batch=cfg.matcher.max_batch, max_wait_ms=200, stop=stop, idle_exit_s=idle_exit_s,
-                               on_ready=on_ready)
+                               EmbeddingRecord, max_batch=cfg.matcher.max_batch, max_wait_ms=200, stop=stop,
+                               idle_exit_s=idle_exit_s, on_ready=on_ready)
 
 
 __all__ = ["CrossCameraMatcher", "Decision", "ReassociationResult", "run_matcher"]
