@@ -14,9 +14,9 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
 * ``p50_ms`` / ``p99_ms``: one :meth:`CrossCameraMatcher.decide` (projection into the scoring space,
   index search, the association rules on the candidates);
 * ``embeddings_per_s``: the batch path of :meth:`CrossCameraMatcher.process` without Redis writes —
-  polled batches of ``--batch`` (512, ``matcher.max_batch``), one index search per sub-batch of
-  ``--search-batch`` (128, ``matcher.index.batch``) shared by ``--search-threads`` threads (one per
-  core, ``matcher.index.search_threads``), the next sub-batch searched while one is decided; each record
+  polled batches of ``--batch`` (1024, ``matcher.max_batch``), one index search per sub-batch of
+  ``--search-batch`` (256, ``matcher.index.batch``) shared by ``--search-threads`` threads (one per
+  core but one, ``matcher.index.search_threads``), the next sub-batch searched while one is decided; each record
   decided (identities changed since its search are scored exactly) and added to the gallery
   (prototypes, mean, index update);
 * ``recall_at_10``: share of the exact top-10 identities (by mean-prototype score) the index returns
@@ -57,7 +57,7 @@ from pipeline.config import MatcherConfig  # noqa: E402
 from stages.matcher.association import Rules, ScoringSpace  # noqa: E402
 from stages.matcher.gallery import Member  # noqa: E402
 from stages.matcher.index import IndexSettings  # noqa: E402
-from stages.matcher.matcher import CrossCameraMatcher  # noqa: E402
+from stages.matcher.matcher import CrossCameraMatcher, search_threads  # noqa: E402
 
 DAY_S = 86400.0
 
@@ -236,7 +236,7 @@ def redis_row(m: CrossCameraMatcher, data: dict, n: int, dim: int, args: argpars
     except (OSError, redis.RedisError) as exc:
         return {"bench": "matcher_redis", "gallery": n, "dim": dim, "error": str(exc)}
     return {"bench": "matcher_redis", "gallery": n, "dim": dim, "batch": args.batch, "search_batch": args.search_batch,
-            "search_threads": args.search_threads or os.cpu_count(), "embeddings_per_s": round(per_s, 1)}
+            "search_threads": search_threads(args.search_threads), "embeddings_per_s": round(per_s, 1)}
 
 
 def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespace) -> dict:
@@ -294,7 +294,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="faiss threads of single searches (default: all cores).")
     p.add_argument("--search-threads", type=int, default=IndexSettings().search_threads,
                    help="Threads that search a sub-batch on the batch path (matcher.index.search_threads; "
-                   "default: one per core).")
+                   "default: one per core but the one the decisions run on).")
     p.add_argument("--rebuild", action="store_true", help="Also time a restore of the gallery from Redis.")
     p.add_argument("--redis", action="store_true",
                    help="Also time process() writing every link to a real Redis (one \"matcher_redis\" row).")
@@ -321,7 +321,7 @@ def main() -> None:
                                                    "nprobe": args.nprobe, "fetch": args.fetch,
                                                    "code_dim": args.code_dim, "batch": args.batch,
                                                    "search_batch": args.search_batch,
-                                                   "search_threads": args.search_threads or os.cpu_count(),
+                                                   "search_threads": search_threads(args.search_threads),
                                                    "build_s": round(data2["build_s"], 1),
                                                    "memory_bytes_per_identity": round(data2["gallery_bytes"] / n)})):
                 print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],

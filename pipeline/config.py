@@ -400,15 +400,15 @@ class IndexConfig(_Model):
     )
     exact_below: int = Field(20000, ge=1, description="Gallery size (identities) below which search is exact.")
     nprobe: int = Field(
-        256, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); at 10^6 identities "
-        "256 gives recall@10 0.96 at p99 1.3 ms on 2 cores (bench/matcher.py)."
+        128, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); at 10^6 identities "
+        "(2,000 cells) 128 gives recall@10 0.96 (bench/matcher.py)."
     )
     candidates: int = Field(
         64, ge=1, description="Identities retrieved per tracklet before the rules apply (widened automatically "
         "while an identity left out could still score higher).",
     )
     fetch: int = Field(
-        1024, ge=1, description="IVF codes re-ranked per tracklet on the projected vectors; the best 128 of them are "
+        256, ge=1, description="IVF codes re-ranked per tracklet on the projected vectors; the best 128 of them are "
         "scored exactly (more: higher recall, slower).",
     )
     code_dim: int = Field(64, ge=2, description="Principal directions the IVF codes keep, 4 bits each.")
@@ -417,12 +417,12 @@ class IndexConfig(_Model):
         "into the IVF in one go.",
     )
     batch: int = Field(
-        128, ge=1, description="Tracklets per index search: a polled batch is cut into sub-batches of this size, and "
+        256, ge=1, description="Tracklets per index search: a polled batch is cut into sub-batches of this size, and "
         "the next one's candidates are searched in the background while one is decided and written.",
     )
     search_threads: int | None = Field(
         None, ge=1, description="Threads that search a sub-batch, each a share of it on one faiss thread, while the "
-        "decisions run; null: one per core.",
+        "decisions run; null: one per core but the one the decisions run on (at least one).",
     )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
     threads: int | None = Field(
@@ -470,7 +470,7 @@ class MatcherConfig(_Model):
     reassociation: ReassociationConfig = Field(default_factory=ReassociationConfig)
     group_id: str = Field("reidstream-matcher", description="Kafka consumer group of the matcher.")
     max_batch: int = Field(
-        512, ge=1, description="Embeddings the matcher polls and processes at once (offsets are committed per batch; "
+        1024, ge=1, description="Embeddings the matcher polls and processes at once (offsets are committed per batch; "
         "larger batches let index searches overlap the Redis writes, see `index.batch`).",
     )
     gallery_ttl_s: float | None = Field(

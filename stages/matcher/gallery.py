@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -64,6 +65,17 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return np.divide(v, n, out=np.zeros_like(v), where=n > 1e-12)
 
 
+def _mean_of_units(ys: Sequence[np.ndarray]) -> np.ndarray:
+    """``mean_j y_j / |y_j|`` of prototype vectors (``float32 [K]`` each, a zero one counts as zero):
+    ``float32 [K]``. The one definition of a mean prototype, whichever path computes it."""
+    units = []
+    for y in ys:
+        y = np.asarray(y, np.float32)
+        n = math.sqrt(float(np.dot(y, y)))
+        units.append(y / np.float32(n) if n > 1e-12 else np.zeros_like(y))
+    return units[0] if len(units) == 1 else np.stack(units).mean(axis=0, dtype=np.float32)
+
+
 class Gallery:
     """Active identities with their prototypes, members and an index over their mean prototypes.
 
@@ -81,7 +93,7 @@ class Gallery:
         self.hot: IdentityIndex | None = None  # exact, the recently seen identities (see IndexSettings.hot_s)
         self.newest_end = -np.inf
         self._by_gid: dict[str, _Identity] = {}
-        self._by_code: dict[int, _Identity] = {}
+        self._by_code: list[_Identity | None] = []  # by identity code (codes are dense, never reused)
         self._next_code = 0
         self._cams: dict[str, int] = {}
         self.cam_names: list[str] = []
@@ -131,7 +143,7 @@ class Gallery:
             ident = _Identity(gid, self._next_code)
             self._next_code += 1
             self._by_gid[gid] = ident
-            self._by_code[ident.code] = ident
+            self._by_code.append(ident)
             if ident.code >= len(self._alive):
                 self._alive = np.concatenate([self._alive, np.zeros(len(self._alive), bool)])
                 self._last = np.concatenate([self._last, np.full(len(self._last), -np.inf)])
@@ -163,10 +175,10 @@ class Gallery:
         if self.hot is None or not len(self.hot):
             return 0
         horizon = self.newest_end - self.settings.hot_s
-        return self.hot.remove([i.code for i in self._by_code.values() if i.last_end < horizon and i.code in self.hot])
+        return self.hot.remove([i.code for i in self._by_gid.values() if i.last_end < horizon and i.code in self.hot])
 
     def _mean(self, ident: _Identity) -> np.ndarray:
-        return _unit(np.stack([p.y for p in ident.protos]).astype(np.float32)).mean(axis=0)
+        return _mean_of_units([p.y for p in ident.protos])
 
     def _select(self, members: list[Member]) -> list[Member]:
         """Per camera, the ``per_camera`` of highest quality (earlier arrival first on ties)."""
@@ -233,7 +245,7 @@ class Gallery:
         for gid in gids:
             ident = self._by_gid.pop(gid, None)
             if ident is not None:
-                del self._by_code[ident.code]
+                self._by_code[ident.code] = None
                 self._alive[ident.code] = False
                 gone.append(gid)
                 if self.index is not None:
@@ -266,7 +278,7 @@ class Gallery:
             ys = np.stack([p.y for p in ident.protos]).astype(np.float32)
             ys = (ys if a is None else ys @ a) + c
             ident.protos = [dataclasses.replace(p, y=y) for p, y in zip(ident.protos, ys)]
-            vecs.append(_unit(ys).mean(axis=0))
+            vecs.append(_mean_of_units(ys))
         for start in range(0, len(idents), 65536):
             self._upsert(idents[start:start + 65536], np.stack(vecs[start:start + 65536]))
         return len(idents)
@@ -280,13 +292,23 @@ class Gallery:
             return np.full((b, k), -np.inf, np.float32), np.full((b, k), -1, np.int64)
         return self.index.search(z, k)
 
+    def rescore(self, z: np.ndarray, codes: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Exact ``z·m`` of unit queries ``float32 [B, K]`` against the present identities among
+        ``codes``: ``(codes int64 [n], scores float32 [B, n])``, each code once."""
+        c = _distinct(np.asarray(list(codes), np.int64))
+        c = c[(c >= 0) & (c < len(self._alive))]
+        c = c[self._alive[c]]
+        if self.index is None or not len(c):
+            return c[:0], np.zeros((len(z), 0), np.float32)
+        return c, self.index.scores_many(c, z)
+
     def code(self, gid: str) -> int | None:
         ident = self._by_gid.get(gid)
         return None if ident is None else ident.code
 
     def best(self, z: np.ndarray, camera: str, start_s: float, end_s: float, threshold: float, rules: Rules,
              transit: TransitModel, ttl_s: float | None = None,
-             prefetched: tuple[np.ndarray, np.ndarray] | None = None,
+             prefetched: tuple[np.ndarray, ...] | None = None,
              also: Sequence[int] = ()) -> tuple[str | None, float | None]:
         """The identity a tracklet joins under the association rules, or ``(None, None)`` to found one.
 
@@ -297,9 +319,12 @@ class Gallery:
             rules: Cannot-link and hand-off rules.
             transit: Hand-off gap statistics.
             ttl_s: Identities unseen for longer (before ``start_s``) are no candidates.
-            prefetched: Index candidates found beforehand (a batch search), ``(scores [k], codes [k])``.
-            also: Identity codes to score whatever the index says (identities changed since
-                ``prefetched`` was searched).
+            prefetched: Index candidates found beforehand (a batch search), ``(scores [k], codes [k])``
+                as :meth:`search` gives them (exact ``z·m`` at the time of the search), optionally
+                followed by ``(known_codes [n], known_scores [n])``: identities changed after that
+                search, with their ``z·m`` re-scored exactly since.
+            also: Identity codes to score now whatever the index says (identities changed since
+                ``prefetched`` was searched, or since ``known_scores`` were scored).
 
         Returns:
             ``(global_id, score)``.
@@ -312,26 +337,53 @@ class Gallery:
             s, c = self.search(z[None, :], k)
             prefetched = (s[0], c[0])
         also_codes = np.asarray(list(also), np.int64)
-        extra = also_codes
+        scores, codes = prefetched[0], prefetched[1]
+        known = (np.asarray(prefetched[2], np.int64), np.asarray(prefetched[3])) if len(prefetched) > 2 else None
+        # whose searched score may be out of date (or read half written by a search on another thread,
+        # see IdentityIndex.deferred): changed since the search
+        stale = also_codes if known is None or not len(known[0]) else np.concatenate([also_codes, known[0]])
+        hot = np.zeros(0, np.int64)
         if self.hot is not None and self.index.approximate and len(self.hot):
-            extra = np.concatenate([extra, self.hot.search(z[None, :], min(k, len(self.hot)))[1][0]])
+            hot = self.hot.search(z[None, :], min(k, len(self.hot)))[1][0]
         done = np.zeros(0, np.int64)  # codes scored so far, and their scores
         vals = np.zeros(0)
         best_code, best = None, -np.inf
+        first = True
         while True:
-            scores, codes = prefetched
-            cand = np.concatenate([codes, extra]) if len(extra) else codes
-            cand = _distinct(cand[cand >= 0])
-            cand = cand[self._alive[cand]]
-            if len(done):
-                cand = cand[~self._flagged(cand, done)]
-            extra = extra[:0]
+            found = codes >= 0
+            if first:
+                # three sources, each identity once: the searched score where it still holds, the
+                # re-scored one of an identity changed after the search, an exact score for the rest
+                keep = found & self._alive[np.maximum(codes, 0)]
+                if len(stale):
+                    keep &= ~self._flagged(np.maximum(codes, 0), stale)
+                cand, base = codes[keep], scores[keep].astype(np.float64)
+                if known is not None and len(known[0]):
+                    ok = self._alive[known[0]]
+                    if len(also_codes):
+                        ok &= ~self._flagged(known[0], also_codes)
+                    cand = np.concatenate([cand, known[0][ok]])
+                    base = np.concatenate([base, known[1][ok].astype(np.float64)])
+                exact = np.concatenate([also_codes, hot[~self._flagged(np.maximum(hot, 0), cand)]]) \
+                    if len(hot) and len(cand) else np.concatenate([also_codes, hot])
+                exact = _distinct(exact[exact >= 0])
+                exact = exact[self._alive[exact]]
+                if len(exact):
+                    cand = np.concatenate([cand, exact])
+                    base = np.concatenate([base, self.index.scores(exact, z).astype(np.float64)])
+                first = False
+            else:
+                # a search on this thread, now: its scores are exact and current
+                keep = found & self._alive[np.maximum(codes, 0)]
+                if len(done):
+                    keep &= ~self._flagged(np.maximum(codes, 0), done)
+                cand, base = codes[keep], scores[keep].astype(np.float64)
             # best first; an identity whose z·m plus the largest bonus stays under the threshold, or under
             # the best score found so far, cannot be chosen, so it is not scored
-            base = self.index.scores(cand, z).astype(np.float64)
+            able = base + w >= threshold
+            cand, base = cand[able], base[able]
             order = np.argsort(-base, kind="stable")
             cand, base = cand[order], base[order]
-            cand, base = cand[base + w >= threshold], base[base + w >= threshold]
             for i in range(0, len(cand), _CHUNK):
                 if best > base[i] + w:
                     break
@@ -341,19 +393,15 @@ class Gallery:
                 vals = np.concatenate([vals, got])
                 top = vals.max()
                 best_code, best = int(done[vals == top].min()), float(top)  # ties: the older identity
-            found = codes >= 0
             exhausted = int(found.sum()) < len(codes) or len(codes) >= len(self.index)
             # an identity left out scores at most the lowest retrieved score of an identity that has not
-            # changed since the search (a changed one's score may be stale, or read half written when the
-            # search ran on another thread, see IdentityIndex.deferred); changed ones are all scored
-            steady = scores[found & ~self._flagged(np.maximum(codes, 0), also_codes)] if len(also_codes) else \
-                scores[found]
+            # changed since the search; changed ones are all scored
+            steady = scores[found & ~self._flagged(np.maximum(codes, 0), stale)] if len(stale) else scores[found]
             bound = float(steady.min()) + w if len(steady) else (np.inf if found.any() else -np.inf)
             if exhausted or best >= bound or (bound < threshold and best < threshold):
                 break
             k = len(codes) * 4
-            s, c = self.search(z[None, :], k)
-            prefetched = (s[0], c[0])
+            scores, codes = (a[0] for a in self.search(z[None, :], k))
         if best_code is None or not np.isfinite(best) or best < threshold:
             return None, None
         return self._by_code[best_code].gid, best

@@ -12,8 +12,9 @@ ranks identities exactly as the association rule does. :class:`IdentityIndex` ke
   each vector is centred and projected onto the ``code_dim`` principal directions of the stored
   vectors (PCA of a sample, re-fitted at each training), then coded with 4 bits per dimension
   (a product quantiser with one dimension per sub-quantiser, scanned with faiss' SIMD "fast-scan"
-  kernels, André et al., "Quicker ADC", TPAMI 2019). ``nlist ≈ 2·√N`` cells; ``nprobe`` of them are
-  scanned per query; the ``fetch`` best codes are re-ranked on the projected float32 vectors, and
+  kernels, André et al., "Quicker ADC", TPAMI 2019); what is coded is each vector's offset from its
+  cell's centroid (the IVF-ADC scheme of Jégou et al.), not the vector. ``nlist ≈ 2·√N`` cells;
+  ``nprobe`` of them are scanned per query; the ``fetch`` best codes are re-ranked on the projected float32 vectors, and
   the best ``max(2k, 128)`` of those re-scored exactly from the float32 copy, so the codes only
   decide *which* vectors are looked at, never a score. Since ``q·v = q·(v - μ) + q·μ``
   and ``q·μ`` is the same for every ``v``, centring changes no ranking. The IVF is retrained when
@@ -72,11 +73,14 @@ class IndexSettings:
             sub-batches of this size, and while one is decided the next one's candidates are searched
             on other threads (see :meth:`IdentityIndex.deferred`).
         search_threads: Threads that search a sub-batch on the online path, each a share of it with
-            one faiss (OpenMP) thread (None: one per core). The decisions run on the caller's thread
-            meanwhile, so on 2 cores two search threads keep both cores busy where one faiss search
-            on two OpenMP threads has only the core the decisions leave.
+            one faiss (OpenMP) thread (None: one per core but the one the decisions run on, at least
+            one). The decisions run on the caller's thread meanwhile; a sub-batch searched right
+            away (the first of a polled batch) gets a share on the caller's thread too.
         retrain_growth: Retrain the IVF once the index holds this many times the vectors it was
             trained on.
+        compact_every: Out-of-date IVF entries left in place (a flush adds a changed vector's new
+            entry and only marks its old one, which searches skip) before they are removed in one
+            pass over the IVF.
         threads: faiss threads of searches on the caller's thread and of training (None: all cores).
         hot_s: While the IVF is in use, identities seen within this many stream seconds of the newest
             sighting are also searched exactly (most people come back soon, and the IVF can miss a
@@ -85,21 +89,23 @@ class IndexSettings:
 
     kind: str = "auto"
     exact_below: int = 20000
-    nprobe: int = 256
+    nprobe: int = 128
     candidates: int = 64
-    fetch: int = 1024
+    fetch: int = 256
     code_dim: int = 64
     flush_every: int = 256
-    batch: int = 128
+    batch: int = 256
     search_threads: int | None = None
     retrain_growth: float = 4.0
+    compact_every: int = 4096
     threads: int | None = None
     hot_s: float | None = 3600.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "ivf"):
             raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
-        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "search_threads"):
+        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "search_threads",
+                     "compact_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.code_dim < 2:
@@ -134,7 +140,9 @@ class IdentityIndex:
         self._mu: np.ndarray | None = None            # float32 [K], centre of the codes
         self._proj: np.ndarray | None = None          # float32 [K, r], or None: coded whole
         self._low = np.zeros((0, 0), np.float32)      # float32 [rows, r]: _code() of each row (IVF only)
-        self._in_ivf = np.zeros(1024, bool)           # row has an entry in the IVF
+        self._in_ivf = np.zeros(1024, bool)           # row has a current entry in the IVF
+        self._gen = np.zeros(1024, np.int64)          # the IVF id of a row's entry is gen << 31 | row
+        self._stale_ids: list[int] = []               # IVF entries out of date, skipped by searches
         self._pending = np.zeros(1024, bool)          # row's IVF entry is out of date (new, changed, removed)
         self._pending_rows: list[int] = []
         self._trained_on = 0
@@ -247,29 +255,49 @@ class IdentityIndex:
                 self._maybe_rebuild()
 
     def flush(self) -> int:
-        """Write the pending changes into the IVF (one removal, one addition); returns how many rows
-        changed. Searches are the same before and after: pending vectors are searched exactly."""
+        """Write the pending changes into the IVF (one addition); returns how many rows changed.
+        Searches are the same before and after: pending vectors are searched exactly.
+
+        The entries the changes replace stay in the IVF, marked out of date (searches skip them), and
+        are removed together once ``compact_every`` have gathered: a faiss removal passes over every
+        cell, whatever the number of vectors removed."""
         if self._ivf is None or not self._pending_rows:
             return 0
         rows = np.asarray(sorted(set(self._pending_rows)), np.int64)
-        stale = rows[self._in_ivf[rows]]
-        if len(stale):
-            import faiss
-
-            self._ivf.remove_ids(faiss.IDSelectorBatch(stale))
-            self._in_ivf[stale] = False
+        old = rows[self._in_ivf[rows]]
+        if len(old):
+            self._stale_ids.extend(self._ivf_ids(old).tolist())
+            self._in_ivf[old] = False
+            self._gen[old] += 1  # a freed row taken by another key gets a new id as well
         live = rows[self._keys[rows] >= 0]
         if len(live):
             if len(self._low) < len(self._vecs):
                 self._low = np.concatenate([self._low, np.zeros((len(self._vecs) - len(self._low), self._low.shape[1]),
                                                                 np.float32)])
             self._low[live] = self._code(self._vecs[live])
-            self._ivf.add_with_ids(self._low[live], live)
+            self._ivf.add_with_ids(self._low[live], self._ivf_ids(live))
             self._in_ivf[live] = True
         self._free.extend(rows[self._keys[rows] < 0].tolist())
         self._pending[rows] = False
         self._pending_rows = []
+        if len(self._stale_ids) >= self.settings.compact_every:
+            self.compact()
         return len(rows)
+
+    def compact(self) -> int:
+        """Remove the out-of-date IVF entries (one faiss removal); returns how many. Only outside
+        :meth:`deferred` blocks, as any change of the IVF."""
+        if self._ivf is None or not self._stale_ids or self._deferred:
+            return 0
+        import faiss
+
+        n = int(self._ivf.remove_ids(faiss.IDSelectorBatch(np.asarray(self._stale_ids, np.int64))))
+        self._stale_ids = []
+        return n
+
+    def _ivf_ids(self, rows: np.ndarray) -> np.ndarray:
+        """The IVF ids of the current entries of ``rows`` (``int64``)."""
+        return (self._gen[rows] << 31) | rows
 
     def _grow(self) -> int:
         if self._top == len(self._keys):
@@ -278,6 +306,7 @@ class IdentityIndex:
             self._vecs = np.concatenate([self._vecs, np.zeros((extra, self.dim), np.float32)])
             self._keys = np.concatenate([self._keys, np.full(extra, -1, np.int64)])
             self._in_ivf = np.concatenate([self._in_ivf, np.zeros(extra, bool)])
+            self._gen = np.concatenate([self._gen, np.zeros(extra, np.int64)])
             self._pending = np.concatenate([self._pending, np.zeros(extra, bool)])
         self._top += 1
         return self._top - 1
@@ -304,6 +333,8 @@ class IdentityIndex:
             self._pending[dead] = False
         self._pending_rows = []
         self._in_ivf[:] = False
+        self._gen[:] = 0
+        self._stale_ids = []
 
     def _maybe_rebuild(self) -> None:
         if self._bulk or self._deferred:
@@ -352,6 +383,11 @@ class IdentityIndex:
         # (kind: ivf in tests) keep their projected vectors whole
         codes = f"PQ{r}x4fs" if len(sample) >= 1024 and r % 2 == 0 else "Flat"
         ivf = faiss.index_factory(r, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
+        if codes != "Flat":
+            # code each vector's offset from its cell's centroid, not the vector itself: the offsets
+            # spread far less, so 4 bits per dimension rank them well enough that the best 256 codes
+            # hold what the best 1,024 did (faiss' default for inner product codes the vectors)
+            ivf.by_residual = True
         ivf.cp.min_points_per_centroid = 1  # small indexes train without warnings
         ivf.verbose = False
         ivf.train(self._code(sample))
@@ -359,7 +395,7 @@ class IdentityIndex:
         for s in range(0, n, 65536):  # in slices: a 10^6 gallery's float32 copy is 1 GB
             rows = live[s:s + 65536]
             self._low[rows] = self._code(self._vecs[rows])
-            ivf.add_with_ids(self._low[rows], rows.astype(np.int64))
+            ivf.add_with_ids(self._low[rows], self._ivf_ids(rows.astype(np.int64)))
         ivf.nprobe = min(self.settings.nprobe, nlist)
         self._ivf = ivf
         self._in_ivf[live] = True
@@ -390,8 +426,10 @@ class IdentityIndex:
             sims[:, self._keys[:self._top] < 0] = -np.inf
             return self._top_k(sims, np.broadcast_to(np.arange(self._top), sims.shape), k)
         qc = q if self._proj is None else np.ascontiguousarray(q @ self._proj)
-        _, rows = self._ivf.search(qc, max(self.settings.fetch, k))
-        rows = np.where((rows >= 0) & ~self._pending[np.maximum(rows, 0)], rows, -1)
+        _, ids = self._ivf.search(qc, max(self.settings.fetch, k))
+        rows = np.where(ids >= 0, ids & (_MAX_KEY - 1), 0)
+        # skip padding, out-of-date entries (a later one of the row holds its vector) and rows pending
+        rows = np.where((ids >= 0) & (self._ivf_ids(rows) == ids) & self._in_ivf[rows] & ~self._pending[rows], rows, -1)
         # re-score in two steps, each reading few bytes: the codes' rank is refined on the r-dim float
         # copy, then the best of those are scored exactly on the K-dim vectors
         keep = min(max(2 * k, 128), rows.shape[1])
@@ -399,12 +437,13 @@ class IdentityIndex:
             approx = np.matmul(np.take(self._low, np.maximum(rows, 0), axis=0), qc[:, :, None])[..., 0]
             approx[rows < 0] = -np.inf
             rows = np.take_along_axis(rows, np.argpartition(-approx, keep - 1, axis=1)[:, :keep], axis=1)
-        pend = np.asarray(self._pending_rows, np.int64)
-        pend = pend[self._keys[pend] >= 0]
-        if len(pend):
-            rows = np.concatenate([rows, np.broadcast_to(pend, (b, len(pend)))], axis=1)
         sims = np.matmul(np.take(self._vecs, np.maximum(rows, 0), axis=0), q[:, :, None])[..., 0]  # take: 3x a fancy index
         sims[(rows < 0) | (self._keys[np.maximum(rows, 0)] < 0)] = -np.inf
+        pend = np.asarray(self._pending_rows, np.int64)
+        pend = pend[self._keys[pend] >= 0]
+        if len(pend):  # the same rows for every query: one matrix product
+            sims = np.concatenate([sims, q @ self._vecs[pend].T], axis=1)
+            rows = np.concatenate([rows, np.broadcast_to(pend, (b, len(pend)))], axis=1)
         return self._top_k(sims, rows, k)
 
     def _top_k(self, sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -451,6 +490,12 @@ class IdentityIndex:
         (``float32 [len(keys)]``). Raises KeyError for an absent key."""
         rows = self._rows(np.asarray(keys, np.int64).reshape(-1))
         return self._vecs[rows] @ np.asarray(query, np.float32)
+
+    def scores_many(self, keys: np.ndarray | list[int], queries: np.ndarray) -> np.ndarray:
+        """Exact inner products of ``queries`` (``float32 [B, K]``) with the vectors of ``keys``:
+        ``float32 [B, len(keys)]`` (one matrix product). Raises KeyError for an absent key."""
+        rows = self._rows(np.asarray(keys, np.int64).reshape(-1))
+        return np.asarray(queries, np.float32) @ self._vecs[rows].T
 
 
 __all__ = ["IdentityIndex", "IndexSettings"]

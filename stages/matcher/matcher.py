@@ -164,6 +164,25 @@ def _one_faiss_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
+@contextlib.contextmanager
+def _on_one_faiss_thread() -> Iterator[None]:
+    """Block in which this thread's faiss searches run on one OpenMP thread (restored after)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def search_threads(configured: int | None) -> int:
+    """Search threads of the online path: as configured, else one per core but the one the decisions
+    run on (at least one)."""
+    return configured if configured is not None else max(1, (os.cpu_count() or 1) - 1)
+
+
 class CrossCameraMatcher:
     """Assign tracklets to global identities (see the module docstring for the rules).
 
@@ -430,12 +449,13 @@ class CrossCameraMatcher:
             out[i] = (scores[j], codes[j])
         return out
 
-    def _search_shared(self, ys: list[np.ndarray | None]) -> Callable[[], list]:
+    def _search_shared(self, ys: list[np.ndarray | None], now: bool = False) -> Callable[[], list]:
         """Start :meth:`_prefetch` of ``ys`` on the search threads, one share each, while the IVF is in
         use (else on this thread, at once); returns the call that waits for all the shares and gives
-        their results in the order of ``ys`` (re-raising the first error, after every share ended)."""
+        their results in the order of ``ys`` (re-raising the first error, after every share ended).
+        ``now``: the caller waits at once, so this thread searches a share too."""
         index = self.gallery.index
-        threads = self.gallery.settings.search_threads or os.cpu_count() or 1
+        threads = search_threads(self.gallery.settings.search_threads)
         if index is None or not index.approximate or not len(self.gallery):
             done = self._prefetch(ys)
             return lambda: done
@@ -444,12 +464,22 @@ class CrossCameraMatcher:
 
             self._searcher = ThreadPoolExecutor(threads, thread_name_prefix="matcher-search",
                                                 initializer=_one_faiss_thread)
-        step = max(1, -(-len(ys) // threads))
-        jobs = [self._searcher.submit(self._prefetch, ys[s:s + step]) for s in range(0, len(ys), step)]
+        shares = threads + 1 if now else threads
+        step = max(1, -(-len(ys) // shares))
+        starts = list(range(0, len(ys), step))
+        mine = starts.pop() if now and len(starts) > 1 else None
+        jobs = [self._searcher.submit(self._prefetch, ys[s:s + step]) for s in starts]
 
         def results() -> list:
             out: list = []
             error: BaseException | None = None
+            own: list = []
+            if mine is not None:
+                try:
+                    with _on_one_faiss_thread():
+                        own = self._prefetch(ys[mine:mine + step])
+                except BaseException as exc:  # noqa: BLE001 (re-raised below, once the shares ended)
+                    error = exc
             for job in jobs:  # all of them, also after one failed: none may read the IVF after this
                 try:
                     out.extend(job.result())
@@ -457,7 +487,7 @@ class CrossCameraMatcher:
                     error = error or exc
             if error is not None:
                 raise error
-            return out
+            return out + own
         return results
 
     def _candidate_batches(self, ys: list[np.ndarray | None]) -> Iterator[tuple[range, list, list[int]]]:
@@ -465,24 +495,25 @@ class CrossCameraMatcher:
 
         Yields ``(rows, prefetched, touched)`` per sub-batch of ``index.batch`` records: ``rows``
         index ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`),
-        and ``touched`` lists the identity codes changed since those candidates were searched; the
-        caller passes it as ``also`` to each decision and appends every code it changes. While the
-        IVF is in use, every sub-batch is searched on ``index.search_threads`` threads, each a share
-        of it, and the next sub-batch is searched that way while the caller decides and writes this
-        one (faiss and numpy release the GIL; so do Redis round trips), inside
-        :meth:`IdentityIndex.deferred`; its ``touched`` therefore starts with the codes the caller
-        changed in this one. Decisions are the same as with one search per sub-batch after the
-        previous one: every changed identity is scored exactly.
+        and ``touched`` lists the identity codes changed since then; the caller passes it as ``also``
+        to each decision and appends every code it changes. While the IVF is in use, every sub-batch
+        is searched on ``index.search_threads`` threads, each a share of it, and the next sub-batch is
+        searched that way while the caller decides and writes this one (faiss and numpy release the
+        GIL; so do Redis round trips), inside :meth:`IdentityIndex.deferred`. The identities the
+        caller changed meanwhile are re-scored for the whole next sub-batch in one matrix product
+        before it is yielded (``prefetched[j]`` then carries ``(known_codes, known_scores)`` too, see
+        :meth:`Gallery.best`), so ``touched`` starts empty. Decisions are the same as with one search
+        per sub-batch after the previous one: every changed identity is scored exactly.
 
         Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
         background search and ends the deferral at once.
         """
         size = self.gallery.settings.batch
         parts = [range(s, min(s + size, len(ys))) for s in range(0, len(ys), size)]
-        nxt = self._search_shared([ys[i] for i in parts[0]])() if parts else []
+        nxt = self._search_shared([ys[i] for i in parts[0]], now=True)() if parts else []
         before: list[int] = []  # changed while the current sub-batch's candidates were searched
         for j, rows in enumerate(parts):
-            pre, touched = nxt, list(before)
+            pre, touched = self._rescored(nxt, [ys[i] for i in rows], before), []
             index = self.gallery.index
             ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0
             if ahead:
@@ -492,12 +523,25 @@ class CrossCameraMatcher:
                         yield rows, pre, touched
                     finally:
                         nxt = job()  # before the IVF may change again
-                before = touched[len(before):]
+                before = touched
             else:
                 yield rows, pre, touched
                 before = []
                 if j + 1 < len(parts):  # the IVF may have been built meanwhile: one way to search
-                    nxt = self._search_shared([ys[i] for i in parts[j + 1]])()
+                    nxt = self._search_shared([ys[i] for i in parts[j + 1]], now=True)()
+
+    def _rescored(self, pre: list, ys: list[np.ndarray | None], changed: list[int]) -> list:
+        """``pre`` (candidates of the records of projections ``ys``), each with the exact scores of
+        the identities ``changed`` since it was searched appended (see :meth:`Gallery.best`)."""
+        rows = [j for j, p in enumerate(pre) if p is not None]
+        if not changed or not rows:
+            return pre
+        z = np.stack([ys[j] for j in rows]).astype(np.float32)
+        codes, scores = self.gallery.rescore(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), changed)
+        out = list(pre)
+        for r, j in enumerate(rows):
+            out[j] = (pre[j][0], pre[j][1], codes, scores[r])
+        return out
 
     @contextlib.contextmanager
     def _saving_prototypes(self) -> Iterator[None]:

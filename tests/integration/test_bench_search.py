@@ -4,7 +4,6 @@ against their own throwaway one and print their JSON rows."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 
 from pipeline import services
 from pipeline.config import MatcherConfig
+from stages.matcher.matcher import search_threads
 from tests.conftest import ROOT
 
 
@@ -45,5 +45,5 @@ def test_matcher_bench_times_process_writing_to_redis():
     cfg = MatcherConfig()  # the bench runs the configured batch path by default
     assert "error" not in r and (r["gallery"], r["dim"]) == (1500, 32)
     assert (r["batch"], r["search_batch"], r["search_threads"]) == (cfg.max_batch, cfg.index.batch,
-                                                                    cfg.index.search_threads or os.cpu_count())
+                                                                    search_threads(cfg.index.search_threads))
     assert r["embeddings_per_s"] > 0

@@ -79,12 +79,15 @@ def test_auto_switches_to_ivf_at_the_threshold_and_bulk_trains_once():
     assert idx.approximate and idx._trained_on == 1000
 
 
-def test_ivf_updates_are_searched_before_and_after_they_are_flushed():
+@pytest.mark.parametrize("compact_every", [4096, 5])
+def test_ivf_updates_are_searched_before_and_after_they_are_flushed(compact_every):
     """Random upserts and removals under an IVF that probes every cell and re-scores every code: each
     search equals an exact index holding the same vectors, whether a change still sits in the pending
-    buffer or was written into the IVF (flush_every 7, so both happen)."""
+    buffer or was written into the IVF (flush_every 7, so both happen), with the entries the flushes
+    replaced left in place (4096) or removed every few flushes (5); rows freed by removals are taken
+    by new keys meanwhile."""
     rng = np.random.default_rng(3)
-    full = IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=7)
+    full = IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=7, compact_every=compact_every)
     ivf, exact = IdentityIndex(16, full), IdentityIndex(16, IndexSettings(kind="exact"))
     x = _vectors(1500, 16)
     for idx in (ivf, exact):
@@ -106,7 +109,13 @@ def test_ivf_updates_are_searched_before_and_after_they_are_flushed():
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     assert len(ivf) == len(exact) and pending_seen > 20 and ivf._ivf.ntotal + len(ivf._pending_rows) >= len(ivf)
     ivf.flush()
-    assert not ivf._pending_rows and ivf._ivf.ntotal == len(ivf)  # removed vectors left the IVF too
+    # the flushes left the entries they replaced in place (skipped by every search above), and a
+    # compaction removes them: removed vectors leave the IVF too
+    stale = len(ivf._stale_ids)
+    assert not ivf._pending_rows and ivf._ivf.ntotal == len(ivf) + stale
+    assert stale < 5 if compact_every == 5 else stale > 100
+    assert ivf.compact() == stale and ivf._ivf.ntotal == len(ivf) and not ivf._stale_ids
+    np.testing.assert_array_equal(ivf.search(q, 10)[1], exact.search(q, 10)[1])
 
 
 def test_ivf_codes_keep_the_principal_directions():
