@@ -400,15 +400,15 @@ class IndexConfig(_Model):
     )
     exact_below: int = Field(20000, ge=1, description="Gallery size (identities) below which search is exact.")
     nprobe: int = Field(
-        128, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); at 10^6 identities "
-        "(2,000 cells) 128 gives recall@10 0.96 (bench/matcher.py)."
+        256, ge=1, description="IVF cells searched per tracklet (more: higher recall, slower); at 10^6 identities "
+        "(2,000 cells) 256 gives recall@10 0.97 (bench/matcher.py)."
     )
     candidates: int = Field(
         64, ge=1, description="Identities retrieved per tracklet before the rules apply (widened automatically "
         "while an identity left out could still score higher).",
     )
     fetch: int = Field(
-        256, ge=1, description="IVF codes re-ranked per tracklet on the projected vectors; the best 128 of them are "
+        128, ge=1, description="IVF codes re-ranked per tracklet on the projected vectors; the best 128 of them are "
         "scored exactly (more: higher recall, slower).",
     )
     code_dim: int = Field(64, ge=2, description="Principal directions the IVF codes keep, 4 bits each.")

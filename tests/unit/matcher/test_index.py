@@ -4,6 +4,7 @@ scoring every identity under the association rules."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -414,5 +415,20 @@ def test_search_threads_run_faiss_on_one_thread_each():
         shares = [m._searcher.submit(faiss.omp_get_max_threads) for _ in range(4)]
         assert [f.result() for f in shares] == [1] * 4
         assert faiss.omp_get_max_threads() == before
+        # a search the caller waits for at once: the caller's thread searches a share as well, on one
+        # faiss thread, and gets its setting back; the results come in the order of the records
+        seen, real, main = [], m._prefetch, threading.get_ident()
+
+        def spy(ys):
+            seen.append((threading.get_ident() == main, faiss.omp_get_max_threads(), len(ys)))
+            return real(ys)
+
+        m._prefetch = spy
+        ys = [m._project(v) for v in _vectors(9, 16, seed=5)]
+        now = m._search_shared(ys, now=True)()
+        alone = real(ys)
+        assert [c.tolist() for _, c in now] == [c.tolist() for _, c in alone]
+        assert len(seen) == 3 and sum(n for *_, n in seen) == 9 and any(mine for mine, *_ in seen)
+        assert all(t == 1 for _, t, _ in seen) and faiss.omp_get_max_threads() == before
     finally:
         m.release()
