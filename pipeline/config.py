@@ -408,8 +408,8 @@ class IndexConfig(_Model):
         "while an identity left out could still score higher).",
     )
     fetch: int = Field(
-        128, ge=1, description="IVF codes re-ranked per tracklet on the projected vectors; the best 128 of them are "
-        "scored exactly (more: higher recall, slower).",
+        128, ge=1, description="IVF codes scored exactly per tracklet (above 128 they are first re-ranked on the "
+        "projected vectors, and the best 128 scored exactly; more: higher recall, slower).",
     )
     code_dim: int = Field(64, ge=2, description="Principal directions the IVF codes keep, 4 bits each.")
     flush_every: int = Field(

@@ -389,7 +389,7 @@ class IdentityIndex:
         ivf = faiss.index_factory(r, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
         if codes != "Flat":
             # code each vector's offset from its cell's centroid, not the vector itself: the offsets
-            # spread far less, so 4 bits per dimension rank them well enough that the best 256 codes
+            # spread far less, so 4 bits per dimension rank them well enough that the best 128 codes
             # hold what the best 1,024 did (faiss' default for inner product codes the vectors)
             ivf.by_residual = True
         ivf.cp.min_points_per_centroid = 1  # small indexes train without warnings
