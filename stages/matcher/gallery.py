@@ -60,11 +60,6 @@ def _distinct(codes: np.ndarray) -> np.ndarray:
     return codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    return np.divide(v, n, out=np.zeros_like(v), where=n > 1e-12)
-
-
 def _mean_of_units(ys: Sequence[np.ndarray]) -> np.ndarray:
     """``mean_j y_j / |y_j|`` of prototype vectors (``float32 [K]`` each, a zero one counts as zero):
     ``float32 [K]``. The one definition of a mean prototype, whichever path computes it."""

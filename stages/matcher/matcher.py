@@ -177,6 +177,13 @@ def _on_one_faiss_thread() -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def _unit_queries(ys: list[np.ndarray]) -> np.ndarray:
+    """Projected vectors (``float32 [K]`` each) as unit query rows, ``float32 [B, K]``, the way
+    :meth:`CrossCameraMatcher._decide` normalises one."""
+    z = np.stack(ys).astype(np.float32)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
 def search_threads(configured: int | None) -> int:
     """Search threads of the online path: as configured, else one per core but the one the decisions
     run on (at least one)."""
@@ -443,8 +450,7 @@ class CrossCameraMatcher:
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(ys)
         if len(rows) < 2 or not len(self.gallery):
             return out
-        z = np.stack([ys[i] for i in rows]).astype(np.float32)
-        scores, codes = self.gallery.search(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12))
+        scores, codes = self.gallery.search(_unit_queries([ys[i] for i in rows]))
         for j, i in enumerate(rows):
             out[i] = (scores[j], codes[j])
         return out
@@ -536,8 +542,7 @@ class CrossCameraMatcher:
         rows = [j for j, p in enumerate(pre) if p is not None]
         if not changed or not rows:
             return pre
-        z = np.stack([ys[j] for j in rows]).astype(np.float32)
-        codes, scores = self.gallery.rescore(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), changed)
+        codes, scores = self.gallery.rescore(_unit_queries([ys[j] for j in rows]), changed)
         out = list(pre)
         for r, j in enumerate(rows):
             out[j] = (pre[j][0], pre[j][1], codes, scores[r])
