@@ -454,6 +454,19 @@ class IdentityStore:
         """Allocate a new global id ``G`` + 6 digits (monotonic per namespace)."""
         return f"G{int(self.r.incr(self._k('seq', 'identity'))):06d}"
 
+    def reserve_global_ids(self, n: int) -> list[str]:
+        """Allocate ``n`` new global ids at once (one round trip), in increasing order; ids from the
+        same sequence as :meth:`next_global_id`, so no other caller gets any of them.
+
+        Raises:
+            ValueError: ``n`` < 1.
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable (nothing allocated).
+        """
+        if n < 1:
+            raise ValueError(f"reserve at least one global id, got {n}")
+        top = int(self.r.incrby(self._k("seq", "identity"), n))
+        return [f"G{i:06d}" for i in range(top - n + 1, top + 1)]
+
     def record_link(self, link: Link, embedding: np.ndarray, cameras: Iterable[str] | None = None,
                     first_seen_s: float | None = None, last_seen_s: float | None = None,
                     thumbnail: bytes | None = None, quality: int = 1) -> bool:
@@ -485,6 +498,33 @@ class IdentityStore:
                 happen is a replay.
         """
         del cameras, first_seen_s, last_seen_s  # the identity is updated from Redis' own state
+        keys, args = self._link_call(link, embedding, thumbnail, quality)
+        return bool(self._record_link(keys=keys, args=args))
+
+    def record_links(self, links: list[tuple[Link, np.ndarray, bytes | None, int]]) -> list[bool]:
+        """:meth:`record_link` for many links in one pipelined round trip: each ``(link, embedding,
+        thumbnail, quality)`` is its own atomic script run, in order, as if written one by one.
+
+        Returns:
+            Per link, True if written, False if its tracklet was already linked (a replay, or a link
+            by another writer since the caller last looked).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable; any prefix of the links
+                may have been written (each one whole or not at all): the caller finds out which with
+                :meth:`linked_among` once Redis is back.
+        """
+        if not links:
+            return []
+        with self.r.pipeline(transaction=False) as pipe:
+            for link, embedding, thumbnail, quality in links:
+                keys, args = self._link_call(link, embedding, thumbnail, quality)
+                self._record_link(keys=keys, args=args, client=pipe)
+            return [bool(x) for x in pipe.execute()]
+
+    def _link_call(self, link: Link, embedding: np.ndarray, thumbnail: bytes | None,
+                   quality: int) -> tuple[list[str], list[Any]]:
+        """The link script's keys and arguments for ``link``."""
         tid, gid = link.tracklet_id, link.global_id
         fields: dict[str, Any] = {
             "global_id": gid, "camera": link.camera, "zone": self.zone, "track_id": link.track_id,
@@ -503,7 +543,7 @@ class IdentityStore:
                            self.retention_s or 0, thumbnail or b"", fields["linked_wall_s"], self.zone]
         for name, value in fields.items():
             args.extend((name, value))
-        return bool(self._record_link(keys=keys, args=args))
+        return keys, args
 
     def load_window(self, since_end_s: float | None = None, limit: int | None = None) -> list[WindowEntry]:
         """Linked tracklets of this view's zone whose last sighting is at or after ``since_end_s`` (all

@@ -81,6 +81,21 @@ class Decision:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Staged:
+    """A link decided and applied in memory whose write to Redis is queued (see :meth:`CrossCameraMatcher.process`).
+
+    ``embedding``: ``float32 [D]`` as stored; ``decide_s``: seconds the decision took; ``joined``: the
+    tracklet joined an identity (else it founded ``link.global_id``)."""
+
+    link: Link
+    embedding: np.ndarray
+    thumbnail: bytes | None
+    quality: int
+    decide_s: float
+    joined: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class ReassociationResult:
     """What one re-association did.
 
@@ -236,6 +251,9 @@ class CrossCameraMatcher:
         self._blas: Any = None  # threadpoolctl controller, made on first use (see online())
         self._searcher: Any = None  # executor of the online path's index searches (see _search_shared)
         self._unsaved: set[str] = set()  # identities whose prototypes changed since they were saved
+        self._fresh_ids: list[str] = []  # global ids reserved in Redis, not used yet (see _new_global_id)
+        # tracklet id -> global id of links applied in memory whose write may have failed (see _recover)
+        self._unsure: dict[str, str] = {}
         self._newest_end = -np.inf
         self._dim: int | None = None
         self._epoch = 0
@@ -411,20 +429,20 @@ class CrossCameraMatcher:
         return Decision(gid, score)
 
     # ---------------------------------------------------------------------------------------------
-    def _apply(self, rec: EmbeddingRecord, vec: np.ndarray, y: np.ndarray,
-               prefetched: tuple[np.ndarray, np.ndarray] | None = None, also: Iterable[int] = ()) -> str | None:
-        """Decide and write one link (``vec``: the embedding as stored, ``y``: its projection); returns
-        the global id it went to (None: a replay)."""
+    def _stage(self, rec: EmbeddingRecord, vec: np.ndarray, y: np.ndarray, prefetched: Any, also: Iterable[int],
+               ahead: int) -> _Staged:
+        """Decide where ``rec`` goes and apply the link in memory (window, gallery), so that later
+        decisions see it; its write is queued (:meth:`_write`). ``vec``: the embedding as stored, ``y``:
+        its projection; ``ahead``: records left in the polled batch (new ids are reserved for them).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Reserving new global ids failed.
+        """
+        t = time.perf_counter()
         decision = self._decide(rec.camera, rec.start_s, rec.end_s, y, prefetched, also)
-        gid = decision.global_id or self.store.next_global_id()
-        now = self.clock()
+        gid = decision.global_id or self._new_global_id(ahead)
         link = Link(rec.tracklet_id, rec.camera, rec.track_id, gid, decision.score, rec.start_s, rec.end_s,
-                    list(rec.frames), [list(b) for b in rec.boxes], rec.closed_wall_s, now)
-        # the store updates the identity's cameras and span from what Redis holds
-        written = self.store.record_link(link, vec, [rec.camera], rec.start_s, rec.end_s, rec.thumbnail_jpeg,
-                                         rec.observed_frames)
-        if not written:
-            return None
+                    list(rec.frames), [list(b) for b in rec.boxes], rec.closed_wall_s, self.clock())
         entry = WindowEntry(rec.tracklet_id, rec.camera, rec.start_s, rec.end_s, rec.observed_frames, gid, vec)
         self._arrival += 1
         self.window.add(entry, y, self._arrival)
@@ -432,15 +450,97 @@ class CrossCameraMatcher:
             self._unsaved.add(gid)  # saved once per batch (process())
         self._dim = len(vec)
         self._newest_end = max(self._newest_end, rec.end_s)
-        self.links_total += 1
-        self._since_reassociation += 1
-        kind = "joined" if decision.global_id else "founded"
-        metrics.LINKS.labels(stage=STAGE, camera=rec.camera, kind=kind).inc()
-        metrics.TRACKLET_LINK_LATENCY.labels(camera=rec.camera).observe(max(now - rec.closed_wall_s, 0.0))
-        log.info("matcher: %s → %s (%s%s)", rec.tracklet_id, gid, kind,
-                 f", score {decision.score:.3f}" if decision.score is not None else "",
-                 extra={"camera": rec.camera})
-        return gid
+        return _Staged(link, vec, rec.thumbnail_jpeg, rec.observed_frames, time.perf_counter() - t,
+                       decision.global_id is not None)
+
+    def _new_global_id(self, ahead: int) -> str:
+        """A new global id, from a block reserved in Redis: as many ids as records are left in the
+        polled batch, at most 64 (one round trip per block; ids a stopped matcher leaves unused are
+        skipped, never given twice)."""
+        if not self._fresh_ids:
+            self._fresh_ids = self.store.reserve_global_ids(min(max(ahead, 1), 64))
+        return self._fresh_ids.pop(0)
+
+    def _write(self, staged: list[_Staged]) -> set[str]:
+        """Write the links ``staged`` (applied in memory already) in one pipelined round trip, then
+        count them. A link another matcher wrote first (the tracklet was linked since this batch's
+        replay check, e.g. by the previous owner of the partition during a rebalance) is taken back:
+        the identities involved are reloaded from Redis. Returns the identities reloaded.
+
+        Raises:
+            TransientError: Redis is unreachable; what this batch applied in memory is reconciled with
+                Redis before the next batch (:meth:`_recover`).
+            redis.RedisError: Redis refused a write (likewise reconciled).
+        """
+        import redis
+
+        if not staged:
+            return set()
+        t = time.perf_counter()
+        try:
+            written = self.store.record_links([(s.link, s.embedding, s.thumbnail, s.quality) for s in staged])
+        except redis.RedisError as exc:
+            self._unsure.update({s.link.tracklet_id: s.link.global_id for s in staged})
+            if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                raise TransientError(f"Redis unavailable: {exc}") from exc
+            raise
+        share = (time.perf_counter() - t) / len(staged)
+        now = self.clock()
+        for s, ok in zip(staged, written):
+            if not ok:
+                continue
+            link = s.link
+            self.links_total += 1
+            self._since_reassociation += 1
+            kind = "joined" if s.joined else "founded"
+            metrics.LINKS.labels(stage=STAGE, camera=link.camera, kind=kind).inc()
+            metrics.TRACKLET_LINK_LATENCY.labels(camera=link.camera).observe(max(now - link.closed_wall_s, 0.0))
+            metrics.STAGE_LATENCY.labels(stage=STAGE, camera=link.camera).observe(s.decide_s + share)
+            log.info("matcher: %s → %s (%s%s)", link.tracklet_id, link.global_id, kind,
+                     f", score {link.score:.3f}" if link.score is not None else "", extra={"camera": link.camera})
+        taken = [s for s, ok in zip(staged, written) if not ok]
+        return self._take_back(taken) if taken else set()
+
+    def _take_back(self, taken: list[_Staged]) -> set[str]:
+        """Undo in memory the links ``taken``, which Redis refused because their tracklets were linked
+        meanwhile: their identities here, and the ones Redis holds them in, are reloaded from Redis
+        (returned)."""
+        import redis
+
+        self._unsure.update({s.link.tracklet_id: s.link.global_id for s in taken})
+        for s in taken:
+            log.warning("matcher: %s was linked by another matcher meanwhile; taking its identity in",
+                        s.link.tracklet_id, extra={"camera": s.link.camera})
+        try:
+            return self._recover()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
+
+    def _recover(self) -> set[str]:
+        """Make memory agree with Redis about the links of :attr:`_unsure` (applied here, but their
+        write failed or was refused): the window drops those Redis does not hold, and every identity
+        involved (as assigned here, and as Redis holds the tracklet) is reloaded from Redis (returned).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis is unreachable (nothing changed; retried).
+        """
+        if not self._unsure:
+            return set()
+        tids = list(self._unsure)
+        written = self.store.linked_among(tids)
+        gids = set(self._unsure.values())
+        for t in written:
+            link = self.store.link(t)
+            if link is not None:
+                gids.add(link.global_id)
+        lost = set(tids) - written
+        if lost:
+            self.window.keep(np.array([i for i, t in enumerate(self.window.ids) if t not in lost], np.int64))
+        self._reload(gids)
+        log.info("matcher: reconciled %d links with Redis (%d not written, %d identities reloaded)",
+                 len(tids), len(lost), len(gids))
+        self._unsure = {}
+        return gids
 
     def _prefetch(self, ys: list[np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """One index search for a whole batch of projected vectors (None: a record of another
@@ -571,8 +671,10 @@ class CrossCameraMatcher:
     def process(self, records: list[EmbeddingRecord]) -> list[Output]:
         """Link each record (skipping ones already linked), then re-associate when it is due; outputs
         nothing downstream. The gallery index is searched once per sub-batch of ``index.batch`` records,
-        the next sub-batch in the background while one is written (:meth:`_candidate_batches`);
-        identities changed by earlier records are scored exactly for the later ones.
+        the next sub-batch in the background while one is decided (:meth:`_candidate_batches`);
+        identities changed by earlier records are scored exactly for the later ones. Each link is
+        applied in memory as it is decided, and a sub-batch's links are written to Redis in one
+        pipelined round trip once it is decided, also when a record fails it (:meth:`_write`).
 
         Raises:
             TransientError: Redis is unreachable (the runner retries; nothing is committed).
@@ -581,10 +683,8 @@ class CrossCameraMatcher:
         import redis
 
         try:
+            self._recover()  # links of a failed write, before the replay check
             self.follow_operators()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise TransientError(f"Redis unavailable: {exc}") from exc
-        try:
             linked = self.store.linked_among(rec.tracklet_id for rec in records)  # replays, in one round trip
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
@@ -595,22 +695,23 @@ class CrossCameraMatcher:
             # closing: an exception ends the background search (and the deferral) before it propagates
             with contextlib.closing(self._candidate_batches(ys)) as batches, self._saving_prototypes():
                 for rows, prefetched, touched in batches:
-                    for i, pre in zip(rows, prefetched):
-                        rec, vec, y = records[i], vecs[i], ys[i]
-                        t = time.perf_counter()
-                        try:
+                    staged: list[_Staged] = []
+                    try:
+                        for i, pre in zip(rows, prefetched):
+                            rec, vec, y = records[i], vecs[i], ys[i]
                             if rec.tracklet_id in linked:
                                 log.debug("matcher: %s already linked (replay)", rec.tracklet_id)
                                 continue
                             self._check_dim(len(vec))
-                            gid = self._apply(rec, vec, y, pre, touched)
+                            staged.append(self._stage(rec, vec, y, pre, touched, len(records) - i))
                             linked.add(rec.tracklet_id)  # a copy later in the batch is a replay too
-                        except (redis.ConnectionError, redis.TimeoutError) as exc:
-                            raise TransientError(f"Redis unavailable: {exc}") from exc
-                        code = self.gallery.code(gid) if gid is not None else None
-                        if code is not None:
-                            touched.append(code)
-                        metrics.STAGE_LATENCY.labels(stage=STAGE, camera=rec.camera).observe(time.perf_counter() - t)
+                            touched.append(self.gallery.code(staged[-1].link.global_id))
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        raise TransientError(f"Redis unavailable: {exc}") from exc
+                    finally:  # what was decided is written, also before a failure propagates
+                        reloaded = self._write(staged)
+                    # identities a taken-back link reloaded changed: scored exactly from now on
+                    touched.extend(c for c in map(self.gallery.code, sorted(reloaded)) if c is not None)
         self._last_arrival = self.monotonic()
         if self.reassociation and self._since_reassociation and \
                 self.monotonic() - self._last_reassociation >= self.reassociation.every_s:

@@ -162,3 +162,83 @@ def test_a_batch_saves_its_prototypes_in_one_write_and_retries_a_failed_one(stor
     m.process([emb("D1", "gate", 210.0, 211.0, noisy(people[1], 951))])
     assert calls[-1] == sorted({store.link("A0").global_id, store.link("A1").global_id})  # the failed one retried
     assert {p.tracklet_id for p in store.load_prototypes()[store.link("A0").global_id][1]} == {"A0", "B0", "C0"}
+
+
+def _members(m: CrossCameraMatcher, gid: str) -> set[str]:
+    return {p.tracklet_id for p in m.gallery.prototypes(gid)}
+
+
+def test_a_link_another_matcher_wrote_first_is_taken_back(store, monkeypatch):
+    """A sub-batch's links are written in one pipelined round trip after it is decided. A tracklet
+    linked by another matcher since the batch's replay check is refused by Redis: this matcher takes
+    back what it applied in memory and takes in the other matcher's identity, and a later sighting
+    of that person joins it."""
+    m = _matcher(store, index=IndexSettings(batch=2))
+    other = _matcher(store)
+    person, stranger = unit(1000), unit(1001)
+    other.process([emb("O1", "gate", 0.0, 1.0, person), emb("T1", "left", 10.0, 11.0, noisy(person, 1))])
+    theirs = store.link("T1").global_id
+    seen, calls = m.store.linked_among, []
+    # the batch's replay check ran before "other" wrote (later looks see Redis as it is)
+    monkeypatch.setattr(m.store, "linked_among", lambda tids: set() if not calls.append(1) and len(calls) == 1
+                        else seen(tids))
+    m.process([emb("S1", "right", 20.0, 21.0, stranger), emb("T1", "left", 10.0, 11.0, noisy(person, 1)),
+               emb("S2", "gate", 30.0, 31.0, noisy(stranger, 2))])
+    assert len(calls) == 2  # the replay check, then the take-back's look
+    assert store.link("T1").global_id == theirs and store.identity(theirs).n_tracklets == 2  # Redis kept theirs
+    assert m.window.gids[m.window.index["T1"]] == theirs and _members(m, theirs) >= {"T1"}
+    assert store.link("S2").global_id == store.link("S1").global_id  # the rest of the batch linked normally
+    assert m.links_total == 2 and sorted(g for g in m.gallery.gids()) == sorted({theirs, store.link("S1").global_id})
+    m.process([emb("T2", "right", 40.0, 41.0, noisy(person, 3))])
+    assert store.link("T2").global_id == theirs
+
+
+def test_a_failed_link_write_is_reconciled_with_redis_before_the_retry(store, monkeypatch):
+    """The connection drops while a sub-batch's links are written, after Redis ran some of them: the
+    batch fails as an outage, and before the runner's retry the matcher finds out from Redis which
+    links were written, drops the others from memory and reloads their identities, so that the retry
+    links every tracklet exactly once and memory agrees with Redis."""
+    import redis
+
+    from pipeline.runner import TransientError
+
+    m = _matcher(store, index=IndexSettings(batch=4))
+    people = [unit(1100 + i) for i in range(6)]
+    first = [emb(f"A{i}", "left", 10.0 * i, 10.0 * i + 1, v) for i, v in enumerate(people)]
+    m.process(first)
+    batch = [emb(f"B{i}", "right", 100.0 + i, 100.5 + i, noisy(v, 1200 + i)) for i, v in enumerate(people)]
+    real = store.record_links
+
+    def dies_half_way(links):
+        real(links[:len(links) // 2])
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(store, "record_links", dies_half_way)
+    with pytest.raises(TransientError):
+        m.process(batch)
+    assert store.count_links([r.tracklet_id for r in batch]) == 2  # the first sub-batch's first half
+    assert len(m.window) == 6 + 4  # the first sub-batch was applied in memory meanwhile
+    monkeypatch.setattr(store, "record_links", real)
+    m.process(batch)  # the runner's retry
+    assert store.count_links([r.tracklet_id for r in batch]) == 6
+    assert sorted(m.window.ids) == sorted([r.tracklet_id for r in first + batch])  # each tracklet once
+    for i in range(6):
+        gid = store.link(f"A{i}").global_id
+        assert store.link(f"B{i}").global_id == gid and store.identity(gid).n_tracklets == 2
+        assert _members(m, gid) == {f"A{i}", f"B{i}"}
+        assert m.window.gids[m.window.index[f"B{i}"]] == gid
+    assert len(m.gallery) == 6
+
+
+def test_new_identities_take_global_ids_from_reserved_blocks(store):
+    """Founding identities reserves ids in Redis a block at a time (as many as the batch has records
+    left, at most 64): two matchers never get the same id, and ids grow in founding order."""
+    a, b = _matcher(store), _matcher(store)
+    a.process([emb(f"A{i}", "left", 10.0 * i, 10.0 * i + 1, unit(1300 + i)) for i in range(3)])
+    b.process([emb("B0", "left", 5.0, 6.0, unit(1400))])
+    a.process([emb("A3", "left", 100.0, 101.0, unit(1303))])
+    got = [store.link(t).global_id for t in ("A0", "A1", "A2", "B0", "A3")]
+    assert got == ["G000001", "G000002", "G000003", "G000004", "G000005"]
+    assert store.reserve_global_ids(2) == ["G000006", "G000007"] and store.next_global_id() == "G000008"
+    with pytest.raises(ValueError):
+        store.reserve_global_ids(0)
