@@ -164,7 +164,7 @@ def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: 
         online.__enter__()
         for s in range(0, len(recs), args.batch):
             batch = _records(q[s:s + args.batch], cams, ids[s:s + args.batch], 10 ** 7 + s)
-            ys = [m._project(r.vector) for r in batch]  # as process() does: one projection per record
+            ys = m._project_batch([r.vector for r in batch])  # as process() does
             with contextlib.closing(m._candidate_batches(ys)) as parts:  # as process() does
                 for rows, pre, touched in parts:
                     for i, p in zip(rows, pre):

@@ -194,14 +194,15 @@ class IdentityIndex:
             raise ValueError(f"vectors have dimension {vectors.shape[1]}, the index {self.dim}")
         if not len(keys):
             return
-        if keys.min() < 0 or keys.max() >= _MAX_KEY:
+        lo, hi = (int(keys[0]),) * 2 if len(keys) == 1 else (int(keys.min()), int(keys.max()))  # one: a link
+        if lo < 0 or hi >= _MAX_KEY:
             raise ValueError("index keys must be >= 0 and < 2**31")
-        if keys.max() >= len(self._row_of):
-            grown = np.full(max(2 * len(self._row_of), int(keys.max()) + 1), -1, np.int64)
+        if hi >= len(self._row_of):
+            grown = np.full(max(2 * len(self._row_of), hi + 1), -1, np.int64)
             grown[:len(self._row_of)] = self._row_of
             self._row_of = grown
         rows = self._row_of[keys].copy()
-        for i in np.flatnonzero(rows < 0).tolist():
+        for i in (np.flatnonzero(rows < 0).tolist() if len(rows) > 1 else [0] if rows[0] < 0 else []):
             key = int(keys[i])
             row = self._row_of[key]  # a key repeated within this call
             if row < 0:
@@ -237,9 +238,15 @@ class IdentityIndex:
         return len(rows)
 
     def _mark(self, rows: np.ndarray) -> None:
-        fresh = rows[~self._pending[rows]]
-        self._pending[fresh] = True
-        self._pending_rows.extend(np.unique(fresh).tolist())
+        if len(rows) == 1:  # one link's change: no array operations
+            row = int(rows[0])
+            if not self._pending[row]:
+                self._pending[row] = True
+                self._pending_rows.append(row)
+        else:
+            fresh = rows[~self._pending[rows]]
+            self._pending[fresh] = True
+            self._pending_rows.extend(np.unique(fresh).tolist())
         if len(self._pending_rows) >= self.settings.flush_every and not self._deferred:
             self.flush()
 

@@ -4,6 +4,8 @@ unseen for longer than ``gallery_ttl_s`` are archived (out of memory, still in R
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -29,8 +31,12 @@ def test_identities_outside_the_window_stay_candidates_and_survive_a_restart(sto
     m.process([emb("R0", "right", 100, 102, noisy(people[0], 7))])
     first = store.link("P0").global_id
     assert store.link("R0").global_id == first     # P0's identity left the window, not the gallery
+    gc.unfreeze()
     restarted = _matcher(store)
     assert len(restarted.window) == 2 and len(restarted.gallery) == 5
+    # the restored gallery is out of the cyclic collector's sight (no full collection walks it)
+    tracked = {id(o) for o in gc.get_objects()}
+    assert gc.get_freeze_count() > 0 and id(restarted.gallery.prototypes(first)[0]) not in tracked
     assert [p.tracklet_id for p in restarted.gallery.prototypes(store.link("P1").global_id)] == ["P1"]
     restarted.process([emb("R1", "right", 110, 112, noisy(people[1], 8))])
     assert store.link("R1").global_id == store.link("P1").global_id
