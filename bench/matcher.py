@@ -24,6 +24,9 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
   brute force; ``memory_bytes_per_identity``: resident memory the process grew by while loading the
   gallery (identities, prototypes, index), per identity.
 
+The loaded gallery is frozen out of Python's cyclic garbage collector (``gc.freeze()``), as
+:meth:`CrossCameraMatcher.setup` does with a restored one.
+
 Synthetic data: ``N`` identities with one prototype each, spread over ``--cameras`` cameras and a
 day of stream time; embeddings are drawn with a power-law eigen-spectrum ``λ_i ∝ i^-α`` (``--alpha``,
 default 1.0: the centred embeddings of the vtest tracklets decay with α = 0.93 (STA) to 1.15 (part
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -73,6 +77,8 @@ def _draw(rng: np.random.Generator, n: int, sd: np.ndarray) -> np.ndarray:
 
 def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -> tuple[CrossCameraMatcher, dict]:
     """A matcher whose gallery holds ``n`` synthetic identities (no store: :meth:`decide` needs none)."""
+    gc.unfreeze()  # the previous configuration's gallery (frozen below) is garbage now
+    gc.collect()
     rng = np.random.default_rng(args.seed)
     sd = _spectrum(dim, args.alpha)
     sample = _draw(rng, min(n, 10000), sd)
@@ -104,6 +110,7 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
                         truth["x"][j] = x[i]
         m.gallery.replace(groups)
     loading.__exit__(None, None, None)  # one IVF training over the whole gallery
+    gc.freeze()  # as CrossCameraMatcher.setup() does with a restored gallery: no full collection walks it
     m._dim = dim
     m._newest_end = DAY_S + 8
     build_s = time.perf_counter() - t

@@ -33,6 +33,7 @@ search-by-example over the stored embeddings spans all zones.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -170,6 +171,11 @@ class ZonedMatcher:
         for m in self.matchers.values():
             m.release()
         self.matchers.clear()
+        # the dropped galleries were frozen out of the cyclic garbage collector when they were
+        # restored (CrossCameraMatcher.setup): hand everything back to it, so that what of them sits in
+        # reference cycles is freed; the galleries loaded next are frozen again
+        gc.unfreeze()
+        gc.collect()
 
     def on_assign(self, partitions: Sequence[Any]) -> None:
         """Build, from Redis, the matchers of the known zones keyed to ``partitions`` (kafka-python
