@@ -16,6 +16,7 @@ import importlib.resources
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -90,11 +91,44 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port() gave in this process
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux; the usual default elsewhere)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that is free right now."""
+    """A TCP port on ``host`` that is free right now, and not one this process was given before.
+
+    It is taken below the kernel's ephemeral range where there is room: a port from that range can be
+    taken by any outgoing connection (a broker talking to its object store, a client) between this
+    call and the server's bind, which the fault test met as "port already in use".
+    """
+    lo, _ = _ephemeral_range()
+    pool = range(10000, lo) if lo - 10000 >= 1000 else range(0)
+    rng = random.Random()
+    for _ in range(200 if len(pool) else 0):
+        port = rng.choice(pool)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options: Any) -> bool:
