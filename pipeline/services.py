@@ -111,9 +111,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     call and the server's bind, which the fault test met as "port already in use".
     """
     lo, _ = _ephemeral_range()
-    pool = range(10000, lo) if lo - 10000 >= 1000 else range(0)
+    pool = range(10000, lo)
     rng = random.Random()
-    for _ in range(200 if len(pool) else 0):
+    for _ in range(200 if len(pool) >= 1000 else 0):
         port = rng.choice(pool)
         if port in _HANDED_OUT:
             continue

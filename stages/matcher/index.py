@@ -202,7 +202,7 @@ class IdentityIndex:
             grown[:len(self._row_of)] = self._row_of
             self._row_of = grown
         rows = self._row_of[keys].copy()
-        for i in (np.flatnonzero(rows < 0).tolist() if len(rows) > 1 else [0] if rows[0] < 0 else []):
+        for i in np.flatnonzero(rows < 0).tolist():
             key = int(keys[i])
             row = self._row_of[key]  # a key repeated within this call
             if row < 0:

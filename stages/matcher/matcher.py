@@ -368,12 +368,17 @@ class CrossCameraMatcher:
                  self.threshold, time.perf_counter() - t0, self.store.url)
 
     def _project(self, embedding: np.ndarray) -> np.ndarray:
-        """Projected (un-normalised) scoring-space vector of one embedding; the raw unit embedding
-        before any scoring space is fitted (or with ``center`` off)."""
+        """Projected (un-normalised) scoring-space vector ``float32 [K]`` of one embedding
+        (``float32 [D]``); the raw unit embedding before any scoring space is fitted (or with
+        ``center`` off). Raises ValueError when ``D`` is not the scoring space's."""
+        return self._project_rows(np.atleast_2d(embedding))[0]
+
+    def _project_rows(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`_project` of each row of ``x`` (``float32 [N, D]``), one matrix product: ``float32 [N, K]``."""
         if self.space is None or not self.rules.center:
-            v = np.asarray(embedding, np.float32)
-            return v / max(float(np.linalg.norm(v)), 1e-12)
-        return self.space.project(embedding)
+            x = np.asarray(x, np.float32)
+            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return self.space.project(x)
 
     def _project_batch(self, embeddings: list[np.ndarray]) -> list[np.ndarray | None]:
         """:meth:`_project` of a polled batch's embeddings (``float32 [D]`` each) in one matrix product;
@@ -390,11 +395,7 @@ class CrossCameraMatcher:
                 out[i] = self._project(embeddings[i])
             return out
         if rows:
-            x = np.stack([embeddings[i] for i in rows]).astype(np.float32)
-            if self.space is None or not self.rules.center:
-                y = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            else:
-                y = self.space.project(x)
+            y = self._project_rows(np.stack([embeddings[i] for i in rows]).astype(np.float32))
             for j, i in enumerate(rows):
                 out[i] = y[j].copy()  # its own array: a member outlives its batch
         return out
@@ -556,13 +557,9 @@ class CrossCameraMatcher:
         if not self._unsure:
             return set()
         tids = list(self._unsure)
-        written = self.store.linked_among(tids)
-        gids = set(self._unsure.values())
-        for t in written:
-            link = self.store.link(t)
-            if link is not None:
-                gids.add(link.global_id)
-        lost = set(tids) - written
+        held = self.store.tracklet_rows(tids)  # what Redis holds of them, in one round trip
+        gids = set(self._unsure.values()) | {row[0] for row in held.values()}
+        lost = set(tids) - set(held)
         if lost:
             self.window.keep(np.array([i for i, t in enumerate(self.window.ids) if t not in lost], np.int64))
         self._reload(gids)
