@@ -172,6 +172,14 @@ class _Window:
         self.index = {t: i for i, t in enumerate(self.ids)}
 
 
+_MIN_SHARE = 16  # fewest records worth a search call of their own (see CrossCameraMatcher._tail_share)
+
+
+def _running_mean(mean: float | None, value: float, weight: float = 0.2) -> float:
+    """Exponentially weighted running mean (the first value starts it)."""
+    return value if mean is None else mean + weight * (value - mean)
+
+
 def _one_faiss_thread() -> None:
     """Initialiser of a search thread: its faiss searches run on one OpenMP thread (the setting is
     the calling thread's own), so that the search threads and the decisions share the cores."""
@@ -251,6 +259,10 @@ class CrossCameraMatcher:
         self._arrival = 0
         self._blas: Any = None  # threadpoolctl controller, made on first use (see online())
         self._searcher: Any = None  # executor of the online path's index searches (see _search_shared)
+        # seconds a search thread spends per query, and this thread per decided record (running
+        # means, see _tail_share); None until measured
+        self._search_s: float | None = None
+        self._decide_s: float | None = None
         self._unsaved: set[str] = set()  # identities whose prototypes changed since they were saved
         self._fresh_ids: list[str] = []  # global ids reserved in Redis, not used yet (see _new_global_id)
         # tracklet id -> global id of links applied in memory whose write may have failed (see _recover)
@@ -581,11 +593,36 @@ class CrossCameraMatcher:
             out[i] = (scores[j], codes[j])
         return out
 
-    def _search_shared(self, ys: list[np.ndarray | None], now: bool = False) -> Callable[[], list]:
+    def _timed_prefetch(self, ys: list[np.ndarray | None]) -> list:
+        """:meth:`_prefetch` on a search thread, keeping the running mean of its CPU seconds per query
+        (CPU, not wall time: waits for the GIL, which the matcher's thread holds while it decides, are
+        no search work)."""
+        t = time.thread_time()
+        out = self._prefetch(ys)
+        if ys:
+            self._search_s = _running_mean(self._search_s, (time.thread_time() - t) / len(ys))
+        return out
+
+    def _tail_share(self, searched: int, decided: int) -> int:
+        """How many of the ``searched`` records of the next sub-batch this thread searches itself,
+        after deciding the ``decided`` of the current one, so that it and the search threads end
+        together (from the running means of their speeds): with ``n`` search threads at ``s`` seconds
+        a query and this thread at ``d`` a record, ``decided·d + t·s = (searched − t)·s / n``. None
+        (0) while unmeasured or when fewer than :data:`_MIN_SHARE` (not worth a search call of their
+        own); at most half."""
+        if self._search_s is None or self._decide_s is None or self._search_s <= 0:
+            return 0
+        n = search_threads(self.gallery.settings.search_threads)
+        t = round((searched * self._search_s / n - decided * self._decide_s) / (self._search_s * (1 + 1 / n)))
+        return min(t, searched // 2) if t >= _MIN_SHARE else 0
+
+    def _search_shared(self, ys: list[np.ndarray | None], now: bool = False, tail: int = 0) -> Callable[[], list]:
         """Start :meth:`_prefetch` of ``ys`` on the search threads, one share each, while the IVF is in
         use (else on this thread, at once); returns the call that waits for all the shares and gives
         their results in the order of ``ys`` (re-raising the first error, after every share ended).
-        ``now``: the caller waits at once, so this thread searches a share too."""
+        ``now``: the caller waits at once, so this thread searches a share too. ``tail``: the last
+        ``tail`` records are queued last, for this thread to search when it comes to wait unless a
+        search thread has started on them by then (see :meth:`_tail_share`)."""
         index = self.gallery.index
         threads = search_threads(self.gallery.settings.search_threads)
         if index is None or not index.approximate or not len(self.gallery):
@@ -596,42 +633,55 @@ class CrossCameraMatcher:
 
             self._searcher = ThreadPoolExecutor(threads, thread_name_prefix="matcher-search",
                                                 initializer=_one_faiss_thread)
+        tail = 0 if now else min(max(tail, 0), len(ys))
+        head = len(ys) - tail
         shares = threads + 1 if now else threads
-        step = max(1, -(-len(ys) // shares))
-        starts = list(range(0, len(ys), step))
-        mine = starts.pop() if now and len(starts) > 1 else None
-        jobs = [self._searcher.submit(self._prefetch, ys[s:s + step]) for s in starts]
+        step = max(1, -(-head // shares))
+        spans = [(s, min(s + step, head)) for s in range(0, head, step)]
+        mine = spans.pop() if now and len(spans) > 1 else None
+        if tail:
+            spans.append((head, len(ys)))
+        jobs = [self._searcher.submit(self._timed_prefetch, ys[a:b]) for a, b in spans]
+        if mine is not None:
+            spans.append(mine)
 
         def results() -> list:
-            out: list = []
+            parts: list[list] = [[] for _ in spans]
             error: BaseException | None = None
-            own: list = []
-            if mine is not None:
+            own = [len(jobs)] if mine is not None else []
+            if tail and jobs[-1].cancel():  # no search thread took the tail yet: searched here
+                own.append(len(jobs) - 1)
+            if own:
+                with _on_one_faiss_thread():
+                    for i in own:
+                        try:
+                            parts[i] = self._prefetch(ys[spans[i][0]:spans[i][1]])
+                        except BaseException as exc:  # noqa: BLE001 (re-raised below, once the shares ended)
+                            error = error or exc
+            for i, job in enumerate(jobs):  # all of them, also after one failed: none may read the IVF after this
+                if i in own:
+                    continue
                 try:
-                    with _on_one_faiss_thread():
-                        own = self._prefetch(ys[mine:mine + step])
-                except BaseException as exc:  # noqa: BLE001 (re-raised below, once the shares ended)
-                    error = exc
-            for job in jobs:  # all of them, also after one failed: none may read the IVF after this
-                try:
-                    out.extend(job.result())
+                    parts[i] = job.result()
                 except BaseException as exc:  # noqa: BLE001 (re-raised below)
                     error = error or exc
             if error is not None:
                 raise error
-            return out + own
+            return [r for part in parts for r in part]
         return results
 
     def _candidate_batches(self, ys: list[np.ndarray | None]) -> Iterator[tuple[range, list, list[int]]]:
         """The online path's index searches for records of projections ``ys`` (None: a record to skip).
 
-        Yields ``(rows, prefetched, touched)`` per sub-batch of ``index.batch`` records: ``rows``
+        Yields ``(rows, prefetched, touched)`` per sub-batch of ``index.batch`` records (the last one
+        a quarter of that, as nothing is searched while it is decided): ``rows``
         index ``ys``, ``prefetched[j]`` are the candidates of record ``rows[j]`` (:meth:`_prefetch`),
         and ``touched`` lists the identity codes changed since then; the caller passes it as ``also``
         to each decision and appends every code it changes. While the IVF is in use, every sub-batch
         is searched on ``index.search_threads`` threads, each a share of it, and the next sub-batch is
         searched that way while the caller decides and writes this one (faiss and numpy release the
-        GIL; so do Redis round trips), inside :meth:`IdentityIndex.deferred`. The identities the
+        GIL; so do Redis round trips), inside :meth:`IdentityIndex.deferred`, but for a tail share
+        the caller searches itself when it is done (:meth:`_tail_share`). The identities the
         caller changed meanwhile are re-scored for the whole next sub-batch in one matrix product
         before it is yielded (``prefetched[j]`` then carries ``(known_codes, known_scores)`` too, see
         :meth:`Gallery.best`), so ``touched`` starts empty. Decisions are the same as with one search
@@ -640,8 +690,11 @@ class CrossCameraMatcher:
         Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
         background search and ends the deferral at once.
         """
-        size = self.gallery.settings.batch
-        parts = [range(s, min(s + size, len(ys))) for s in range(0, len(ys), size)]
+        size, n = self.gallery.settings.batch, len(ys)
+        # the last sub-batch is decided with nothing searched meanwhile: a short one (a quarter)
+        last = min(size // 4, n - size) if n > size else 0
+        parts = [range(s, min(s + size, n - last)) for s in range(0, n - last, size)]
+        parts += [range(n - last, n)] if last else []
         nxt = self._search_shared([ys[i] for i in parts[0]], now=True)() if parts else []
         before: list[int] = []  # changed while the current sub-batch's candidates were searched
         for j, rows in enumerate(parts):
@@ -650,10 +703,13 @@ class CrossCameraMatcher:
             ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0
             if ahead:
                 with index.deferred():
-                    job = self._search_shared([ys[i] for i in parts[j + 1]])
+                    job = self._search_shared([ys[i] for i in parts[j + 1]],
+                                              tail=self._tail_share(len(parts[j + 1]), len(rows)))
+                    t = time.perf_counter()
                     try:
                         yield rows, pre, touched
                     finally:
+                        self._decide_s = _running_mean(self._decide_s, (time.perf_counter() - t) / len(rows))
                         nxt = job()  # before the IVF may change again
                 before = touched
             else:

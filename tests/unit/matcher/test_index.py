@@ -339,21 +339,31 @@ class _Searcher:
             def result(self):
                 return fn(*args)
 
+            def cancel(self):  # as if a search thread had started on it
+                return False
+
         return Late()
 
     def shutdown(self, wait: bool = True) -> None:
         pass
 
 
-@pytest.mark.parametrize("batch,timing,threads", [(4, "thread", 1), (7, "thread", 2), (9, "thread", 3),
-                                                  (4, "early", 1), (6, "early", 2), (5, "late", 1), (8, "late", 2)])
-def test_background_searches_decide_as_brute_force(batch, timing, threads):
+@pytest.mark.parametrize("batch,timing,threads,tail", [
+    (4, "thread", 1, False), (7, "thread", 2, False), (9, "thread", 3, False), (4, "early", 1, False),
+    (6, "early", 2, False), (5, "late", 1, False), (8, "late", 2, False),
+    (6, "thread", 1, True), (9, "thread", 2, True), (8, "early", 1, True), (7, "late", 2, True)])
+def test_background_searches_decide_as_brute_force(batch, timing, threads, tail, monkeypatch):
     """The matcher's online path with the next sub-batch searched in the background (index.batch
     4 to 9 over polled batches of 48, shared by 1 to 3 search threads) sends every tracklet where
     scoring every identity does: new people seen again in the next sub-batch join the identity
     founded there, though the search that found the later one's candidates may have run before it
-    existed (``early``), after (``late``) or meanwhile (real threads)."""
+    existed (``early``), after (``late``) or meanwhile (real threads). ``tail``: half of each next
+    sub-batch is left for the matcher's thread to search when it comes to wait (unless a search
+    thread took it first), after this sub-batch's changes."""
     from stages.matcher.matcher import CrossCameraMatcher
+
+    if tail:
+        monkeypatch.setattr(CrossCameraMatcher, "_tail_share", lambda self, searched, decided: searched // 2)
 
     dim = 32
     gallery = _vectors(300, dim, seed=5)
@@ -395,6 +405,69 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads):
     assert got == want
     joined_new = sum(1 for n, g in enumerate(want) if n % 3 and g is not None and not g.startswith("G"))
     assert joined_new > 20  # later sightings of new people joined identities founded in the same poll
+
+
+def test_tail_share_balances_the_matchers_thread_and_the_search_threads():
+    """The share of the next sub-batch the matcher's thread searches itself: none until both speeds
+    are measured, so that ``decided·d + t·s = (searched − t)·s / n``, at most half, none when small."""
+    from stages.matcher.matcher import CrossCameraMatcher
+
+    m = CrossCameraMatcher(store=None, index=IndexSettings(search_threads=1))  # type: ignore[arg-type]
+    assert m._tail_share(256, 256) == 0  # nothing measured yet
+    m._search_s, m._decide_s = 1e-3, 0.5e-3
+    assert m._tail_share(256, 256) == 64  # 256·0.5 + 64·1 = 192·1
+    m._decide_s = 1e-3
+    assert m._tail_share(256, 256) == 0  # deciding is as slow as searching: no time left over
+    m._decide_s = 0.0
+    assert m._tail_share(256, 256) == 128  # at most half
+    m._decide_s = 0.45e-3
+    assert m._tail_share(256, 256) == 70 and m._tail_share(40, 40) == 0  # under _MIN_SHARE records: none
+    m.gallery.settings = IndexSettings(search_threads=3)
+    m._decide_s = 0.5e-3
+    assert m._tail_share(256, 128) == 16  # 128·0.5 + 16·1 = 240·1 / 3
+
+
+def test_the_tail_share_is_searched_by_the_caller_unless_a_search_thread_took_it():
+    """A tail share no search thread has started when the caller comes to wait is searched on the
+    caller's thread; one a search thread already took is waited for. The results come in the order
+    of the records either way, as one search of all of them gives them."""
+    from stages.matcher.matcher import CrossCameraMatcher
+
+    m = CrossCameraMatcher(store=None, rules=Rules(transit_weight=0.0),  # type: ignore[arg-type]
+                           index=IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, search_threads=1, hot_s=None))
+    x = _vectors(200, 16, seed=3)
+    m.gallery.replace({f"G{i:03d}": [Member(f"g{i}", "a", 0.0, 1.0, 1, v, i)] for i, v in enumerate(x)})
+    ys = [m._project(v) for v in _vectors(12, 16, seed=4)]
+    seen, real, main = [], m._prefetch, threading.get_ident()
+
+    def spy(part):
+        seen.append((threading.get_ident() == main, len(part)))
+        return real(part)
+
+    try:
+        alone = real(ys)
+        m._prefetch = spy
+        m._search_shared(ys[:1])()  # starts the search thread
+        seen.clear()
+        gate = threading.Event()
+        m._searcher.submit(gate.wait, 10)  # the search thread is busy: neither share has started
+        results = m._search_shared(ys, tail=4)
+        threading.Timer(0.2, gate.set).start()
+        got = results()
+        assert sorted(seen) == [(False, 8), (True, 4)]  # the head on the search thread, the tail here
+        assert [c.tolist() for _, c in got] == [c.tolist() for _, c in alone]
+        seen.clear()
+        results = m._search_shared(ys, tail=4)
+        for _ in range(200):  # the idle search thread takes both shares
+            if len(seen) == 2:
+                break
+            threading.Event().wait(0.01)
+        got = results()
+        assert sorted(seen) == [(False, 4), (False, 8)]
+        assert [c.tolist() for _, c in got] == [c.tolist() for _, c in alone]
+        assert m._search_s is not None and m._search_s > 0  # the search threads' speed is measured
+    finally:
+        m.release()
 
 
 def test_search_threads_run_faiss_on_one_thread_each():
