@@ -183,9 +183,14 @@ def _site(seed: int, n_ids: int = 60, dim: int = 24):
 
 @pytest.mark.parametrize("kind,candidates", [("exact", 64), ("exact", 1), ("ivf", 2)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gallery_decision_equals_scoring_every_identity(kind, candidates, seed):
+@pytest.mark.parametrize("reentry,min_transit_s", [(True, 5.0), (True, 40.0), (False, 5.0)])
+def test_gallery_decision_equals_scoring_every_identity(kind, candidates, seed, reentry, min_transit_s):
+    """Identities last seen long before a tracklet (beyond the longest minimum transit) are not
+    checked member by member; with a longer transit minimum, and without re-entry (where any
+    member on the same camera blocks, however old), decisions are still those of every rule."""
     groups, centres = _site(seed)
-    rules = Rules(max_overlap_s=0.5, topology=(Edge("a", "c", 5.0, 60.0),), transit_weight=0.05)
+    rules = Rules(max_overlap_s=0.5, reentry=reentry, topology=(Edge("a", "c", min_transit_s, 90.0),),
+                  transit_weight=0.05)
     transit = TransitModel(edges=rules.topology, gaps={("a", "b"): tuple(np.linspace(2, 6, 20))})
     gallery = Gallery(prototypes_per_camera=2, settings=IndexSettings(kind=kind, nprobe=10_000, candidates=candidates))
     gallery.replace(groups)
