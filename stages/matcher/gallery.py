@@ -98,7 +98,7 @@ class Gallery:
         self._alive = np.zeros(1024, bool)
         self._last = np.full(1024, -np.inf)
         self._flag = np.zeros(1024, bool)  # scratch, all False between calls (see _flagged)
-        self._edges: tuple[tuple, int, list[tuple[int, int, float]]] | None = None
+        self._edges: tuple[tuple, int, list[tuple[int, int, float]], float] | None = None
 
     def __len__(self) -> int:
         return len(self._by_gid)
@@ -411,11 +411,14 @@ class Gallery:
         self._flag[among] = False
         return out
 
-    def _camera_edges(self, rules: Rules) -> list[tuple[int, int, float]]:
-        """The topology in this gallery's camera codes (cached while cameras and topology stay)."""
+    def _camera_edges(self, rules: Rules) -> tuple[list[tuple[int, int, float]], float]:
+        """The topology in this gallery's camera codes, and the longest minimum transit among them
+        (seconds, at least 0: how long before a tracklet a member can still cannot-link it); cached
+        while cameras and topology stay."""
         if self._edges is None or self._edges[0] is not rules.topology or self._edges[1] != len(self.cam_names):
-            self._edges = (rules.topology, len(self.cam_names), topology_codes(rules.topology, self.cam_names))
-        return self._edges[2]
+            edges = topology_codes(rules.topology, self.cam_names)
+            self._edges = (rules.topology, len(self.cam_names), edges, max([0.0, *(m for _, _, m in edges)]))
+        return self._edges[2], self._edges[3]
 
     def _score(self, codes: np.ndarray, base: np.ndarray, camera: str, start_s: float, end_s: float, rules: Rules,
                transit: TransitModel, ttl_s: float | None) -> np.ndarray:
@@ -424,13 +427,12 @@ class Gallery:
         if not len(codes):
             return np.zeros(0)
         here = self._cam(camera)  # first: a camera new to the gallery changes the coded topology
-        edges = self._camera_edges(rules)
+        edges, reach_s = self._camera_edges(rules)
         # Identities whose members all ended more than the longest minimum transit before this
         # tracklet starts cannot be blocked by them (no overlap, and every gap exceeds every
         # topology minimum), so only the others' members are checked. Without re-entry any member
         # on this camera blocks, whenever it was.
-        near = self._last[codes] >= start_s - max([0.0, *(m for _, _, m in edges)]) if rules.reentry else \
-            np.ones(len(codes), bool)
+        near = self._last[codes] >= start_s - reach_s if rules.reentry else np.ones(len(codes), bool)
         blocked = np.zeros(len(codes), bool)
         if near.any():
             which = np.flatnonzero(near)

@@ -607,9 +607,9 @@ class CrossCameraMatcher:
         """How many of the ``searched`` records of the next sub-batch this thread searches itself,
         after deciding the ``decided`` of the current one, so that it and the search threads end
         together (from the running means of their speeds): with ``n`` search threads at ``s`` seconds
-        a query and this thread at ``d`` a record, ``decided·d + t·s = (searched − t)·s / n``. None
-        (0) while unmeasured or when fewer than :data:`_MIN_SHARE` (not worth a search call of their
-        own); at most half."""
+        a query and this thread at ``d`` a record, ``decided·d + t·s = (searched − t)·s / n``. 0 while
+        unmeasured or when fewer than :data:`_MIN_SHARE` (not worth a search call of their own); at
+        most half."""
         if self._search_s is None or self._decide_s is None or self._search_s <= 0:
             return 0
         n = search_threads(self.gallery.settings.search_threads)

@@ -444,9 +444,12 @@ def test_the_tail_share_is_searched_by_the_caller_unless_a_search_thread_took_it
     m.gallery.replace({f"G{i:03d}": [Member(f"g{i}", "a", 0.0, 1.0, 1, v, i)] for i, v in enumerate(x)})
     ys = [m._project(v) for v in _vectors(12, 16, seed=4)]
     seen, real, main = [], m._prefetch, threading.get_ident()
+    gate = threading.Event()
 
     def spy(part):
         seen.append((threading.get_ident() == main, len(part)))
+        if threading.get_ident() == main:
+            gate.set()  # the caller took the tail: the search thread may go on
         return real(part)
 
     try:
@@ -454,16 +457,13 @@ def test_the_tail_share_is_searched_by_the_caller_unless_a_search_thread_took_it
         m._prefetch = spy
         m._search_shared(ys[:1])()  # starts the search thread
         seen.clear()
-        gate = threading.Event()
         m._searcher.submit(gate.wait, 10)  # the search thread is busy: neither share has started
-        results = m._search_shared(ys, tail=4)
-        threading.Timer(0.2, gate.set).start()
-        got = results()
+        got = m._search_shared(ys, tail=4)()
         assert sorted(seen) == [(False, 8), (True, 4)]  # the head on the search thread, the tail here
         assert [c.tolist() for _, c in got] == [c.tolist() for _, c in alone]
         seen.clear()
         results = m._search_shared(ys, tail=4)
-        for _ in range(200):  # the idle search thread takes both shares
+        for _ in range(1000):  # the idle search thread takes both shares (waits up to 10 s)
             if len(seen) == 2:
                 break
             threading.Event().wait(0.01)
