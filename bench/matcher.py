@@ -7,7 +7,10 @@ Prints JSON Lines on stdout, one row per configuration::
 
 and with ``--rebuild`` one ``"bench": "rebuild"`` row per gallery size: the time a restarted (or
 newly assigned) matcher needs to load the stored prototypes from a real Redis and build its gallery
-and index.
+and index. With ``--instances K`` one ``"bench": "matcher_instances"`` row per configuration: ``K``
+matcher processes side by side, each pinned to its own core with ``search_threads`` 0 and its own
+gallery of ``N`` identities (as zones spread a site over several matchers), and their combined
+``embeddings_per_s`` (``--only-instances``: only these rows).
 
 What is measured (pure matcher, no Redis, as in the issue's figures):
 
@@ -38,6 +41,7 @@ Usage::
 
     python bench/matcher.py                        # N = 1e3..1e6, D = 256 and 2560
     python bench/matcher.py --sizes 1000 100000 --dims 256 --rebuild
+    python bench/matcher.py --sizes 1000000 --dims 256 --instances 2 --only-instances
 """
 
 from __future__ import annotations
@@ -147,6 +151,29 @@ def _records(q: np.ndarray, cams: list[str], ids: np.ndarray, offset: int) -> li
                    v.astype(np.float32)) for i, v in enumerate(q)]
 
 
+def _throughput(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, offset: int) -> tuple[int, float]:
+    """The batch path of ``process()`` without Redis over copies of the queries (tracklet ids from
+    ``offset``; the gallery grows by them): ``(records decided, seconds)``."""
+    q, cams, ids = data["queries"], data["cams"], data["truth"]
+    t = time.perf_counter()
+    done = 0
+    with m.online():  # as process() does: numpy's BLAS on one thread while faiss searches
+        for s in range(0, len(q), args.batch):
+            batch = _records(q[s:s + args.batch], cams, ids[s:s + args.batch], offset + s)
+            ys = m._project_batch([r.vector for r in batch])  # as process() does
+            with contextlib.closing(m._candidate_batches(ys)) as parts:  # as process() does
+                for rows, pre, touched in parts:
+                    for i, p in zip(rows, pre):
+                        r, y = batch[i], ys[i]
+                        d = m._decide(r.camera, r.start_s, r.end_s, y, p, touched)
+                        gid = d.global_id or f"N{r.tracklet_id}"
+                        m._arrival += 1
+                        m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, y, m._arrival))
+                        touched.append(m.gallery.code(gid))
+                        done += 1
+    return done, time.perf_counter() - t
+
+
 def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: bool) -> dict:
     idx = m.gallery.index
     saved = idx.suspend() if exact else None
@@ -165,25 +192,8 @@ def measure(m: CrossCameraMatcher, data: dict, args: argparse.Namespace, exact: 
         exact_top = np.concatenate([m.gallery.index.exact_search(z[s:s + 256], 10)[1]
                                     for s in range(0, len(z), 256)])
         # throughput: the batch path without Redis, on copies of the queries (the gallery grows)
-        t = time.perf_counter()
-        done = 0
-        online = m.online()  # as process() does: numpy's BLAS on one thread while faiss searches
-        online.__enter__()
-        for s in range(0, len(recs), args.batch):
-            batch = _records(q[s:s + args.batch], cams, ids[s:s + args.batch], 10 ** 7 + s)
-            ys = m._project_batch([r.vector for r in batch])  # as process() does
-            with contextlib.closing(m._candidate_batches(ys)) as parts:  # as process() does
-                for rows, pre, touched in parts:
-                    for i, p in zip(rows, pre):
-                        r, y = batch[i], ys[i]
-                        d = m._decide(r.camera, r.start_s, r.end_s, y, p, touched)
-                        gid = d.global_id or f"N{r.tracklet_id}"
-                        m._arrival += 1
-                        m.gallery.add(gid, Member(r.tracklet_id, r.camera, r.start_s, r.end_s, 10, y, m._arrival))
-                        touched.append(m.gallery.code(gid))
-                        done += 1
-        per_s = done / (time.perf_counter() - t)
-        online.__exit__(None, None, None)
+        done, seconds = _throughput(m, data, args, 10 ** 7)
+        per_s = done / seconds
         return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
                 "embeddings_per_s": round(per_s, 1), "decisions": decisions, "top10": found, "exact10": exact_top}
     finally:
@@ -278,6 +288,66 @@ def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespac
             return {"bench": "rebuild", "gallery": n, "dim": dim, "error": str(exc)}
 
 
+def _instance(i: int, core: int | None, n: int, dim: int, args: argparse.Namespace, settings: IndexSettings,
+              ready, go, out) -> None:
+    """One matcher process of :func:`instances_row`: its own core (when pinned) and gallery."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    m, data = build(n, dim, argparse.Namespace(**{**vars(args), "seed": args.seed + i}), settings)
+    ready.put(i)
+    go.wait()
+    start = time.time()
+    done = 0
+    for r in range(args.rounds):
+        d, _ = _throughput(m, data, args, 10 ** 7 * (r + 1))
+        done += d
+    out.put({"instance": i, "start": start, "end": time.time(), "done": done})
+
+
+def instances_row(n: int, dim: int, args: argparse.Namespace) -> dict:
+    """``--instances K`` matcher processes side by side, as zones spread a site over several matchers:
+    each on its own core (round robin over the cores this process may use), with its own gallery of
+    ``n`` identities and ``search_threads`` 0 (one core: it searches each sub-batch itself). They build
+    their galleries, start together, and each runs the batch path over its queries ``--rounds`` times;
+    the row's ``embeddings_per_s`` is all their records over the span from the first start to the
+    last end. Separate processes share no interpreter lock, which the threads of one matcher do."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
+                             code_dim=args.code_dim, threads=1, hot_s=args.hot_s, batch=args.search_batch,
+                             search_threads=0)
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({k: "1" for k in saved})  # each instance is one core: no thread pool of its own
+    try:
+        procs = [ctx.Process(target=_instance, args=(i, cores[i % len(cores)] if cores else None, n, dim,
+                                                     args, settings, ready, go, out))
+                 for i in range(args.instances)]
+        for proc in procs:
+            proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for _ in procs:
+        ready.get()
+    go.set()
+    rows = sorted((out.get() for _ in procs), key=lambda r: r["instance"])
+    for proc in procs:
+        proc.join()
+    span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    done = sum(r["done"] for r in rows)
+    return {"bench": "matcher_instances", "gallery": n, "dim": dim, "index": "ivf", "instances": args.instances,
+            "gallery_per_instance": n, "search_threads": 0, "cpus": len(cores) or os.cpu_count(),
+            "embeddings_per_s": round(done / span, 1),
+            "per_instance_per_s": [round(r["done"] / (r["end"] - r["start"]), 1) for r in rows],
+            "records": done, "seconds": round(span, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
@@ -306,9 +376,19 @@ def main() -> None:
     p.add_argument("--redis", action="store_true",
                    help="Also time process() writing every link to a real Redis (one \"matcher_redis\" row).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instances", type=int, default=0,
+                   help="Also run this many matcher processes side by side, one core and one gallery of N "
+                   "identities each (zones), and print their combined throughput (a \"matcher_instances\" row); "
+                   "with --only-instances, nothing else.")
+    p.add_argument("--only-instances", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="Passes over the queries per instance (--instances).")
     args = p.parse_args()
     for dim in args.dims:
         for n in args.sizes:
+            if args.instances:
+                print(json.dumps(instances_row(n, dim, args)), flush=True)
+            if args.only_instances:
+                continue
             settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
                                      code_dim=args.code_dim, threads=args.threads, hot_s=args.hot_s,
                                      batch=args.search_batch, search_threads=args.search_threads)

@@ -421,8 +421,9 @@ class IndexConfig(_Model):
         "the next one's candidates are searched in the background while one is decided and written.",
     )
     search_threads: int | None = Field(
-        None, ge=1, description="Threads that search a sub-batch, each a share of it on one faiss thread, while the "
-        "decisions run; null: one per core but the one the decisions run on (at least one).",
+        None, ge=0, description="Threads that search a sub-batch, each a share of it on one faiss thread, while the "
+        "decisions run; 0: the matcher's own thread searches each sub-batch after deciding the one before; null: "
+        "one per core this process may run on but the one the decisions run on (so 0 on one core).",
     )
     retrain_growth: float = Field(4.0, gt=1, description="Retrain the IVF when the gallery has grown this many times.")
     threads: int | None = Field(

@@ -167,6 +167,33 @@ def cannot_link_coded(ca: np.ndarray, starts_a: np.ndarray, ends_a: np.ndarray, 
 _BLOCK = 2048
 
 
+def cannot_link_any(camera: int, start_s: float, end_s: float, members: Sequence[Sequence[float]],
+                    max_overlap_s: float, reentry: bool, transit_from: dict[int, float]) -> bool:
+    """Whether any of a few ``members`` (``(camera code, start_s, end_s)`` rows) cannot be one person
+    with a tracklet of camera code ``camera`` over ``[start_s, end_s]``: :func:`cannot_link_coded`
+    for one tracklet, rule by rule, on Python floats (for the handful of members a decision checks,
+    where numpy's cost per call outweighs the work).
+
+    Args:
+        transit_from: ``{camera code: min_transit_s}`` of the topology edges leaving ``camera``, the
+            last of :func:`topology_codes` winning where one pair is listed twice.
+    """
+    for cam, s, e in members:
+        ov = min(end_s, e) - max(start_s, s)
+        if ov < 0.0:
+            ov = 0.0
+        min_s = transit_from.get(int(cam)) if transit_from else None
+        if min_s is not None:  # a topology edge: its minimum transit replaces the overlap rule
+            blocked = (start_s - e if start_s >= s else s - end_s) < min_s
+        elif cam == camera:
+            blocked = ov > 0.0 or not reentry
+        else:
+            blocked = ov > max_overlap_s
+        if blocked:
+            return True
+    return False
+
+
 def _codes(*camera_lists: Sequence[str]) -> list[np.ndarray]:
     """Integer codes of camera ids (one shared code book), one ``int32`` array per list."""
     names = sorted({str(c) for cams in camera_lists for c in cams})

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from pipeline.store import Prototype
-from stages.matcher.association import Rules, TransitModel, cannot_link_coded, topology_codes
+from stages.matcher.association import Rules, TransitModel, cannot_link_any, cannot_link_coded, topology_codes
 from stages.matcher.index import IdentityIndex, IndexSettings
 
 
@@ -39,6 +39,7 @@ Member = Prototype
 """A member tracklet as the gallery takes it (:class:`pipeline.store.Prototype`)."""
 
 _CHUNK = 8  # candidates scored at a time, best first, until no other can win
+_SCALAR_MEMBERS = 64  # up to this many members to check, the cannot-link rules run on Python floats
 
 
 class _Identity:
@@ -98,7 +99,7 @@ class Gallery:
         self._alive = np.zeros(1024, bool)
         self._last = np.full(1024, -np.inf)
         self._flag = np.zeros(1024, bool)  # scratch, all False between calls (see _flagged)
-        self._edges: tuple[tuple, int, list[tuple[int, int, float]], float] | None = None
+        self._edges: tuple[tuple, int, list[tuple[int, int, float]], float, dict[int, dict[int, float]]] | None = None
 
     def __len__(self) -> int:
         return len(self._by_gid)
@@ -411,14 +412,18 @@ class Gallery:
         self._flag[among] = False
         return out
 
-    def _camera_edges(self, rules: Rules) -> tuple[list[tuple[int, int, float]], float]:
-        """The topology in this gallery's camera codes, and the longest minimum transit among them
-        (seconds, at least 0: how long before a tracklet a member can still cannot-link it); cached
-        while cameras and topology stay."""
+    def _camera_edges(self, rules: Rules) -> tuple[list[tuple[int, int, float]], float, dict[int, dict[int, float]]]:
+        """The topology in this gallery's camera codes, the longest minimum transit among them
+        (seconds, at least 0: how long before a tracklet a member can still cannot-link it), and per
+        camera code the minimum transits to its neighbours (``{a: {b: min_transit_s}}``, for
+        :func:`cannot_link_any`); cached while cameras and topology stay."""
         if self._edges is None or self._edges[0] is not rules.topology or self._edges[1] != len(self.cam_names):
             edges = topology_codes(rules.topology, self.cam_names)
-            self._edges = (rules.topology, len(self.cam_names), edges, max([0.0, *(m for _, _, m in edges)]))
-        return self._edges[2], self._edges[3]
+            leaving: dict[int, dict[int, float]] = {}
+            for a, b, min_s in edges:  # in order: a pair listed twice keeps its last, as cannot_link_coded does
+                leaving.setdefault(a, {})[b] = min_s
+            self._edges = (rules.topology, len(self.cam_names), edges, max([0.0, *(m for _, _, m in edges)]), leaving)
+        return self._edges[2], self._edges[3], self._edges[4]
 
     def _score(self, codes: np.ndarray, base: np.ndarray, camera: str, start_s: float, end_s: float, rules: Rules,
                transit: TransitModel, ttl_s: float | None) -> np.ndarray:
@@ -427,16 +432,21 @@ class Gallery:
         if not len(codes):
             return np.zeros(0)
         here = self._cam(camera)  # first: a camera new to the gallery changes the coded topology
-        edges, reach_s = self._camera_edges(rules)
+        edges, reach_s, leaving = self._camera_edges(rules)
         # Identities whose members all ended more than the longest minimum transit before this
         # tracklet starts cannot be blocked by them (no overlap, and every gap exceeds every
         # topology minimum), so only the others' members are checked. Without re-entry any member
         # on this camera blocks, whenever it was.
         near = self._last[codes] >= start_s - reach_s if rules.reentry else np.ones(len(codes), bool)
         blocked = np.zeros(len(codes), bool)
-        if near.any():
-            which = np.flatnonzero(near)
-            mems = [self._by_code[c].members for c in codes[which].tolist()]
+        which = np.flatnonzero(near)
+        mems = [self._by_code[c].members for c in codes[which].tolist()]
+        if sum(len(m) for m in mems) <= _SCALAR_MEMBERS:  # a few: one Python loop, no numpy call per rule
+            transit_from = leaving.get(here, {})
+            for j, m in zip(which.tolist(), mems):
+                blocked[j] = cannot_link_any(here, start_s, end_s, m.tolist(), rules.max_overlap_s, rules.reentry,
+                                             transit_from)
+        else:
             owner = np.repeat(np.arange(len(mems)), [len(m) for m in mems])
             mem = np.concatenate(mems)
             cannot = cannot_link_coded(np.array([here]), np.array([start_s]), np.array([end_s]),

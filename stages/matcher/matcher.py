@@ -209,9 +209,16 @@ def _unit_queries(ys: list[np.ndarray]) -> np.ndarray:
 
 
 def search_threads(configured: int | None) -> int:
-    """Search threads of the online path: as configured, else one per core but the one the decisions
-    run on (at least one)."""
-    return configured if configured is not None else max(1, (os.cpu_count() or 1) - 1)
+    """Search threads of the online path: as configured, else one per core this process may run on
+    (its CPU affinity: a container's or ``taskset``'s share, not the machine's count) but the one the
+    decisions run on; 0 on one core."""
+    if configured is not None:
+        return configured
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        cores = os.cpu_count() or 1
+    return max(0, cores - 1)
 
 
 class CrossCameraMatcher:
@@ -610,9 +617,9 @@ class CrossCameraMatcher:
         a query and this thread at ``d`` a record, ``decided·d + t·s = (searched − t)·s / n``. 0 while
         unmeasured or when fewer than :data:`_MIN_SHARE` (not worth a search call of their own); at
         most half."""
-        if self._search_s is None or self._decide_s is None or self._search_s <= 0:
-            return 0
         n = search_threads(self.gallery.settings.search_threads)
+        if self._search_s is None or self._decide_s is None or self._search_s <= 0 or n == 0:
+            return 0
         t = round((searched * self._search_s / n - decided * self._decide_s) / (self._search_s * (1 + 1 / n)))
         return min(t, searched // 2) if t >= _MIN_SHARE else 0
 
@@ -625,8 +632,9 @@ class CrossCameraMatcher:
         search thread has started on them by then (see :meth:`_tail_share`)."""
         index = self.gallery.index
         threads = search_threads(self.gallery.settings.search_threads)
-        if index is None or not index.approximate or not len(self.gallery):
-            done = self._prefetch(ys)
+        if index is None or not index.approximate or not len(self.gallery) or threads == 0:
+            with _on_one_faiss_thread() if threads == 0 else contextlib.nullcontext():
+                done = self._prefetch(ys)
             return lambda: done
         if self._searcher is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -700,7 +708,8 @@ class CrossCameraMatcher:
         for j, rows in enumerate(parts):
             pre, touched = self._rescored(nxt, [ys[i] for i in rows], before), []
             index = self.gallery.index
-            ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0
+            ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0 \
+                and search_threads(self.gallery.settings.search_threads) > 0
             if ahead:
                 with index.deferred():
                     job = self._search_shared([ys[i] for i in parts[j + 1]],

@@ -23,3 +23,18 @@ def test_matcher_bench_prints_a_row_per_configuration():
         assert 0.0 <= r["recall_at_10"] <= 1.0 and 0.0 <= r["same_decision"] <= 1.0
     for r in rows[1::2]:  # the index rows: measured against brute force, not copied from it
         assert r["recall_at_10"] > 0.5 and isinstance(r["memory_bytes_per_identity"], int)  # RSS: coarse when small
+
+
+def test_matcher_bench_runs_several_instances_side_by_side():
+    # two matcher processes, one core each, each with its own gallery: one row of their combined rate
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "1500", "--dims", "64",
+                          "--queries", "60", "--instances", "2", "--only-instances", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    assert [(r["bench"], r["gallery"], r["instances"]) for r in rows] == [("matcher_instances", 1500, 2)]
+    row = rows[0]
+    assert row["records"] == 2 * 2 * 60  # every instance decided every query of every round
+    assert len(row["per_instance_per_s"]) == 2 and all(v > 0 for v in row["per_instance_per_s"])
+    # the combined rate is all records over the whole span: at most the sum of the instances' own rates
+    assert 0 < row["embeddings_per_s"] <= sum(row["per_instance_per_s"]) * 1.0001

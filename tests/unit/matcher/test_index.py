@@ -356,7 +356,8 @@ class _Searcher:
 @pytest.mark.parametrize("batch,timing,threads,tail", [
     (4, "thread", 1, False), (7, "thread", 2, False), (9, "thread", 3, False), (4, "early", 1, False),
     (6, "early", 2, False), (5, "late", 1, False), (8, "late", 2, False),
-    (6, "thread", 1, True), (9, "thread", 2, True), (8, "early", 1, True), (7, "late", 2, True)])
+    (6, "thread", 1, True), (9, "thread", 2, True), (8, "early", 1, True), (7, "late", 2, True),
+    (5, "thread", 0, False), (8, "thread", 0, True)])
 def test_background_searches_decide_as_brute_force(batch, timing, threads, tail, monkeypatch):
     """The matcher's online path with the next sub-batch searched in the background (index.batch
     4 to 9 over polled batches of 48, shared by 1 to 3 search threads) sends every tracklet where
@@ -374,7 +375,7 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads, tail,
     gallery = _vectors(300, dim, seed=5)
     people = _vectors(24, dim, seed=6)
 
-    def run(settings: IndexSettings) -> list[str | None]:
+    def run(settings: IndexSettings, batched: bool = True) -> list[tuple[str | None, float | None]]:
         m = CrossCameraMatcher(store=None, threshold=0.85, rules=Rules(transit_weight=0.0),  # type: ignore[arg-type]
                                index=settings)
         if settings.kind == "ivf" and timing != "thread":
@@ -389,27 +390,52 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads, tail,
                 recs.append((f"q{n}", "bcd"[n % 3], 10.0 + 10 * n, 15.0 + 10 * n,
                              _unit(who + 0.1 * _vectors(1, dim, seed=100 + n)[0])))
             ys = [m._project(r[4]) for r in recs]
+            if not batched:  # one exact search per decision, after every earlier change: brute force
+                for i, (tid, cam, start, end, _) in enumerate(recs):
+                    d = m._decide(cam, start, end, ys[i], None, ())
+                    out.append((d.global_id, d.score))
+                    arrival += 1
+                    m.gallery.add(d.global_id or f"N{tid}", Member(tid, cam, start, end, 1, ys[i], arrival))
+                continue
             with m.online(), contextlib.closing(m._candidate_batches(ys)) as parts:
                 for rows, pre, touched in parts:
                     for i, p in zip(rows, pre):
                         tid, cam, start, end, _ = recs[i]
-                        gid = m._decide(cam, start, end, ys[i], p, touched).global_id
-                        out.append(gid)
+                        d = m._decide(cam, start, end, ys[i], p, touched)
+                        gid = d.global_id
+                        out.append((gid, d.score))
                         arrival += 1
                         gid = gid or f"N{tid}"
                         m.gallery.add(gid, Member(tid, cam, start, end, 1, ys[i], arrival))
                         touched.append(m.gallery.code(gid))
-        if settings.kind == "ivf":
-            assert m._searcher is not None and not m.gallery.index._deferred  # searched in the background
+        if settings.kind == "ivf":  # searched in the background, unless no search thread is wanted
+            assert (m._searcher is not None) == (threads > 0) and not m.gallery.index._deferred
         m.release()
         return out
 
-    want = run(IndexSettings(kind="exact"))
-    got = run(IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=None,
-                            search_threads=threads))
-    assert got == want
-    joined_new = sum(1 for n, g in enumerate(want) if n % 3 and g is not None and not g.startswith("G"))
+    want = run(IndexSettings(kind="exact"), batched=False)
+    for settings in (IndexSettings(kind="exact", batch=batch),
+                     IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=None,
+                                   search_threads=threads)):
+        got = run(settings)
+        assert [g for g, _ in got] == [g for g, _ in want]
+        # the same scores too (the link's score), each changed identity's as it is now
+        assert np.allclose([np.nan if s is None else s for _, s in got], [np.nan if s is None else s for _, s in want],
+                           atol=1e-5, equal_nan=True)
+    joined_new = sum(1 for n, (g, _) in enumerate(want) if n % 3 and g is not None and not g.startswith("G"))
     assert joined_new > 20  # later sightings of new people joined identities founded in the same poll
+
+
+def test_search_threads_default_to_the_cores_this_process_may_use(monkeypatch):
+    from stages.matcher import matcher as mod
+
+    monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert mod.search_threads(None) == 0  # one core (taskset, a container's quota): search in line
+    monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid: {0, 1, 2, 5}, raising=False)
+    assert mod.search_threads(None) == 3
+    assert mod.search_threads(0) == 0 and mod.search_threads(2) == 2  # as configured
+    with pytest.raises(ValueError, match="search_threads"):
+        IndexSettings(search_threads=-1)
 
 
 def test_tail_share_balances_the_matchers_thread_and_the_search_threads():

@@ -60,6 +60,7 @@ def test_env_overrides_nested_keys():
         (BASE.replace("conf: 0.6", "conf: high"), ["x.yaml:13:", "cameras.1.detector.conf"]),
         (BASE.replace("    source: b.avi\n", ""), ["cameras.1.source", "required"]),
         ("matcher:\n  threshold: 2\n", ["x.yaml:2:", "matcher.threshold"]),
+        ("matcher:\n  index:\n    search_threads: -1\n", ["x.yaml:3:", "matcher.index.search_threads"]),
         ("bus: [1, 2\n", ["x.yaml", "invalid YAML"]),
         ("- 1\n- 2\n", ["x.yaml:1:", "mapping"]),
         (BASE + "  - name: left\n    source: c.avi\n", ["unique", "left"]),
@@ -70,6 +71,11 @@ def test_invalid_config_names_file_line_and_key(text, expected):
         parse_config(text, "x.yaml", environ={})
     for part in expected:
         assert part in str(info.value)
+
+
+def test_a_matcher_may_search_on_its_own_thread():
+    cfg = parse_config("matcher:\n  index:\n    search_threads: 0\n", "x.yaml", environ={})
+    assert cfg.matcher.index.search_threads == 0  # 0 is a setting (no search thread), not "unset"
 
 
 def test_missing_file_is_config_error(tmp_path):
