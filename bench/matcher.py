@@ -10,7 +10,8 @@ newly assigned) matcher needs to load the stored prototypes from a real Redis an
 and index. With ``--instances K`` one ``"bench": "matcher_instances"`` row per configuration: ``K``
 matcher processes side by side, each pinned to its own core with ``search_threads`` 0 and its own
 gallery of ``N`` identities (as zones spread a site over several matchers), and their combined
-``embeddings_per_s`` (``--only-instances``: only these rows).
+``embeddings_per_s`` (``--only-instances``: only these rows; with ``--redis``, each runs ``process()``
+writing every link to one shared Redis).
 
 What is measured (pure matcher, no Redis, as in the issue's figures):
 
@@ -222,33 +223,46 @@ def _throwaway_redis():
             proc.wait(10)
 
 
+def _embedding_records(data: dict, prefix: str) -> list:
+    """The queries as the embedding records ``process()`` reads (tracklet ids ``{prefix}{i}``)."""
+    from pipeline.messages import EmbeddingRecord, TrackletMeta
+
+    recs = []
+    for i, v in enumerate(data["queries"]):
+        cam = data["cams"][(int(data["truth"][i]) + 1) % len(data["cams"])]
+        start = DAY_S + 1000.0 + i
+        meta = TrackletMeta(tracklet_id=f"{prefix}{i}", camera=cam, track_id=i, frames=[0, 80],
+                            timestamps_s=[start, start + 8.0], boxes=[[0, 0, 40, 90], [1, 0, 41, 90]],
+                            start_s=start, end_s=start + 8.0, observed_frames=10, closed_wall_s=time.time(),
+                            close_reason="lost")
+        recs.append(EmbeddingRecord.from_tracklet(meta, v.astype(np.float32), "bench", b"\xff\xd8", 0.0))
+    return recs
+
+
+def _processed(m: CrossCameraMatcher, recs: list, batch: int) -> tuple[int, float]:
+    """``process()`` over ``recs`` in polled batches of ``batch``: ``(records, seconds)``."""
+    t = time.perf_counter()
+    for s in range(0, len(recs), batch):
+        m.process(recs[s:s + batch])
+    return len(recs), time.perf_counter() - t
+
+
 def redis_row(m: CrossCameraMatcher, data: dict, n: int, dim: int, args: argparse.Namespace) -> dict:
     """Throughput of :meth:`CrossCameraMatcher.process` itself, writing every link to a real Redis
     (a throwaway one on a Unix socket): the queries as embedding records, in polled batches."""
     import redis
 
-    from pipeline.messages import EmbeddingRecord, TrackletMeta
     from pipeline.store import IdentityStore
 
     try:
         with _throwaway_redis() as url:
             m.store = IdentityStore(url, "bench")
             m.reassociation = None
-            recs = []
-            for i, v in enumerate(data["queries"]):
-                cam = data["cams"][(int(data["truth"][i]) + 1) % len(data["cams"])]
-                start = DAY_S + 1000.0 + i
-                meta = TrackletMeta(tracklet_id=f"r{i}", camera=cam, track_id=i, frames=[0, 80],
-                                    timestamps_s=[start, start + 8.0], boxes=[[0, 0, 40, 90], [1, 0, 41, 90]],
-                                    start_s=start, end_s=start + 8.0, observed_frames=10, closed_wall_s=time.time(),
-                                    close_reason="lost")
-                recs.append(EmbeddingRecord.from_tracklet(meta, v.astype(np.float32), "bench", b"\xff\xd8", 0.0))
+            recs = _embedding_records(data, "r")
             warm = min(args.batch, len(recs) // 4)
             m.process(recs[:warm])  # connections, scripts, the search threads
-            t = time.perf_counter()
-            for s in range(warm, len(recs), args.batch):
-                m.process(recs[s:s + args.batch])
-            per_s = (len(recs) - warm) / (time.perf_counter() - t)
+            done, seconds = _processed(m, recs[warm:], args.batch)
+            per_s = done / seconds
             m.store.close()
     except (OSError, redis.RedisError) as exc:
         return {"bench": "matcher_redis", "gallery": n, "dim": dim, "error": str(exc)}
@@ -289,19 +303,30 @@ def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespac
 
 
 def _instance(i: int, core: int | None, n: int, dim: int, args: argparse.Namespace, settings: IndexSettings,
-              ready, go, out) -> None:
-    """One matcher process of :func:`instances_row`: its own core (when pinned) and gallery."""
+              redis_url: str | None, ready, go, out) -> None:
+    """One matcher process of :func:`instances_row`: its own core (when pinned) and gallery; with
+    ``redis_url``, ``process()`` writing every link there (namespace ``bench{i}``, as one zone)."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     m, data = build(n, dim, argparse.Namespace(**{**vars(args), "seed": args.seed + i}), settings)
+    rounds = []
+    if redis_url is not None:
+        from pipeline.store import IdentityStore
+
+        m.store = IdentityStore(redis_url, f"bench{i}")
+        m.reassociation = None
+        rounds = [_embedding_records(data, f"i{i}r{r}-") for r in range(args.rounds)]
+        m.process(_embedding_records(data, f"i{i}warm-")[:min(args.batch, len(data["queries"]) // 4)])
     ready.put(i)
     go.wait()
     start = time.time()
     done = 0
     for r in range(args.rounds):
-        d, _ = _throughput(m, data, args, 10 ** 7 * (r + 1))
+        d, _ = _processed(m, rounds[r], args.batch) if rounds else _throughput(m, data, args, 10 ** 7 * (r + 1))
         done += d
-    out.put({"instance": i, "start": start, "end": time.time(), "done": done})
+    end = time.time()
+    written = len(m.store.linked_among(rec.tracklet_id for recs in rounds for rec in recs)) if rounds else None
+    out.put({"instance": i, "start": start, "end": end, "done": done, "written": written})
 
 
 def instances_row(n: int, dim: int, args: argparse.Namespace) -> dict:
@@ -310,7 +335,9 @@ def instances_row(n: int, dim: int, args: argparse.Namespace) -> dict:
     ``n`` identities and ``search_threads`` 0 (one core: it searches each sub-batch itself). They build
     their galleries, start together, and each runs the batch path over its queries ``--rounds`` times;
     the row's ``embeddings_per_s`` is all their records over the span from the first start to the
-    last end. Separate processes share no interpreter lock, which the threads of one matcher do."""
+    last end. Separate processes share no interpreter lock, which the threads of one matcher do.
+    With ``--redis``, each instance runs ``process()`` and writes every link to one shared throwaway
+    Redis (one namespace per instance, as zones), which runs beside them on the same cores."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -318,12 +345,18 @@ def instances_row(n: int, dim: int, args: argparse.Namespace) -> dict:
     settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
                              code_dim=args.code_dim, threads=1, hot_s=args.hot_s, batch=args.search_batch,
                              search_threads=0)
+    with _throwaway_redis() if args.redis else contextlib.nullcontext() as url:
+        return _run_instances(ctx, cores, n, dim, args, settings, url)
+
+
+def _run_instances(ctx, cores: list[int], n: int, dim: int, args: argparse.Namespace, settings: IndexSettings,
+                   redis_url: str | None) -> dict:
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update({k: "1" for k in saved})  # each instance is one core: no thread pool of its own
     try:
         procs = [ctx.Process(target=_instance, args=(i, cores[i % len(cores)] if cores else None, n, dim,
-                                                     args, settings, ready, go, out))
+                                                     args, settings, redis_url, ready, go, out))
                  for i in range(args.instances)]
         for proc in procs:
             proc.start()
@@ -342,10 +375,12 @@ def instances_row(n: int, dim: int, args: argparse.Namespace) -> dict:
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
     done = sum(r["done"] for r in rows)
     return {"bench": "matcher_instances", "gallery": n, "dim": dim, "index": "ivf", "instances": args.instances,
-            "gallery_per_instance": n, "search_threads": 0, "cpus": len(cores) or os.cpu_count(),
+            "gallery_per_instance": n, "search_threads": 0, "redis": redis_url is not None,
+            "cpus": len(cores) or os.cpu_count(),
             "embeddings_per_s": round(done / span, 1),
             "per_instance_per_s": [round(r["done"] / (r["end"] - r["start"]), 1) for r in rows],
-            "records": done, "seconds": round(span, 2)}
+            "records": done, "seconds": round(span, 2),
+            **({"links_in_redis": sum(r["written"] for r in rows)} if redis_url is not None else {})}
 
 
 def main() -> None:

@@ -47,3 +47,12 @@ def test_matcher_bench_times_process_writing_to_redis():
     assert (r["batch"], r["search_batch"], r["search_threads"]) == (cfg.max_batch, cfg.index.batch,
                                                                     search_threads(cfg.index.search_threads))
     assert r["embeddings_per_s"] > 0
+
+
+def test_matcher_bench_instances_write_every_link_to_one_redis():
+    # two matcher processes, one core each, as two zones writing to one Redis: every record linked once
+    rows = _bench("matcher.py", "--sizes", "1500", "--dims", "64", "--queries", "60", "--instances", "2",
+                  "--only-instances", "--rounds", "2", "--redis")
+    assert [(r["bench"], r["instances"], r["redis"]) for r in rows] == [("matcher_instances", 2, True)]
+    assert rows[0]["records"] == 2 * 2 * 60 and rows[0]["links_in_redis"] == rows[0]["records"]
+    assert rows[0]["embeddings_per_s"] > 0
