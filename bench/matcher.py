@@ -366,10 +366,25 @@ def _run_instances(ctx, cores: list[int], n: int, dim: int, args: argparse.Names
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    for _ in procs:
-        ready.get()
+    def collect(q) -> list:  # one message per instance, or an error as soon as one died without it
+        import queue
+
+        got: list = []
+        while len(got) < len(procs):
+            try:
+                got.append(q.get(timeout=5))
+            except queue.Empty:
+                dead = [i for i, proc in enumerate(procs) if proc.exitcode not in (None, 0)]
+                if dead:
+                    for proc in procs:
+                        proc.terminate()
+                    raise SystemExit(f"matcher instance(s) {dead} failed (exit codes "
+                                     f"{[procs[i].exitcode for i in dead]}); see their stderr above")
+        return got
+
+    collect(ready)
     go.set()
-    rows = sorted((out.get() for _ in procs), key=lambda r: r["instance"])
+    rows = sorted(collect(out), key=lambda r: r["instance"])
     for proc in procs:
         proc.join()
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
