@@ -366,6 +366,7 @@ def _run_instances(ctx, cores: list[int], n: int, dim: int, args: argparse.Names
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
     def collect(q) -> list:  # one message per instance, or an error as soon as one died without it
         import queue
 

@@ -170,7 +170,8 @@ _BLOCK = 2048
 def cannot_link_any(camera: int, start_s: float, end_s: float, members: Sequence[Sequence[float]],
                     max_overlap_s: float, reentry: bool, transit_from: dict[int, float]) -> bool:
     """Whether any of a few ``members`` (``(camera code, start_s, end_s)`` rows) cannot be one person
-    with a tracklet of camera code ``camera`` over ``[start_s, end_s]``: :func:`cannot_link_coded`
+    with a tracklet of camera code ``camera`` over ``[start_s, end_s]`` (stream seconds, as the
+    members' spans): :func:`cannot_link_coded`
     for one tracklet, rule by rule, on Python floats (for the handful of members a decision checks,
     where numpy's cost per call outweighs the work).
 

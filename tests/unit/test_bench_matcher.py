@@ -32,13 +32,9 @@ def test_matcher_bench_runs_several_instances_side_by_side():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
-    _check_instances_row(rows)
-    assert rows[0]["redis"] is False and "links_in_redis" not in rows[0]
-
-
-def _check_instances_row(rows: list[dict]) -> None:
     assert [(r["bench"], r["gallery"], r["instances"]) for r in rows] == [("matcher_instances", 1500, 2)]
     row = rows[0]
+    assert row["redis"] is False and "links_in_redis" not in row
     assert row["records"] == 2 * 2 * 60  # every instance decided every query of every round
     assert len(row["per_instance_per_s"]) == 2 and all(v > 0 for v in row["per_instance_per_s"])
     # the combined rate is all records over the whole span: at most the sum of the instances' own rates
