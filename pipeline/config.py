@@ -434,6 +434,10 @@ class IndexConfig(_Model):
         3600.0, gt=0, description="While the IVF is in use, identities seen within this many stream seconds are also "
         "searched exactly (most people come back soon; the IVF can miss a true match); null: the IVF alone.",
     )
+    hot_max: int = Field(
+        4096, ge=1, description="At most this many identities in the hot tier, the most recently seen (an exact "
+        "search costs in proportion to its size; a busy site sees far more identities within hot_s).",
+    )
 
 
 class MatcherConfig(_Model):

@@ -42,6 +42,31 @@ _CHUNK = 8  # candidates scored at a time, best first, until no other can win
 _SCALAR_MEMBERS = 64  # up to this many members to check, the cannot-link rules run on Python floats
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidates:
+    """A tracklet's candidates, searched beforehand (the online path searches a sub-batch at once).
+
+    Every score is an exact ``z·m`` (``float32``) at the time it was computed; identities changed since
+    are the caller's to name (``also`` of :meth:`Gallery.best`).
+
+    Attributes:
+        scores: The index's best identities' scores, ``float32 [k]``, best first (``-inf`` padding),
+            as :meth:`Gallery.search` gives them.
+        codes: Their identity codes, ``int64 [k]`` (``-1`` padding).
+        hot_scores: The hot tier's best (:meth:`Gallery.search_hot`), ``float32 [h]``; None: none searched.
+        hot_codes: Their codes, ``int64 [h]`` (``-1`` padding).
+        known_codes: Identities changed after that search, ``int64 [n]``, each once ...
+        known_scores: ... with their ``z·m`` re-scored exactly since, ``float32 [n]``.
+    """
+
+    scores: np.ndarray
+    codes: np.ndarray
+    hot_scores: np.ndarray | None = None
+    hot_codes: np.ndarray | None = None
+    known_codes: np.ndarray | None = None
+    known_scores: np.ndarray | None = None
+
+
 class _Identity:
     __slots__ = ("gid", "code", "members", "protos", "last_end")
 
@@ -165,15 +190,32 @@ class Gallery:
         old = [i.code for i in idents if i.last_end < horizon]
         if recent:
             self.hot.upsert([idents[j].code for j in recent], vecs[recent])
+            self._trim_hot()
         if old:
             self.hot.remove(old)
+
+    def _trim_hot(self) -> None:
+        """Keep the hot tier to the ``hot_max`` most recently seen identities: once it holds more,
+        the least recently seen go, down to 7/8 of ``hot_max`` (so one pass per ``hot_max / 8``
+        arrivals)."""
+        cap = self.settings.hot_max
+        if len(self.hot) <= cap:
+            return
+        keys = self.hot.keys()
+        keep = cap - cap // 8
+        self.hot.remove(keys[np.argpartition(-self._last[keys], keep - 1)[keep:]] if keep else keys)
+        if self.hot.rows_used > cap + cap // 4:  # rows freed by a bulk load: a search scans every row, so pack them
+            packed = IdentityIndex(self.hot.dim, self.hot.settings)
+            kept = self.hot.keys()
+            packed.upsert(kept, self.hot.vectors(kept))
+            self.hot = packed  # a search running on another thread keeps the one it read
 
     def cool(self) -> int:
         """Move identities no longer recent out of the hot tier; returns how many."""
         if self.hot is None or not len(self.hot):
             return 0
-        horizon = self.newest_end - self.settings.hot_s
-        return self.hot.remove([i.code for i in self._by_gid.values() if i.last_end < horizon and i.code in self.hot])
+        keys = self.hot.keys()
+        return self.hot.remove(keys[self._last[keys] < self.newest_end - self.settings.hot_s])
 
     def _mean(self, ident: _Identity) -> np.ndarray:
         return _mean_of_units([p.y for p in ident.protos])
@@ -206,6 +248,7 @@ class Gallery:
             self.newest_end = max(self.newest_end, ident.last_end)
             if ident.last_end >= self.newest_end - self.settings.hot_s:
                 self.hot.upsert([ident.code], self._mean(ident)[None, :])
+                self._trim_hot()
         return False
 
     def replace(self, groups: dict[str, list[Member]], extra_members: dict[str, np.ndarray] | None = None) -> None:
@@ -290,6 +333,25 @@ class Gallery:
             return np.full((b, k), -np.inf, np.float32), np.full((b, k), -1, np.int64)
         return self.index.search(z, k)
 
+    def search_hot(self, z: np.ndarray, k: int | None = None,
+                   floor: float = -np.inf) -> tuple[np.ndarray, np.ndarray] | None:
+        """The hot tier's best identities for unit queries ``float32 [B, K]``, exact: ``(scores [B, h],
+        codes [B, h])`` with ``h = min(k, hot identities)``, only those of ``z·m >= floor`` (the rest
+        ``-inf`` / ``-1``); None while it is not searched (the index is exact, or no identity is hot).
+        One matrix product for the whole batch."""
+        if self.hot is None or self.index is None or not self.index.approximate or not len(self.hot):
+            return None
+        return self.hot.search_above(z, min(k or self.settings.candidates, len(self.hot)), floor)
+
+    def candidates(self, z: np.ndarray, k: int | None = None, floor: float = -np.inf) -> list[Candidates]:
+        """:meth:`search` and :meth:`search_hot` (down to ``floor``: a hot identity scoring less
+        cannot be chosen) of unit queries ``float32 [B, K]``: one :class:`Candidates` per query."""
+        scores, codes = self.search(z, k)
+        hot = self.search_hot(z, k, floor)
+        if hot is None:
+            return [Candidates(s, c) for s, c in zip(scores, codes)]
+        return [Candidates(s, c, hs, hc) for s, c, hs, hc in zip(scores, codes, hot[0], hot[1])]
+
     def rescore(self, z: np.ndarray, codes: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``z·m`` of unit queries ``float32 [B, K]`` against the present identities among
         ``codes``: ``(codes int64 [n], scores float32 [B, n])``, each code once."""
@@ -306,7 +368,7 @@ class Gallery:
 
     def best(self, z: np.ndarray, camera: str, start_s: float, end_s: float, threshold: float, rules: Rules,
              transit: TransitModel, ttl_s: float | None = None,
-             prefetched: tuple[np.ndarray, ...] | None = None,
+             prefetched: Candidates | None = None,
              also: Sequence[int] = ()) -> tuple[str | None, float | None]:
         """The identity a tracklet joins under the association rules, or ``(None, None)`` to found one.
 
@@ -317,12 +379,9 @@ class Gallery:
             rules: Cannot-link and hand-off rules.
             transit: Hand-off gap statistics.
             ttl_s: Identities unseen for longer (before ``start_s``) are no candidates.
-            prefetched: Index candidates found beforehand (a batch search), ``(scores [k], codes [k])``
-                as :meth:`search` gives them (exact ``z·m`` at the time of the search), optionally
-                followed by ``(known_codes [n], known_scores [n])``: identities changed after that
-                search, with their ``z·m`` re-scored exactly since.
+            prefetched: Candidates found beforehand (a batch search, :meth:`candidates`); None: searched now.
             also: Identity codes to score now whatever the index says (identities changed since
-                ``prefetched`` was searched, or since ``known_scores`` were scored).
+                ``prefetched`` was searched, or since its ``known_scores`` were scored).
 
         Returns:
             ``(global_id, score)``.
@@ -332,17 +391,15 @@ class Gallery:
         w = rules.transit_weight if rules.transit_weight > 0 else 0.0
         k = self.settings.candidates
         if prefetched is None:
-            s, c = self.search(z[None, :], k)
-            prefetched = (s[0], c[0])
+            prefetched = self.candidates(z[None, :], k, threshold - w)[0]
         also_codes = np.asarray(list(also), np.int64)
-        scores, codes = prefetched[0], prefetched[1]
-        known = (np.asarray(prefetched[2], np.int64), np.asarray(prefetched[3])) if len(prefetched) > 2 else None
+        scores, codes = prefetched.scores, prefetched.codes
+        known = None if prefetched.known_codes is None or not len(prefetched.known_codes) else \
+            (np.asarray(prefetched.known_codes, np.int64), np.asarray(prefetched.known_scores))
         # whose searched score may be out of date (or read half written by a search on another thread,
         # see IdentityIndex.deferred): changed since the search
-        stale = also_codes if known is None or not len(known[0]) else np.concatenate([also_codes, known[0]])
-        hot = np.zeros(0, np.int64)
-        if self.hot is not None and self.index.approximate and len(self.hot):
-            hot = self.hot.search(z[None, :], min(k, len(self.hot)))[1][0]
+        stale = also_codes if known is None else np.concatenate([also_codes, known[0]])
+        hot_codes = prefetched.hot_codes
         done = np.zeros(0, np.int64)  # codes scored so far, and their scores
         vals = np.zeros(0)
         best_code, best = None, -np.inf
@@ -356,15 +413,19 @@ class Gallery:
                 if len(stale):
                     keep &= ~self._flagged(np.maximum(codes, 0), stale)
                 cand, base = codes[keep], scores[keep].astype(np.float64)
-                if known is not None and len(known[0]):
+                if known is not None:
                     ok = self._alive[known[0]]
                     if len(also_codes):
                         ok &= ~self._flagged(known[0], also_codes)
                     cand = np.concatenate([cand, known[0][ok]])
                     base = np.concatenate([base, known[1][ok].astype(np.float64)])
-                exact = np.concatenate([also_codes, hot[~self._flagged(np.maximum(hot, 0), cand)]]) \
-                    if len(hot) and len(cand) else np.concatenate([also_codes, hot])
-                exact = _distinct(exact[exact >= 0])
+                if hot_codes is not None and len(hot_codes):  # the hot tier's, but those found above or changed
+                    ok = hot_codes >= 0
+                    hc = np.maximum(hot_codes, 0)
+                    ok &= self._alive[hc] & ~self._flagged(hc, np.concatenate([cand, stale]))
+                    cand = np.concatenate([cand, hot_codes[ok]])
+                    base = np.concatenate([base, prefetched.hot_scores[ok].astype(np.float64)])
+                exact = _distinct(also_codes[also_codes >= 0])
                 exact = exact[self._alive[exact]]
                 if len(exact):
                     cand = np.concatenate([cand, exact])
@@ -473,4 +534,4 @@ class Gallery:
         return np.where(blocked, -np.inf, base)
 
 
-__all__ = ["Gallery", "Member"]
+__all__ = ["Candidates", "Gallery", "Member"]

@@ -91,6 +91,8 @@ class IndexSettings:
         hot_s: While the IVF is in use, identities seen within this many stream seconds of the newest
             sighting are also searched exactly (most people come back soon, and the IVF can miss a
             true match whose cell it does not probe); None: the IVF alone.
+        hot_max: At most this many of them, the most recently seen: an exact search costs in
+            proportion to the identities it scans, and a busy site sees far more than this in an hour.
     """
 
     kind: str = "auto"
@@ -106,11 +108,13 @@ class IndexSettings:
     compact_every: int = 4096
     threads: int | None = None
     hot_s: float | None = 3600.0
+    hot_max: int = 4096
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "ivf"):
             raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
-        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "compact_every"):
+        for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "compact_every",
+                     "hot_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.search_threads is not None and self.search_threads < 0:
@@ -165,6 +169,11 @@ class IdentityIndex:
         key = int(key)
         return 0 <= key < len(self._row_of) and self._row_of[key] >= 0
 
+    def keys(self) -> np.ndarray:
+        """``int64 [n]``: the keys present, in row order."""
+        keys = self._keys[:self._top]
+        return keys[keys >= 0]
+
     @property
     def approximate(self) -> bool:
         """Whether searches go through the IVF (else they are exact)."""
@@ -178,6 +187,16 @@ class IdentityIndex:
         if (rows < 0).any():
             raise KeyError(int(keys[np.argmax(rows < 0)]))
         return rows
+
+    @property
+    def rows_used(self) -> int:
+        """Rows an exact search scans: those of present keys plus the free ones among them."""
+        return self._top
+
+    def vectors(self, keys: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``keys`` (``int64 [B]``): ``float32 [B, K]``, a copy. Raises KeyError
+        when one is absent."""
+        return self._vecs[self._rows(np.asarray(keys, np.int64).reshape(-1))]
 
     def vector(self, key: int) -> np.ndarray:
         """The stored vector of ``key`` (a copy). Raises KeyError when absent."""
@@ -439,9 +458,8 @@ class IdentityIndex:
         if not self._n or b == 0:
             return scores, keys
         if self._ivf is None:
-            sims = q @ self._vecs[:self._top].T
-            sims[:, self._keys[:self._top] < 0] = -np.inf
-            return self._top_k(sims, np.broadcast_to(np.arange(self._top), sims.shape), k)
+            sims, _ = self._exact_scores(q)
+            return self._top_k(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape), k)
         qc = q if self._proj is None else np.ascontiguousarray(q @ self._proj)
         cells, bias = self._probe(qc)
         _, ids = self._ivf.search_preassigned(qc, max(self.settings.fetch, k), cells, bias)
@@ -462,6 +480,15 @@ class IdentityIndex:
             sims = np.concatenate([sims, q @ self._vecs[pend].T], axis=1)
             rows = np.concatenate([rows, np.broadcast_to(pend, (b, len(pend)))], axis=1)
         return self._top_k(sims, rows, k)
+
+    def _exact_scores(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products of queries ``float32 [B, K]`` with every used row: ``(float32 [B, rows], the
+        row-to-key array they were masked with)``, ``-inf`` at free rows. The arrays are read once:
+        another thread may add rows meanwhile."""
+        top, vecs, keys_of = self._top, self._vecs, self._keys
+        sims = q @ vecs[:top].T
+        sims[:, keys_of[:top] < 0] = -np.inf
+        return sims, keys_of
 
     def _probe(self, qc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The IVF cells a search scans: the ``nprobe`` of highest inner product between each coded
@@ -500,6 +527,31 @@ class IdentityIndex:
             return self.search(queries, k)
         finally:
             self._ivf = ivf
+
+    def search_above(self, queries: np.ndarray, k: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`exact_search`, but only scores of at least ``floor`` are returned (the rest of
+        each row is ``-inf`` / ``-1`` padding). Cheaper than a partial sort of every query's scores
+        when few pass, as with a join threshold (the matcher's hot tier)."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+        b = q.shape[0]
+        scores = np.full((b, k), -np.inf, np.float32)
+        keys = np.full((b, k), -1, np.int64)
+        if not self._n or b == 0:
+            return scores, keys
+        sims, keys_of = self._exact_scores(q)
+        passed = sims >= floor
+        if not np.isfinite(floor) or np.count_nonzero(passed) > k * b // 4:  # many: a partial sort of each row
+            s, r = self._top_k(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape), k)
+            return np.where(s >= floor, s, np.float32(-np.inf)), np.where(s >= floor, r, -1)
+        qi, col = np.nonzero(passed)
+        val = sims[qi, col]
+        order = np.lexsort((-val, qi))  # by query, best first
+        qi, col, val = qi[order], col[order], val[order]
+        rank = np.arange(len(qi)) - np.searchsorted(qi, np.arange(b))[qi]
+        keep = rank < k
+        scores[qi[keep], rank[keep]] = val[keep]
+        keys[qi[keep], rank[keep]] = keys_of[col[keep]]
+        return scores, keys
 
     def suspend(self) -> Any:
         """Search exactly (and keep no IVF up to date) until :meth:`resume` is called with what this

@@ -65,7 +65,7 @@ from pipeline.messages import EmbeddingRecord
 from pipeline.runner import Output, TransientError
 from pipeline.store import DEFAULT_ZONE, IdentityStore, Link, Reassignment, WindowEntry
 from stages.matcher.association import Rules, ScoringSpace, associate
-from stages.matcher.gallery import Gallery, Member
+from stages.matcher.gallery import Candidates, Gallery, Member
 from stages.matcher.index import IndexSettings
 
 log = logging.getLogger(__name__)
@@ -426,7 +426,7 @@ class CrossCameraMatcher:
 
     # ---------------------------------------------------------------------------------------------
     def decide(self, camera: str, start_s: float, end_s: float, embedding: np.ndarray,
-               prefetched: tuple[np.ndarray, np.ndarray] | None = None, also: Iterable[int] = ()) -> Decision:
+               prefetched: Candidates | None = None, also: Iterable[int] = ()) -> Decision:
         """Pick the identity for a tracklet (pure: changes nothing).
 
         Args:
@@ -434,8 +434,8 @@ class CrossCameraMatcher:
             start_s: First sighting, stream seconds.
             end_s: Last sighting, stream seconds.
             embedding: ``float32 [D]``, L2-normalised.
-            prefetched: Gallery index candidates for it, searched beforehand (:meth:`process` searches a
-                whole batch at once).
+            prefetched: Gallery candidates for it, searched beforehand (:meth:`process` searches a
+                whole sub-batch at once, :meth:`Gallery.candidates`).
             also: Identity codes changed since ``prefetched`` was searched (scored whatever it says).
 
         Returns:
@@ -468,7 +468,7 @@ class CrossCameraMatcher:
                              f"{self._dim} (was the re-id model changed? use a new store namespace)")
 
     def _decide(self, camera: str, start_s: float, end_s: float, y: np.ndarray,
-                prefetched: tuple[np.ndarray, np.ndarray] | None, also: Iterable[int]) -> Decision:
+                prefetched: Candidates | None, also: Iterable[int]) -> Decision:
         """:meth:`decide` for a projected vector ``y`` (``float32 [K]``, :meth:`_project`)."""
         if not len(self.gallery):
             return Decision(None, None)
@@ -587,17 +587,19 @@ class CrossCameraMatcher:
         self._unsure = {}
         return gids
 
-    def _prefetch(self, ys: list[np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """One index search for a whole batch of projected vectors (None: a record of another
-        dimension, which :meth:`_check_dim` rejects), one candidate list per record."""
+    def _prefetch(self, ys: list[np.ndarray | None]) -> list[Candidates | None]:
+        """One search of the index and one of the hot tier for a whole batch of projected vectors
+        (None: a record of another dimension, which :meth:`_check_dim` rejects), one candidate list
+        per record."""
         dim = self.gallery.dim
         rows = [i for i, y in enumerate(ys) if y is not None and len(y) == dim]
-        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(ys)
+        out: list[Candidates | None] = [None] * len(ys)
         if len(rows) < 2 or not len(self.gallery):
             return out
-        scores, codes = self.gallery.search(_unit_queries([ys[i] for i in rows]))
-        for j, i in enumerate(rows):
-            out[i] = (scores[j], codes[j])
+        # a hot identity under the threshold, less the largest hand-off bonus, cannot be chosen
+        floor = self.threshold - max(self.rules.transit_weight, 0.0)
+        for i, found in zip(rows, self.gallery.candidates(_unit_queries([ys[i] for i in rows]), floor=floor)):
+            out[i] = found
         return out
 
     def _timed_prefetch(self, ys: list[np.ndarray | None]) -> list:
@@ -691,9 +693,10 @@ class CrossCameraMatcher:
         GIL; so do Redis round trips), inside :meth:`IdentityIndex.deferred`, but for a tail share
         the caller searches itself when it is done (:meth:`_tail_share`). The identities the
         caller changed meanwhile are re-scored for the whole next sub-batch in one matrix product
-        before it is yielded (``prefetched[j]`` then carries ``(known_codes, known_scores)`` too, see
-        :meth:`Gallery.best`), so ``touched`` starts empty. Decisions are the same as with one search
-        per sub-batch after the previous one: every changed identity is scored exactly.
+        before it is yielded (``prefetched[j]`` then carries them as ``known_codes`` and
+        ``known_scores``, see :class:`~stages.matcher.gallery.Candidates`), so ``touched`` starts
+        empty. Decisions are the same as with one search per sub-batch after the previous one: every
+        changed identity is scored exactly.
 
         Use it under :func:`contextlib.closing`, so that an exception in the caller waits for the
         background search and ends the deferral at once.
@@ -736,7 +739,8 @@ class CrossCameraMatcher:
         codes, scores = self.gallery.rescore(_unit_queries([ys[j] for j in rows]), changed)
         out = list(pre)
         for r, j in enumerate(rows):
-            out[j] = (pre[j][0], pre[j][1], codes, scores[r])
+            p = pre[j]
+            out[j] = Candidates(p.scores, p.codes, p.hot_scores, p.hot_codes, codes, scores[r])
         return out
 
     @contextlib.contextmanager

@@ -40,6 +40,22 @@ def test_search_pads_when_fewer_keys_than_asked():
     assert keys.tolist() == [[3, -1, -1], [3, -1, -1]] and np.isinf(scores[:, 1:]).all()
 
 
+@pytest.mark.parametrize("floor", [-np.inf, -1.0, 0.2, 0.45, 0.7, 2.0])
+def test_search_above_is_the_exact_top_k_cut_at_the_floor(floor):
+    """Few pass (0.45, 0.7), most pass (-1, 0.2: the partial-sort path), none (2), no floor; removed
+    keys never come back."""
+    x, q = _unit(_vectors(600, 16)), _unit(_vectors(40, 16, seed=2))
+    idx = IdentityIndex(16, IndexSettings(kind="exact"))
+    idx.upsert(np.arange(600), x)
+    idx.remove(np.arange(0, 600, 7))
+    want_s, want_k = idx.exact_search(q, 12)
+    got_s, got_k = idx.search_above(q, 12, floor)
+    below = want_s < floor
+    np.testing.assert_array_equal(got_k, np.where(below, -1, want_k))
+    np.testing.assert_allclose(got_s, np.where(below, -np.inf, want_s), rtol=0, atol=1e-6)
+    assert not np.isin(got_k, np.arange(0, 600, 7)).any()
+
+
 @pytest.mark.parametrize("kind", ["exact", "ivf"])
 def test_upsert_replaces_and_remove_forgets(kind):
     x = _vectors(400, 16)
@@ -279,6 +295,66 @@ def test_the_hot_tier_finds_recent_identities_the_ivf_misses():
     assert found[400.0] == 300 and found[None] < 290   # one probed cell misses many; the hot tier none
 
 
+def test_the_hot_tier_keeps_the_most_recently_seen_up_to_hot_max():
+    """At most ``hot_max`` identities are hot, the most recently seen; one that fell out comes back
+    when it is seen again, and one that merely grew old leaves at the next cool()."""
+    dim = 16
+    x = _vectors(200, dim, seed=8)
+    g = Gallery(settings=IndexSettings(kind="ivf", nprobe=1, hot_s=1000.0, hot_max=16))
+    with g.bulk(dim):
+        g.replace({f"G{i:03d}": [Member(f"g{i}", "a", float(i), i + 1.0, 5, x[i], i)] for i in range(100)})
+    assert g.index.approximate and len(g.hot) == 14  # over 16: trimmed to 7/8 of it
+    assert g.hot.rows_used <= 20  # and the rows the load freed packed: a search scans them all
+    assert sorted(g.hot.keys().tolist()) == [g.code(f"G{i:03d}") for i in range(86, 100)]
+    sizes = []
+    for i in range(100, 200):  # one new identity per second
+        g.add(f"G{i:03d}", Member(f"g{i}", "b", float(i), i + 1.0, 5, x[i], i))
+        sizes.append(len(g.hot))
+        assert g.code(f"G{i:03d}") in g.hot
+    assert max(sizes) == 16 and min(sizes) == 14
+    newest = sorted(g.gids(), key=g.last_seen)[-len(g.hot):]
+    assert sorted(g.hot.keys().tolist()) == sorted(g.code(gid) for gid in newest)
+    assert g.code("G050") not in g.hot
+    g.add("G050", Member("again", "c", 300.0, 301.0, 5, x[50], 300))  # seen again: hot again
+    assert g.code("G050") in g.hot
+    g.add("G199", Member("late", "c", 1250.0, 1251.0, 5, x[199], 301))  # all others but G050 are now over 1000 s old
+    hot = len(g.hot)
+    assert g.cool() == hot - 2
+    assert sorted(g.hot.keys().tolist()) == sorted([g.code("G050"), g.code("G199")])
+
+
+def test_the_batch_path_searches_the_hot_tier_once_per_sub_batch():
+    """The online path's candidates carry the hot tier's, searched for the whole sub-batch in one
+    product: the recent identities a one-cell IVF misses are found as one decision at a time finds
+    them, and only the ``hot_max`` most recent are certain to be."""
+    from stages.matcher.matcher import CrossCameraMatcher
+
+    dim, n = 32, 3000
+    x = _vectors(n, dim, seed=3)
+    queries = _unit(x[-300:] + 0.5 * _vectors(300, dim, seed=4))
+    for hot_max, search_threads in ((4096, 1), (4096, 0), (100, 1)):
+        m = CrossCameraMatcher(store=None, threshold=0.3, rules=Rules(transit_weight=0.0),  # type: ignore[arg-type]
+                               index=IndexSettings(kind="ivf", nprobe=1, candidates=8, hot_s=400.0, hot_max=hot_max,
+                                                   batch=64, search_threads=search_threads))
+        with m.gallery.bulk(dim):
+            m.gallery.replace({f"G{i:05d}": [Member(f"t{i}", "a", float(i), i + 1.0, 5, x[i], i)] for i in range(n)})
+        ys = [m._project(q) for q in queries]
+        got = []
+        with m.online(), contextlib.closing(m._candidate_batches(ys)) as parts:
+            for rows, pre, touched in parts:
+                for i, p in zip(rows, pre):
+                    assert p.hot_codes is not None and len(p.hot_codes) == 8
+                    got.append(m._decide("b", n + 10.0, n + 12.0, ys[i], p, touched).global_id)
+        one_by_one = [m._decide("b", n + 10.0, n + 12.0, y, None, ()).global_id for y in ys]
+        assert got == one_by_one  # nothing changed the gallery meanwhile
+        right = [gid == f"G{n - 300 + i:05d}" for i, gid in enumerate(got)]
+        if hot_max >= 300:
+            assert all(right)
+        else:
+            assert all(right[-(hot_max - hot_max // 8):]) and not all(right)
+        m.release()
+
+
 def test_online_path_holds_blas_to_one_thread_only_while_the_ivf_is_used():
     from threadpoolctl import threadpool_info
 
@@ -410,13 +486,18 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads, tail,
                         touched.append(m.gallery.code(gid))
         if settings.kind == "ivf":  # searched in the background, unless no search thread is wanted
             assert (m._searcher is not None) == (threads > 0) and not m.gallery.index._deferred
+        if settings.hot_s is not None:
+            assert 0 < len(m.gallery.hot) <= settings.hot_max
         m.release()
         return out
 
     want = run(IndexSettings(kind="exact"), batched=False)
     for settings in (IndexSettings(kind="exact", batch=batch),
                      IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=None,
-                                   search_threads=threads)):
+                                   search_threads=threads),
+                     # with a hot tier, kept to 8 identities (trimmed within the polls) and searched with the rest
+                     IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=200.0,
+                                   hot_max=8, search_threads=threads)):
         got = run(settings)
         assert [g for g, _ in got] == [g for g, _ in want]
         # the same scores too (the link's score), each changed identity's as it is now
@@ -486,7 +567,7 @@ def test_the_tail_share_is_searched_by_the_caller_unless_a_search_thread_took_it
         m._searcher.submit(gate.wait, 10)  # the search thread is busy: neither share has started
         got = m._search_shared(ys, tail=4)()
         assert sorted(seen) == [(False, 8), (True, 4)]  # the head on the search thread, the tail here
-        assert [c.tolist() for _, c in got] == [c.tolist() for _, c in alone]
+        assert [p.codes.tolist() for p in got] == [p.codes.tolist() for p in alone]
         seen.clear()
         results = m._search_shared(ys, tail=4)
         for _ in range(1000):  # the idle search thread takes both shares (waits up to 10 s)
@@ -495,7 +576,7 @@ def test_the_tail_share_is_searched_by_the_caller_unless_a_search_thread_took_it
             threading.Event().wait(0.01)
         got = results()
         assert sorted(seen) == [(False, 4), (False, 8)]
-        assert [c.tolist() for _, c in got] == [c.tolist() for _, c in alone]
+        assert [p.codes.tolist() for p in got] == [p.codes.tolist() for p in alone]
         assert m._search_s is not None and m._search_s > 0  # the search threads' speed is measured
     finally:
         m.release()
@@ -531,7 +612,7 @@ def test_search_threads_run_faiss_on_one_thread_each():
         ys = [m._project(v) for v in _vectors(9, 16, seed=5)]
         now = m._search_shared(ys, now=True)()
         alone = real(ys)
-        assert [c.tolist() for _, c in now] == [c.tolist() for _, c in alone]
+        assert [p.codes.tolist() for p in now] == [p.codes.tolist() for p in alone]
         assert len(seen) == 3 and sum(n for *_, n in seen) == 9 and any(mine for mine, *_ in seen)
         assert all(t == 1 for _, t, _ in seen) and faiss.omp_get_max_threads() == before
     finally:

@@ -61,6 +61,7 @@ def test_env_overrides_nested_keys():
         (BASE.replace("    source: b.avi\n", ""), ["cameras.1.source", "required"]),
         ("matcher:\n  threshold: 2\n", ["x.yaml:2:", "matcher.threshold"]),
         ("matcher:\n  index:\n    search_threads: -1\n", ["x.yaml:3:", "matcher.index.search_threads"]),
+        ("matcher:\n  index:\n    hot_max: 0\n", ["x.yaml:3:", "matcher.index.hot_max"]),
         ("bus: [1, 2\n", ["x.yaml", "invalid YAML"]),
         ("- 1\n- 2\n", ["x.yaml:1:", "mapping"]),
         (BASE + "  - name: left\n    source: c.avi\n", ["unique", "left"]),
@@ -76,6 +77,14 @@ def test_invalid_config_names_file_line_and_key(text, expected):
 def test_a_matcher_may_search_on_its_own_thread():
     cfg = parse_config("matcher:\n  index:\n    search_threads: 0\n", "x.yaml", environ={})
     assert cfg.matcher.index.search_threads == 0  # 0 is a setting (no search thread), not "unset"
+
+
+def test_the_hot_tier_cap_reaches_the_matcher():
+    from stages.matcher.matcher import CrossCameraMatcher
+
+    cfg = parse_config("matcher:\n  index:\n    hot_max: 512\n", "x.yaml", environ={})
+    assert cfg.matcher.index.hot_max == 512
+    assert CrossCameraMatcher.from_config(cfg, store=object()).gallery.settings.hot_max == 512  # type: ignore[arg-type]
 
 
 def test_missing_file_is_config_error(tmp_path):
