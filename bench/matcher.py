@@ -31,6 +31,10 @@ What is measured (pure matcher, no Redis, as in the issue's figures):
 The loaded gallery is frozen out of Python's cyclic garbage collector (``gc.freeze()``), as
 :meth:`CrossCameraMatcher.setup` does with a restored one.
 
+The index rows use the matcher's hot tier (``index.hot_s`` 3600 s, at most ``index.hot_max`` 4,096
+identities; the gallery spans a day, so at 10⁶ about 42,000 identities are within the hour and
+the cap applies); ``--hot-s 0`` measures the IVF alone, the worst case for recall.
+
 Synthetic data: ``N`` identities with one prototype each, spread over ``--cameras`` cameras and a
 day of stream time; embeddings are drawn with a power-law eigen-spectrum ``λ_i ∝ i^-α`` (``--alpha``,
 default 1.0: the centred embeddings of the vtest tracklets decay with α = 0.93 (STA) to 1.15 (part
@@ -43,6 +47,7 @@ Usage::
     python bench/matcher.py                        # N = 1e3..1e6, D = 256 and 2560
     python bench/matcher.py --sizes 1000 100000 --dims 256 --rebuild
     python bench/matcher.py --sizes 1000000 --dims 256 --instances 2 --only-instances
+    python bench/matcher.py --sizes 1000000 --dims 256 --hot-s 0   # no hot tier
 """
 
 from __future__ import annotations
@@ -392,6 +397,7 @@ def _run_instances(ctx, cores: list[int], n: int, dim: int, args: argparse.Names
     done = sum(r["done"] for r in rows)
     return {"bench": "matcher_instances", "gallery": n, "dim": dim, "index": "ivf", "instances": args.instances,
             "gallery_per_instance": n, "search_threads": 0, "redis": redis_url is not None,
+            "hot_s": settings.hot_s, "hot_max": settings.hot_max,
             "cpus": len(cores) or os.cpu_count(),
             "embeddings_per_s": round(done / span, 1),
             "per_instance_per_s": [round(r["done"] / (r["end"] - r["start"]), 1) for r in rows],
@@ -416,10 +422,9 @@ def main() -> None:
     p.add_argument("--search-batch", type=int, default=IndexSettings().batch,
                    help="Records per index search (matcher.index.batch); --search-batch equal to --batch: no "
                    "background search.")
-    p.add_argument("--hot-s", type=float, default=None,
-                   help="Also search exactly the identities seen within this many seconds (index.hot_s; "
-                   "the gallery spans a day). Default: the IVF alone, the worst case for recall (the matcher's "
-                   "default is 3600).")
+    p.add_argument("--hot-s", type=float, default=IndexSettings().hot_s,
+                   help="Also search exactly the identities seen within this many seconds (index.hot_s, default "
+                   "as the matcher's; the gallery spans a day). 0: the IVF alone, the worst case for recall.")
     p.add_argument("--hot-max", type=int, default=IndexSettings().hot_max,
                    help="At most this many hot identities, the most recently seen (index.hot_max).")
     p.add_argument("--threads", type=int, default=None, help="faiss threads of single searches (default: all cores).")
@@ -437,6 +442,7 @@ def main() -> None:
     p.add_argument("--only-instances", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="Passes over the queries per instance (--instances).")
     args = p.parse_args()
+    args.hot_s = args.hot_s or None  # 0: no hot tier
     for dim in args.dims:
         for n in args.sizes:
             if args.instances:
@@ -459,6 +465,7 @@ def main() -> None:
             label = "ivf" if args.hot_s is None else f"ivf+hot{args.hot_s:g}s/{args.hot_max}"
             for name, row, extra in (("brute", brute, {"recall_at_10": 1.0, "same_decision": 1.0}),
                                      (label, ivf, {"recall_at_10": round(recall, 4), "same_decision": round(same, 4),
+                                                   "hot_s": args.hot_s, "hot_max": args.hot_max,
                                                    "nprobe": args.nprobe, "fetch": args.fetch,
                                                    "code_dim": args.code_dim, "batch": args.batch,
                                                    "search_batch": args.search_batch,

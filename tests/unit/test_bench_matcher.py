@@ -15,26 +15,29 @@ def test_matcher_bench_prints_a_row_per_configuration():
                           "--queries", "40"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    hot = "ivf+hot3600s/4096"  # the matcher's default hot tier
     assert [(r["gallery"], r["dim"], r["index"]) for r in rows] == [
-        (1500, 64, "brute"), (1500, 64, "ivf"), (3000, 64, "brute"), (3000, 64, "ivf")]
+        (1500, 64, "brute"), (1500, 64, hot), (3000, 64, "brute"), (3000, 64, hot)]
     for r in rows:
         assert {"p50_ms", "p99_ms", "embeddings_per_s", "recall_at_10", "same_decision"} <= set(r)
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["embeddings_per_s"] > 0
         assert 0.0 <= r["recall_at_10"] <= 1.0 and 0.0 <= r["same_decision"] <= 1.0
     for r in rows[1::2]:  # the index rows: measured against brute force, not copied from it
         assert r["recall_at_10"] > 0.5 and isinstance(r["memory_bytes_per_identity"], int)  # RSS: coarse when small
+        assert (r["hot_s"], r["hot_max"]) == (3600.0, 4096)
 
 
 def test_matcher_bench_runs_several_instances_side_by_side():
     # two matcher processes, one core each, each with its own gallery: one row of their combined rate
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "1500", "--dims", "64",
-                          "--queries", "60", "--instances", "2", "--only-instances", "--rounds", "2"],
+                          "--queries", "60", "--instances", "2", "--only-instances", "--rounds", "2", "--hot-s", "0"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
     assert [(r["bench"], r["gallery"], r["instances"]) for r in rows] == [("matcher_instances", 1500, 2)]
     row = rows[0]
     assert row["redis"] is False and "links_in_redis" not in row
+    assert row["hot_s"] is None  # --hot-s 0: the IVF alone
     assert row["records"] == 2 * 2 * 60  # every instance decided every query of every round
     assert len(row["per_instance_per_s"]) == 2 and all(v > 0 for v in row["per_instance_per_s"])
     # the combined rate is all records over the whole span: at most the sum of the instances' own rates
