@@ -451,10 +451,8 @@ class IdentityIndex:
             ``(scores float32 [B, k], keys int64 [B, k])``; rows are padded with ``-inf`` / ``-1``
             when fewer than ``k`` keys exist (or the IVF cells searched held fewer).
         """
-        q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+        q, scores, keys = _padding(queries, k)
         b = q.shape[0]
-        scores = np.full((b, k), -np.inf, np.float32)
-        keys = np.full((b, k), -1, np.int64)
         if not self._n or b == 0:
             return scores, keys
         if self._ivf is None:
@@ -532,10 +530,8 @@ class IdentityIndex:
         """Like :meth:`exact_search`, but only scores of at least ``floor`` are returned (the rest of
         each row is ``-inf`` / ``-1`` padding). Cheaper than a partial sort of every query's scores
         when few pass, as with a join threshold (the matcher's hot tier)."""
-        q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+        q, scores, keys = _padding(queries, k)
         b = q.shape[0]
-        scores = np.full((b, k), -np.inf, np.float32)
-        keys = np.full((b, k), -1, np.int64)
         if not self._n or b == 0:
             return scores, keys
         sims, keys_of = self._exact_scores(q)
@@ -579,6 +575,13 @@ class IdentityIndex:
         ``float32 [B, len(keys)]`` (one matrix product). Raises KeyError for an absent key."""
         rows = self._rows(np.asarray(keys, np.int64).reshape(-1))
         return np.asarray(queries, np.float32) @ self._vecs[rows].T
+
+
+def _padding(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries as ``float32 [B, K]`` (contiguous), and empty results for them: ``-inf`` scores
+    ``float32 [B, k]`` and ``-1`` keys ``int64 [B, k]``."""
+    q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+    return q, np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64)
 
 
 def _scores_by_row(queries: np.ndarray, vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
