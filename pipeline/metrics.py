@@ -98,6 +98,11 @@ CONSUMER_LAG = Gauge(
     ["stage", "topic", "partition"],
 )
 IDENTITIES = Gauge("reidstream_identities", "Global identities in a zone matcher's gallery.", ["stage", "zone"])
+HOT_IDENTITIES = Gauge(
+    "reidstream_hot_identities",
+    "Identities in a zone matcher's hot tier (seen within index.hot_s, at most index.hot_max; searched exactly "
+    "while the gallery's index is the IVF).", ["stage", "zone"],
+)
 REASSOCIATIONS = Counter("reidstream_reassociations", "Re-associations of the matcher's window.", ["stage"])
 REASSOCIATION_SECONDS = Histogram(
     "reidstream_reassociation_seconds", "Wall time of one re-association of the window.", ["stage"],

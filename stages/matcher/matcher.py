@@ -286,6 +286,7 @@ class CrossCameraMatcher:
         self._last_arrival = monotonic()
         self._zone = str(getattr(store, "zone", DEFAULT_ZONE))  # no store: benchmarks of decide()
         self._identities = metrics.IDENTITIES.labels(stage=STAGE, zone=self._zone)
+        self._hot_identities = metrics.HOT_IDENTITIES.labels(stage=STAGE, zone=self._zone)
         self._threshold_gauge = metrics.MATCH_THRESHOLD.labels(stage=STAGE, zone=self._zone)
 
     @classmethod
@@ -371,7 +372,7 @@ class CrossCameraMatcher:
         self.links_total = self.store.count_zone_links()
         if self.store.reassociation_status().get("links", -1) < self.links_total:
             self._since_reassociation = 1  # links arrived after the last re-association: redo it when idle
-        self._identities.set(len(self.gallery))
+        self._gallery_gauges()
         self._threshold_gauge.set(self.threshold)
         # the restored gallery lives as long as the matcher: out of the cyclic garbage collector's
         # sight (reference counting still frees what is dropped), a full collection does not walk it;
@@ -811,7 +812,7 @@ class CrossCameraMatcher:
         if self.reassociation and self._since_reassociation and \
                 self.monotonic() - self._last_reassociation >= self.reassociation.every_s:
             self._reassociate_reporting()
-        self._identities.set(len(self.gallery))
+        self._gallery_gauges()
         return []
 
     def idle(self) -> None:
@@ -928,7 +929,7 @@ class CrossCameraMatcher:
         metrics.IDENTITY_CHANGES.labels(stage=STAGE, kind="merge").inc(merges)
         metrics.IDENTITY_CHANGES.labels(stage=STAGE, kind="split").inc(splits)
         self._threshold_gauge.set(threshold)
-        self._identities.set(len(self.gallery))
+        self._gallery_gauges()
         log.info("matcher: re-associated %d tracklets in %.2f s: threshold %.3f%s, %d identities, %d merges, "
                  "%d splits, %d tracklets moved", n, seconds, threshold, " (recalibrated)" if calibrated else "",
                  len(set(new_gids)), merges, splits, len(change.moves))
@@ -1070,9 +1071,13 @@ class CrossCameraMatcher:
             self._searcher = None
         self.drop_metrics()
 
+    def _gallery_gauges(self) -> None:
+        self._identities.set(len(self.gallery))
+        self._hot_identities.set(0 if self.gallery.hot is None else len(self.gallery.hot))
+
     def drop_metrics(self) -> None:
         """Remove this zone's gauges (the zone went to another instance, or this one stops)."""
-        for gauge in (metrics.IDENTITIES, metrics.MATCH_THRESHOLD):
+        for gauge in (metrics.IDENTITIES, metrics.HOT_IDENTITIES, metrics.MATCH_THRESHOLD):
             try:
                 gauge.remove(STAGE, self._zone)
             except KeyError:

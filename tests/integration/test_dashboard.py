@@ -132,6 +132,7 @@ def _drive_metrics(stop: threading.Event, tick_s: float = 0.2) -> None:
         for key in lag:  # small, bounded lag: a healthy deployment (alerts must stay quiet)
             m.CONSUMER_LAG.labels(*key).set(rng.randint(0, 20))
         m.IDENTITIES.labels("matcher", "default").set(identities)
+        m.HOT_IDENTITIES.labels("matcher", "default").set(min(identities, 4096))
         m.MATCH_THRESHOLD.labels("matcher", "default").set(rng.uniform(0.1, 0.3))
         m.REASSOCIATIONS.labels("matcher").inc()
         m.REASSOCIATION_SECONDS.labels("matcher").observe(rng.uniform(0.05, 0.5))
@@ -211,7 +212,7 @@ def test_dashboard_uses_every_reidstream_metric():
         for metric in vars(m).values()
         if isinstance(metric, Counter | Gauge | Histogram)
     }
-    assert len(names) == 21
+    assert len(names) == 22
     unused = sorted(n for n in names if not re.search(rf"\b{n}(_total|_bucket|_sum|_count)?\b", exprs))
     assert not unused, f"metrics without a panel: {unused}"
 

@@ -80,11 +80,15 @@ def test_gallery_gauges_are_per_zone_and_leave_with_the_zone(store):
     a, b = unit(7), unit(8)
     stage.process([emb("N1", "gate", 0, 2, a), emb("N2", "lobby", 0, 2, b), emb("S1", "dock", 0, 2, a)])
     assert (gauge("north"), gauge("south")) == (2.0, 1.0)  # one series each, not one overwritten by the other
+    hot = {z: REGISTRY.get_sample_value("reidstream_hot_identities", {"stage": "matcher", "zone": z})
+           for z in ("north", "south")}
+    assert hot == {"north": 2.0, "south": 1.0}  # all seen within the hour
     thresholds = {z: REGISTRY.get_sample_value("reidstream_match_threshold", {"stage": "matcher", "zone": z})
                   for z in ("north", "south")}
     assert thresholds == {"north": 0.8, "south": 0.8}
     stage.on_revoke([])                    # the zones go to another instance: this one stops reporting them
     assert gauge("north") is None and gauge("south") is None
+    assert REGISTRY.get_sample_value("reidstream_hot_identities", {"stage": "matcher", "zone": "north"}) is None
 
 
 def test_zone_names_are_checked(store):
