@@ -43,6 +43,26 @@ def test_identities_outside_the_window_stay_candidates_and_survive_a_restart(sto
     assert restarted.decide("right", 120, 122, noisy(people[2], 9)).global_id == store.link("P2").global_id
 
 
+def test_a_gallery_grown_online_is_frozen_out_of_full_collections(store, monkeypatch):
+    """Every ``_FREEZE_EVERY`` records the gallery's new objects leave the cyclic collector's sight,
+    so full collections do not walk an ever larger gallery."""
+    from stages.matcher import matcher as mod
+
+    monkeypatch.setattr(mod, "_FREEZE_EVERY", 3)
+    gc.unfreeze()
+    m = _matcher(store)
+    frozen = gc.get_freeze_count()
+    m.process([emb("F0", "left", 0, 2, unit(60)), emb("F1", "left", 10, 12, unit(61))])
+    proto = m.gallery.prototypes(store.link("F1").global_id)[0]
+    assert gc.is_tracked(proto) and id(proto) in {id(o) for o in gc.get_objects()}  # 2 of 3: not yet
+    m.process([emb("F2", "right", 20, 22, unit(62))])
+    assert gc.get_freeze_count() > frozen and m._unfrozen == 0
+    assert id(proto) not in {id(o) for o in gc.get_objects()}
+    m.process([emb("F3", "right", 30, 32, unit(63))])
+    assert m._unfrozen == 1 and store.link("F3") is not None
+    gc.unfreeze()
+
+
 def test_identities_unseen_for_the_ttl_are_archived_but_kept_in_redis(store):
     m = _matcher(store, gallery_ttl_s=50.0)
     a, b = unit(60), unit(61)
