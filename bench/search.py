@@ -56,18 +56,21 @@ def write_site(store: IdentityStore, n: int, args: argparse.Namespace, seed: int
     n_ids = max(1, round(n / args.per_identity))
     centres = rng.standard_normal((n_ids, args.dim), dtype=np.float32) * sd
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    gids = [store.next_global_id() for _ in range(n_ids)]
+    gids = store.reserve_global_ids(n_ids)
     owner = rng.integers(0, n_ids, n)
     for s in range(0, n, 10000):
         k = min(10000, n - s)
         noise = rng.standard_normal((k, args.dim), dtype=np.float32) * sd
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         x = 0.8 * centres[owner[s:s + k]] + 0.6 * noise
+        links = []
         for j in range(k):
             i = first + s + j
             start = float(i)
-            store.record_link(Link(f"t{i}", f"cam{i % args.cameras}", i, gids[owner[s + j]], 0.9, start, start + 2.0,
-                                   [0, 20], [[0.0, 0.0, 40.0, 90.0]] * 2, 1.7e9, 1.7e9 + 1), x[j])
+            links.append((Link(f"t{i}", f"cam{i % args.cameras}", i, gids[owner[s + j]], 0.9, start, start + 2.0,
+                               [0, 20], [[0.0, 0.0, 40.0, 90.0]] * 2, 1.7e9, 1.7e9 + 1), x[j], None, 1))
+        for c in range(0, k, 1000):  # pipelined, as the matcher writes a sub-batch's links
+            store.record_links(links[c:c + 1000])
     return n_ids
 
 
