@@ -6,7 +6,7 @@ Prints JSON Lines, one row per size::
      "index_p50_ms", "index_p99_ms", "refresh_ms_per_link", "recall_at_10", "same_top1", "index": "exact"|"ivf"}
 
 What is measured, against a throwaway ``redis-server`` (no persistence) filled through
-``record_link`` as the matcher writes (float16 embeddings as stored). Synthetic site: about
+``record_links`` as the matcher writes (pipelined, float16 embeddings as stored). Synthetic site: about
 ``--per-identity`` tracklets per identity; each identity has a centre drawn with the power-law
 eigen-spectrum of ``bench/matcher.py`` (``λ_i ∝ i^-1``), each tracklet's embedding is
 ``0.8·centre + 0.6·noise`` (cosine ≈ 0.8 to it); a query is a stored tracklet, left out of the
