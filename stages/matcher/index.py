@@ -527,9 +527,19 @@ class IdentityIndex:
             self._ivf = ivf
 
     def search_above(self, queries: np.ndarray, k: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`exact_search`, but only scores of at least ``floor`` are returned (the rest of
-        each row is ``-inf`` / ``-1`` padding). Cheaper than a partial sort of every query's scores
-        when few pass, as with a join threshold (the matcher's hot tier)."""
+        """Like :meth:`exact_search`, but only scores of at least ``floor`` are returned. Cheaper than
+        a partial sort of every query's scores when few pass, as with a join threshold (the matcher's
+        hot tier).
+
+        Args:
+            queries: ``float32 [B, K]``.
+            k: Keys per query.
+            floor: Lowest inner product kept (``-inf``: all).
+
+        Returns:
+            ``(scores float32 [B, k], keys int64 [B, k])``, best first, the rest of each row padded
+            with ``-inf`` / ``-1``.
+        """
         q, scores, keys = _padding(queries, k)
         b = q.shape[0]
         if not self._n or b == 0:

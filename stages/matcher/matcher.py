@@ -173,7 +173,7 @@ class _Window:
 
 
 _MIN_SHARE = 16  # fewest records worth a search call of their own (see CrossCameraMatcher._tail_share)
-# records linked between two freezes of what the gallery gained (see CrossCameraMatcher._freeze_gallery)
+# records processed between two freezes of what the gallery gained (see CrossCameraMatcher._freeze_gallery)
 _FREEZE_EVERY = 16384
 
 
@@ -1083,7 +1083,7 @@ class CrossCameraMatcher:
         dropped). A gallery that grows online would otherwise be walked whole by every full
         collection, which Python runs each time the tracked objects grow by a quarter: measured
         while adding 400,000 identities one by one, 15 ms at 3,000 identities, 213 ms at 335,000,
-        and growing with the gallery. Frozen every 16,384 links, no other full collection ran, and
+        and growing with the gallery. Frozen every 16,384 records, no other full collection ran, and
         this one took about 6 ms: it walks only what came since the last freeze."""
         gc.collect()
         gc.freeze()
