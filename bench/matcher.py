@@ -40,7 +40,10 @@ day of stream time; embeddings are drawn with a power-law eigen-spectrum ``λ_i 
 default 1.0: the centred embeddings of the vtest tracklets decay with α = 0.93 (STA) to 1.15 (part
 pooling) over their first 60 directions). The scoring space (centre + PCA to 256) is fitted on a
 sample of 10,000. A query is a new tracklet of a random gallery identity (cosine ≈ 0.8 to it in the
-embedding space) on another camera, after the gallery's last sighting.
+embedding space) on another camera, after the gallery's last sighting. With ``--recent F`` a share
+``F`` of the queries are returns of identities last seen within ``--recent-s`` (600 s) of the
+gallery's end, the hot tier's case (most people come back soon), and the index row splits
+``same_decision`` into ``same_decision_recent`` and ``same_decision_older``.
 
 Usage::
 
@@ -48,6 +51,7 @@ Usage::
     python bench/matcher.py --sizes 1000 100000 --dims 256 --rebuild
     python bench/matcher.py --sizes 1000000 --dims 256 --instances 2 --only-instances
     python bench/matcher.py --sizes 1000000 --dims 256 --hot-s 0   # no hot tier
+    python bench/matcher.py --sizes 1000000 --dims 256 --recent 0.5   # half the queries recent returns
 """
 
 from __future__ import annotations
@@ -101,6 +105,12 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     t = time.perf_counter()
     truth = {"x": np.zeros((args.queries, dim), np.float32), "id": rng.integers(0, n, args.queries)}
     wanted = {int(i): j for j, i in enumerate(truth["id"])}
+    # --recent: a share of the queries are returns of identities last seen within --recent-s of the
+    # gallery's end (their sightings are moved there; a generator of its own, so that without
+    # --recent the gallery is the same as ever)
+    pick = np.random.default_rng(args.seed + 1)
+    recent_ids = {int(i) for i in truth["id"][pick.random(args.queries) < args.recent]}
+    truth["recent"] = np.isin(truth["id"], list(recent_ids))  # an identity queried twice is recent for both
     chunk = 50000
     loading = m.gallery.bulk(space.dim)
     loading.__enter__()
@@ -109,6 +119,8 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
         x = _draw(rng, k, sd)
         y = space.project(x)
         starts = rng.uniform(0, DAY_S, k)
+        for i in recent_ids.intersection(range(s, s + k)):
+            starts[i - s] = DAY_S - pick.uniform(8.0, args.recent_s)
         groups = {}
         for i in range(k):
             gid = f"G{s + i:07d}"
@@ -129,7 +141,8 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     noise = _draw(rng, args.queries, sd)
     q = 0.8 * truth["x"] + 0.6 * noise
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return m, {"queries": q, "truth": truth["id"], "build_s": build_s, "cams": cams, "gallery_bytes": grown}
+    return m, {"queries": q, "truth": truth["id"], "recent": truth["recent"], "build_s": build_s, "cams": cams,
+               "gallery_bytes": grown}
 
 
 def _rss_bytes() -> int:
@@ -427,6 +440,12 @@ def main() -> None:
                    "as the matcher's; the gallery spans a day). 0: the IVF alone, the worst case for recall.")
     p.add_argument("--hot-max", type=int, default=IndexSettings().hot_max,
                    help="At most this many hot identities, the most recently seen (index.hot_max).")
+    p.add_argument("--recent", type=float, default=0.0,
+                   help="Share of the queries that are returns of identities last seen within --recent-s of the "
+                   "gallery's end (the rest: of random identities over the day); the index row then also gives "
+                   "same_decision_recent and same_decision_older.")
+    p.add_argument("--recent-s", type=float, default=600.0,
+                   help="How recently a --recent query's identity was last seen, at most (seconds; drawn uniformly).")
     p.add_argument("--threads", type=int, default=None, help="faiss threads of single searches (default: all cores).")
     p.add_argument("--search-threads", type=int, default=IndexSettings().search_threads,
                    help="Threads that search a sub-batch on the batch path (matcher.index.search_threads; "
@@ -459,7 +478,13 @@ def main() -> None:
             ivf = measure(m2, data2, args, exact=False)
             recall = float(np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / 10
                                     for a, b in zip(ivf["top10"], ivf["exact10"])]))
-            same = float(np.mean([a == b for a, b in zip(brute["decisions"], ivf["decisions"])]))
+            agree = np.array([a == b for a, b in zip(brute["decisions"], ivf["decisions"])])
+            same = float(agree.mean())
+            recent = data2["recent"]
+            split = {} if not args.recent else {
+                "recent": args.recent, "recent_s": args.recent_s,
+                "same_decision_recent": round(float(agree[recent].mean()), 4) if recent.any() else None,
+                "same_decision_older": round(float(agree[~recent].mean()), 4) if (~recent).any() else None}
             common = {"bench": "matcher", "gallery": n, "dim": dim, "scoring_dim": m2.gallery.dim,
                       "cpus": os.cpu_count(), "machine": platform.machine()}
             label = "ivf" if args.hot_s is None else f"ivf+hot{args.hot_s:g}s/{args.hot_max}"
@@ -471,7 +496,8 @@ def main() -> None:
                                                    "search_batch": args.search_batch,
                                                    "search_threads": search_threads(args.search_threads),
                                                    "build_s": round(data2["build_s"], 1),
-                                                   "memory_bytes_per_identity": round(data2["gallery_bytes"] / n)})):
+                                                   "memory_bytes_per_identity": round(data2["gallery_bytes"] / n),
+                                                   **split})):
                 print(json.dumps({**common, "index": name, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
                                   "embeddings_per_s": row["embeddings_per_s"], **extra}), flush=True)
             if args.rebuild:

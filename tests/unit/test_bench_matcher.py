@@ -42,3 +42,18 @@ def test_matcher_bench_runs_several_instances_side_by_side():
     assert len(row["per_instance_per_s"]) == 2 and all(v > 0 for v in row["per_instance_per_s"])
     # the combined rate is all records over the whole span: at most the sum of the instances' own rates
     assert 0 < row["embeddings_per_s"] <= sum(row["per_instance_per_s"]) * 1.0001
+
+
+def test_matcher_bench_splits_recent_returns_from_older_ones():
+    # one cell probed of about a hundred: the IVF misses most true matches, the hot tier (the last
+    # hour, exact) finds every recent one
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "3000", "--dims", "64",
+                          "--queries", "80", "--recent", "0.5", "--nprobe", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    ivf = rows[1]
+    assert (ivf["recent"], ivf["recent_s"]) == (0.5, 600.0)
+    assert ivf["same_decision_recent"] == 1.0
+    assert ivf["same_decision_older"] < 0.9
+    assert "same_decision_recent" not in rows[0]  # brute force: nothing to split
