@@ -75,7 +75,7 @@ from pipeline.config import MatcherConfig  # noqa: E402
 from stages.matcher.association import Rules, ScoringSpace  # noqa: E402
 from stages.matcher.gallery import Member  # noqa: E402
 from stages.matcher.index import IndexSettings  # noqa: E402
-from stages.matcher.matcher import CrossCameraMatcher, search_threads  # noqa: E402
+from stages.matcher.matcher import CrossCameraMatcher, collector_paused, search_threads  # noqa: E402
 
 DAY_S = 86400.0
 
@@ -306,10 +306,11 @@ def rebuild_row(m: CrossCameraMatcher, n: int, dim: int, args: argparse.Namespac
             fresh = CrossCameraMatcher(store, rules=Rules(transit_weight=0.0), index=IndexSettings())  # kind auto
             fresh.space = m.space
             t = time.perf_counter()
-            loaded = store.load_prototypes()
-            t_load = time.perf_counter() - t
-            with fresh.gallery.bulk(m.gallery.dim):
-                fresh.gallery.replace({g: protos for g, (_, protos) in loaded.items()})
+            with collector_paused():  # as CrossCameraMatcher.setup() restores
+                loaded = store.load_prototypes()
+                t_load = time.perf_counter() - t
+                with fresh.gallery.bulk(m.gallery.dim):
+                    fresh.gallery.replace({g: protos for g, (_, protos) in loaded.items()})
             seconds = time.perf_counter() - t
             store.close()
             return {"bench": "rebuild", "gallery": n, "dim": dim, "identities_loaded": len(fresh.gallery),

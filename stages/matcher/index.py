@@ -224,7 +224,10 @@ class IdentityIndex:
             grown[:len(self._row_of)] = self._row_of
             self._row_of = grown
         rows = self._row_of[keys].copy()
-        for i in np.flatnonzero(rows < 0).tolist():
+        new = np.flatnonzero(rows < 0)
+        if len(new) > 1:  # many new keys (a bulk load): room for all of them in one reallocation
+            self._reserve(self._top + len(new) - len(self._free))
+        for i in new.tolist():
             key = int(keys[i])
             row = self._row_of[key]  # a key repeated within this call
             if row < 0:
@@ -334,16 +337,23 @@ class IdentityIndex:
         return (self._gen[rows] << 31) | rows
 
     def _grow(self) -> int:
+        """A new row at the top (the arrays doubled when full)."""
         if self._top == len(self._keys):
-            cap = 2 * len(self._keys)
+            self._reserve(2 * len(self._keys))
+        self._top += 1
+        return self._top - 1
+
+    def _reserve(self, rows: int) -> None:
+        """Room for at least ``rows`` rows (at least doubled when it grows: each doubling copies the
+        float32 copy, 1 GB at 10^6 identities of 256-d)."""
+        if rows > len(self._keys):
+            cap = max(rows, 2 * len(self._keys))
             extra = cap - len(self._keys)
             self._vecs = np.concatenate([self._vecs, np.zeros((extra, self.dim), np.float32)])
             self._keys = np.concatenate([self._keys, np.full(extra, -1, np.int64)])
             self._in_ivf = np.concatenate([self._in_ivf, np.zeros(extra, bool)])
             self._gen = np.concatenate([self._gen, np.zeros(extra, np.int64)])
             self._pending = np.concatenate([self._pending, np.zeros(extra, bool)])
-        self._top += 1
-        return self._top - 1
 
     # ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -268,3 +268,57 @@ def test_new_identities_take_global_ids_from_reserved_blocks(store):
     assert store.reserve_global_ids(2) == ["G000006", "G000007"] and store.next_global_id() == "G000008"
     with pytest.raises(ValueError):
         store.reserve_global_ids(0)
+
+
+def test_a_restore_runs_no_cyclic_collection_and_leaves_the_collector_on(store, monkeypatch):
+    """Restoring a gallery creates a few objects per identity; the collections that growth would
+    trigger (each walking every object made so far) are paused while the window and the stored
+    prototypes are loaded."""
+    m = _matcher(store)
+    m.process([emb(f"C{i}", "left" if i % 2 else "right", 5.0 * i, 5.0 * i + 2, unit(70 + i)) for i in range(300)])
+    collections = []
+
+    def seen(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    restore = CrossCameraMatcher._restore
+
+    def watched(self):
+        gc.callbacks.append(seen)
+        try:
+            return restore(self)
+        finally:
+            gc.callbacks.remove(seen)
+
+    monkeypatch.setattr(CrossCameraMatcher, "_restore", watched)
+    gc.unfreeze()
+    restarted = _matcher(store)
+    assert len(restarted.gallery) == len(m.gallery) > 250
+    assert collections == [] and gc.isenabled()
+    gc.unfreeze()
+    # a restore that fails (Redis gone mid-way) still turns the collector back on
+    broken = CrossCameraMatcher(store, threshold=0.8, rules=plain())
+    monkeypatch.setattr(broken.store, "load_prototypes", lambda exclude=frozenset(): (_ for _ in ()).throw(OSError()))
+    with pytest.raises(OSError):
+        broken.setup()
+    assert gc.isenabled()
+
+
+def test_stored_prototypes_load_in_batches_read_ahead(store):
+    """load_prototypes reads the next batch while it decodes one: every identity once, with its own
+    record, whatever the batch size; a bad record fails the load."""
+    from pipeline.store import Prototype, encode_prototypes
+
+    records = {f"G{i:03d}": [Prototype(f"t{i}", "left" if i % 2 else "right", float(i), i + 1.0, 3, unit(300 + i), i)]
+               for i in range(23)}
+    store.save_prototypes(records, 4)
+    store.r.zadd(store._k("identities"), {g: float(i) for i, g in enumerate(records)})
+    for batch in (1, 5, 23, 100):
+        got = store.load_prototypes(exclude={"G004"}, batch=batch)
+        assert sorted(got) == sorted(set(records) - {"G004"})
+        assert all(got[g][0] == 4 and [p.tracklet_id for p in got[g][1]] == [f"t{int(g[1:])}"] for g in got)
+        np.testing.assert_allclose(got["G017"][1][0].y, records["G017"][0].y, atol=2e-3)
+    store.r.set(store._zk("proto", "G020"), encode_prototypes(records["G020"], 4)[:-3])  # cut short
+    with pytest.raises(ValueError, match="truncated reidstream prototype record"):
+        store.load_prototypes(batch=5)

@@ -617,3 +617,45 @@ def test_search_threads_run_faiss_on_one_thread_each():
         assert all(t == 1 for _, t, _ in seen) and faiss.omp_get_max_threads() == before
     finally:
         m.release()
+
+
+def test_a_bulk_load_gives_the_gallery_a_link_by_link_build_gives():
+    # replace() writes the means in place and reserves the index's rows at once: the same vectors,
+    # last sightings and prototypes as adding each member in turn
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    x[7] = 0  # a zero prototype counts as zero
+    groups = {f"G{i:03d}": [Member(f"t{i}-{j}", f"c{(i + j) % 3}", float(i + 2 * j), i + 2 * j + 1.0, 3 + j % 2,
+                                   x[(i + 5 * j) % 400], 10 * i + j) for j in range(1 + (i % 4 == 0) * 2)]
+              for i in range(400)}
+    bulk, online = Gallery(settings=IndexSettings(kind="exact")), Gallery(settings=IndexSettings(kind="exact"))
+    with bulk.bulk(16):
+        bulk.replace(groups)
+    for gid, members in groups.items():
+        for mem in members:
+            online.add(gid, mem)
+    assert bulk.gids() == online.gids() and len(bulk.index) == 400
+    codes = np.array([bulk.code(g) for g in bulk.gids()])
+    assert np.array_equal(bulk.index.vectors(codes), online.index.vectors(codes))  # bit for bit
+    assert not bulk.index.vectors(np.array([bulk.code("G007")])).any()
+    for gid in ("G000", "G001", "G399"):
+        assert bulk.last_seen(gid) == online.last_seen(gid) == max(m.end_s for m in groups[gid])
+        assert [p.tracklet_id for p in bulk.prototypes(gid)] == [p.tracklet_id for p in online.prototypes(gid)]
+        assert np.array_equal(bulk.members(gid), online.members(gid))
+    with pytest.raises(ValueError, match=r"prototypes of \[8, 16\] dimensions"):
+        bulk.replace({"A": [Member("a", "c0", 0.0, 1.0, 1, x[0], 1)],
+                      "B": [Member("b", "c0", 0.0, 1.0, 1, x[0][:8], 2)]})
+    assert bulk.index.dim == 16 and len(bulk.index) == 400 and "A" not in bulk  # refused before any change
+
+
+def test_index_rows_reserved_for_a_bulk_upsert_are_used_in_order():
+    idx = IdentityIndex(4, IndexSettings(kind="exact"))
+    idx.upsert([5], np.ones((1, 4), np.float32))
+    idx.remove([5])  # a free row, taken first
+    keys = np.arange(10, 3010)
+    idx.upsert(keys, np.arange(3000 * 4, dtype=np.float32).reshape(3000, 4))
+    assert len(idx) == 3000 and idx.rows_used == 3000
+    want = np.arange(12000, dtype=np.float32).reshape(3000, 4)
+    assert np.array_equal(idx.vectors(keys[[0, 1499, 2999]]), want[[0, 1499, 2999]])
+    s, k = idx.search(np.array([[0, 0, 0, 1]], np.float32), 3)
+    assert k[0].tolist() == [3009, 3008, 3007]
