@@ -94,19 +94,17 @@ def _mean_of_units(ys: Sequence[np.ndarray], out: np.ndarray | None = None) -> n
     if len(ys) == 1:
         y = np.asarray(ys[0], np.float32)
         n = math.sqrt(float(np.dot(y, y)))
-        if n <= 1e-12:
-            return np.zeros_like(y) if out is None else _zero(out)
-        return np.divide(y, np.float32(n), out=out)
+        if n > 1e-12:
+            return np.divide(y, np.float32(n), out=out)
+        if out is None:
+            return np.zeros_like(y)
+        out[:] = 0
+        return out
     y = np.asarray(np.stack(ys), np.float32)
     n = np.sqrt(np.einsum("ij,ij->i", y, y))
     inv = np.divide(np.float32(1.0), n, out=np.zeros_like(n), where=n > 1e-12)
     # one weighted sum: 16 µs for 8 prototypes, 29 µs one by one
     return np.divide(np.matmul(inv, y, out=out), np.float32(len(ys)), out=out)
-
-
-def _zero(out: np.ndarray) -> np.ndarray:
-    out[:] = 0
-    return out
 
 
 class Gallery:
@@ -227,8 +225,8 @@ class Gallery:
         keys = self.hot.keys()
         return self.hot.remove(keys[self._last[keys] < self.newest_end - self.settings.hot_s])
 
-    def _mean(self, ident: _Identity) -> np.ndarray:
-        return _mean_of_units([p.y for p in ident.protos])
+    def _mean(self, ident: _Identity, out: np.ndarray | None = None) -> np.ndarray:
+        return _mean_of_units([p.y for p in ident.protos], out)
 
     def _select(self, members: list[Member]) -> list[Member]:
         """Per camera, the ``per_camera`` of highest quality (earlier arrival first on ties)."""
@@ -286,14 +284,15 @@ class Gallery:
                 vecs = np.empty((len(groups), self.index.dim), np.float32)
             ident = self._ident(gid)
             rows = [[self._cam(m.camera), m.start_s, m.end_s] for m in members]
+            ident.members = np.asarray(rows, np.float64)
+            ident.last_end = float(max(r[2] for r in rows))
             extra = (extra_members or {}).get(gid)
-            ident.members = np.asarray(rows, np.float64) if extra is None or not len(extra) else \
-                np.vstack([np.asarray(rows, np.float64), extra])
-            ident.last_end = float(max(r[2] for r in rows)) if extra is None or not len(extra) else \
-                float(ident.members[:, 2].max())
+            if extra is not None and len(extra):
+                ident.members = np.vstack([ident.members, extra])
+                ident.last_end = max(ident.last_end, float(extra[:, 2].max()))
             self._last[ident.code] = ident.last_end
             ident.protos = self._select(members)
-            _mean_of_units([p.y for p in ident.protos], out=vecs[len(codes)])
+            self._mean(ident, out=vecs[len(codes)])
             codes.append(ident)
         if codes:
             self._upsert(codes, vecs[:len(codes)])

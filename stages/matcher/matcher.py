@@ -366,9 +366,9 @@ class CrossCameraMatcher:
         self._gallery_gauges()
         self._threshold_gauge.set(self.threshold)
         # the restored gallery lives as long as the matcher: out of the cyclic garbage collector's
-        # sight (reference counting still frees what is dropped), a full collection does not walk it;
-        # at 10^6 identities (3 million tracked objects) one took 0.9 s, every few 10^5 links
-        gc.freeze()
+        # sight, a full collection does not walk it (at 10^6 identities, 3 million tracked objects,
+        # one took 0.9 s, every few 10^5 links); collected once first, since the restore ran without
+        self._freeze_gallery()
         log.info("matcher: zone %s: %d tracklets of %d identities in the window, %d identities in the gallery "
                  "(%s search), threshold %.3f, restored in %.2f s, store %s", self.store.zone, len(self.window),
                  len(in_window), len(self.gallery),
