@@ -167,34 +167,6 @@ def cannot_link_coded(ca: np.ndarray, starts_a: np.ndarray, ends_a: np.ndarray, 
 _BLOCK = 2048
 
 
-def cannot_link_any(camera: int, start_s: float, end_s: float, members: Sequence[Sequence[float]],
-                    max_overlap_s: float, reentry: bool, transit_from: dict[int, float]) -> bool:
-    """Whether any of a few ``members`` (``(camera code, start_s, end_s)`` rows) cannot be one person
-    with a tracklet of camera code ``camera`` over ``[start_s, end_s]`` (stream seconds, as the
-    members' spans): :func:`cannot_link_coded`
-    for one tracklet, rule by rule, on Python floats (for the handful of members a decision checks,
-    where numpy's cost per call outweighs the work).
-
-    Args:
-        transit_from: ``{camera code: min_transit_s}`` of the topology edges leaving ``camera``, the
-            last of :func:`topology_codes` winning where one pair is listed twice.
-    """
-    for cam, s, e in members:
-        ov = min(end_s, e) - max(start_s, s)
-        if ov < 0.0:
-            ov = 0.0
-        min_s = transit_from.get(int(cam)) if transit_from else None
-        if min_s is not None:  # a topology edge: its minimum transit replaces the overlap rule
-            blocked = (start_s - e if start_s >= s else s - end_s) < min_s
-        elif cam == camera:
-            blocked = ov > 0.0 or not reentry
-        else:
-            blocked = ov > max_overlap_s
-        if blocked:
-            return True
-    return False
-
-
 def _codes(*camera_lists: Sequence[str]) -> list[np.ndarray]:
     """Integer codes of camera ids (one shared code book), one ``int32`` array per list."""
     names = sorted({str(c) for cams in camera_lists for c in cams})
@@ -492,17 +464,27 @@ class TransitModel:
         """Spatio-temporal support of hand-offs between cameras ``a`` and ``b`` after ``gap`` seconds,
         ``float64`` of ``gap``'s shape, in [0, 1]."""
         g = np.asarray(gap, np.float64)
-        for e in self.edges:
-            if {e.a, e.b} == {a, b}:
-                return ((g >= e.min_transit_s) & (g <= e.max_transit_s)).astype(np.float64)
-        curve = self._curve(a, b)
+        how = self.pair(a, b)
+        if how is not None and how[0] == "edge":
+            return ((g >= how[1]) & (g <= how[2])).astype(np.float64)
         out = np.zeros(g.shape)
-        if curve is None:
+        if how is None:
             return out
-        xs, ys = curve
+        _, xs, ys = how
         inside = (g >= xs[0]) & (g <= xs[-1])  # most pairs of a large window are far apart in time
         out[inside] = np.interp(g[inside], xs, ys)
         return out
+
+    def pair(self, a: str, b: str) -> tuple | None:
+        """How :meth:`support` between cameras ``a`` and ``b`` is computed: ``("edge", min_transit_s,
+        max_transit_s)`` (the first topology edge of the pair: 1 inside, 0 outside), ``("curve", xs,
+        ys)`` (learned: ``np.interp`` over the grid ``xs``, ``float64 [n]`` seconds, inside it, 0
+        outside), or None (0 everywhere)."""
+        for e in self.edges:
+            if {e.a, e.b} == {a, b}:
+                return ("edge", e.min_transit_s, e.max_transit_s)
+        curve = self._curve(a, b)
+        return None if curve is None else ("curve", *curve)
 
     def _curve(self, a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The pair's Parzen density on a grid of ``bandwidth_s / 8`` steps (a histogram smoothed with a

@@ -31,15 +31,23 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from pipeline.store import Prototype
-from stages.matcher.association import Rules, TransitModel, cannot_link_any, cannot_link_coded, topology_codes
+from stages.matcher.association import Rules, TransitModel, topology_codes
 from stages.matcher.index import IdentityIndex, IndexSettings
 
 
 Member = Prototype
 """A member tracklet as the gallery takes it (:class:`pipeline.store.Prototype`)."""
 
-_CHUNK = 8  # candidates scored at a time, best first, until no other can win
-_SCALAR_MEMBERS = 64  # up to this many members to check, the cannot-link rules run on Python floats
+_NO_CODES = np.zeros(0, np.int64)
+_NO_SCORES = np.zeros(0, np.float32)
+_NO_SUPPORT = (np.zeros((0, 3), np.int64), np.zeros((0, 2)), np.zeros(0), np.zeros(0))  # no hand-off bonus
+
+
+def _kernels():
+    """:mod:`stages.matcher.kernels`, imported on first use (numba compiles or loads them then)."""
+    from stages.matcher import kernels
+
+    return kernels
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,13 +75,68 @@ class Candidates:
     known_scores: np.ndarray | None = None
 
 
+class _Arena:
+    """Rows of ``(camera code, start_s, end_s)`` (stream seconds) per identity code, all in one
+    ``float64 [rows, 3]`` array, for the compiled decision steps (:mod:`stages.matcher.kernels`):
+    identity ``c``'s rows are ``mem[head[c]:head[c] + count[c]]``, in a block of ``cap[c]`` rows;
+    rows past ``used`` are free. A block that outgrows itself moves to the end with twice the room;
+    once the array is full, the live blocks are packed into a new one twice their size (blocks of
+    dropped or moved identities are freed then)."""
+
+    def __init__(self, codes: int = 1024) -> None:
+        self.mem = np.zeros((1024, 3))
+        self.used = 0
+        self.head = np.zeros(codes, np.int64)
+        self.count = np.zeros(codes, np.int64)
+        self.cap = np.zeros(codes, np.int64)
+
+    def grow(self, codes: int) -> None:
+        """Room for identity codes below ``codes``."""
+        more = codes - len(self.head)
+        if more > 0:
+            self.head, self.count, self.cap = (np.concatenate([a, np.zeros(more, np.int64)])
+                                               for a in (self.head, self.count, self.cap))
+
+    def rows(self, code: int) -> np.ndarray:
+        """Identity ``code``'s rows, a view ``float64 [n, 3]``."""
+        h = int(self.head[code])
+        return self.mem[h:h + int(self.count[code])]
+
+    def _room(self, rows: int, alive: np.ndarray) -> None:
+        if self.used + rows <= len(self.mem):
+            return
+        live = int(self.count[alive].sum())
+        mem = np.zeros((max(1024, 2 * (live + rows)), 3))
+        self.used = _kernels().pack(self.mem, self.head, self.count, self.cap, alive, mem)
+        self.mem = mem
+
+    def set(self, codes: np.ndarray, sizes: np.ndarray, rows: np.ndarray, alive: np.ndarray) -> None:
+        """Identities ``codes`` (``int64 [n]``, distinct, alive) get exactly ``rows`` (``float64
+        [sizes.sum(), 3]``, ``sizes[i]`` of them for ``codes[i]``, identity after identity)."""
+        k = _kernels()
+        self._room(int(sizes.sum()), alive)
+        self.used = k.place(self.head, self.count, self.cap, codes, sizes, self.used)
+        k.scatter(self.mem, self.head, codes, sizes, rows)
+
+    def add(self, code: int, camera: int, start_s: float, end_s: float, alive: np.ndarray) -> None:
+        """One more row for identity ``code`` (alive)."""
+        k = _kernels()
+        used = k.append(self.mem, self.head, self.count, self.cap, code, camera, start_s, end_s, self.used)
+        if used < 0:  # no room to move its block: make some (this may move every block), and retry
+            self._room(2 * int(self.count[code]) + 2, alive)
+            used = k.append(self.mem, self.head, self.count, self.cap, code, camera, start_s, end_s, self.used)
+        self.used = used
+
+    def clear(self, code: int) -> None:
+        self.count[code] = 0  # its block is freed when the array is next packed
+
+
 class _Identity:
-    __slots__ = ("gid", "code", "members", "protos", "last_end")
+    __slots__ = ("gid", "code", "protos", "last_end")  # members' and prototypes' spans: the gallery's arenas
 
     def __init__(self, gid: str, code: int) -> None:
         self.gid = gid
         self.code = code
-        self.members: np.ndarray = np.zeros((0, 3))  # camera code, start_s, end_s
         self.protos: list[Member] = []
         self.last_end = -np.inf
 
@@ -128,11 +191,14 @@ class Gallery:
         self._next_code = 0
         self._cams: dict[str, int] = {}
         self.cam_names: list[str] = []
-        # per identity code, for scoring candidates without a Python loop over them
+        # per identity code, for scoring candidates without a Python loop over them (stages.matcher.kernels)
         self._alive = np.zeros(1024, bool)
         self._last = np.full(1024, -np.inf)
-        self._flag = np.zeros(1024, bool)  # scratch, all False between calls (see _flagged)
-        self._edges: tuple[tuple, int, list[tuple[int, int, float]], float, dict[int, dict[int, float]]] | None = None
+        self._flag = np.zeros(1024, bool)  # scratch, all False between calls
+        self._members = _Arena()  # every member's camera and span (the cannot-link evidence)
+        self._spans = _Arena()  # the prototypes' camera and span, in ident.protos' order (hand-off bonus)
+        self._edges: tuple | None = None
+        self._support: tuple | None = None  # the transit model in the kernels' form (_support_from)
 
     def __len__(self) -> int:
         return len(self._by_gid)
@@ -155,7 +221,7 @@ class Gallery:
     def members(self, gid: str) -> np.ndarray:
         """``float64 [n, 3]``: camera code (see :attr:`cam_names`), start_s, end_s of each member."""
         ident = self._by_gid.get(gid)
-        return ident.members.copy() if ident else np.zeros((0, 3))
+        return self._members.rows(ident.code).copy() if ident else np.zeros((0, 3))
 
     def last_seen(self, gid: str) -> float:
         ident = self._by_gid.get(gid)
@@ -176,11 +242,20 @@ class Gallery:
             self._by_gid[gid] = ident
             self._by_code.append(ident)
             if ident.code >= len(self._alive):
-                self._alive = np.concatenate([self._alive, np.zeros(len(self._alive), bool)])
-                self._last = np.concatenate([self._last, np.full(len(self._last), -np.inf)])
-                self._flag = np.zeros(len(self._alive), bool)
+                n = len(self._alive)
+                self._alive = np.concatenate([self._alive, np.zeros(n, bool)])
+                self._last = np.concatenate([self._last, np.full(n, -np.inf)])
+                self._flag = np.zeros(2 * n, bool)
+                self._members.grow(2 * n)
+                self._spans.grow(2 * n)
             self._alive[ident.code] = True
         return ident
+
+    def _set_spans(self, idents: list[_Identity]) -> None:
+        """The prototypes' spans of ``idents`` into their arena (after their ``protos`` changed)."""
+        rows = [(self._cams[p.camera], p.start_s, p.end_s) for i in idents for p in i.protos]
+        self._spans.set(np.array([i.code for i in idents], np.int64), np.array([len(i.protos) for i in idents], np.int64),
+                        np.array(rows, np.float64).reshape(-1, 3), self._alive)
 
     def _ensure_index(self, dim: int) -> None:
         if self.index is None or self.index.dim != dim:
@@ -246,12 +321,13 @@ class Gallery:
         Returns whether its prototypes changed."""
         self._ensure_index(len(member.y))
         ident = self._ident(gid)
-        ident.members = np.vstack([ident.members, [self._cam(member.camera), member.start_s, member.end_s]])
+        self._members.add(ident.code, self._cam(member.camera), member.start_s, member.end_s, self._alive)
         ident.last_end = max(ident.last_end, member.end_s)
         self._last[ident.code] = ident.last_end
         before = [p.tracklet_id for p in ident.protos]
         ident.protos = self._select([*ident.protos, member])
         if [p.tracklet_id for p in ident.protos] != before:
+            self._set_spans([ident])
             self._upsert([ident], self._mean(ident)[None, :])
             return True
         if self.hot is not None and ident.code not in self.hot:
@@ -273,7 +349,9 @@ class Gallery:
         dims = {len(members[0].y) for members in groups.values() if members}
         if len(dims) > 1:
             raise ValueError(f"identities of one replace() have prototypes of {sorted(dims)} dimensions")
-        codes: list[_Identity] = []
+        idents: list[_Identity] = []
+        sizes: list[int] = []
+        rows: list[list[float]] = []  # every identity's members, one after the other
         vecs: np.ndarray | None = None  # the mean prototypes, written in place (10^6 on a restart)
         for gid, members in groups.items():
             if not members:
@@ -283,19 +361,23 @@ class Gallery:
             if vecs is None:
                 vecs = np.empty((len(groups), self.index.dim), np.float32)
             ident = self._ident(gid)
-            rows = [[self._cam(m.camera), m.start_s, m.end_s] for m in members]
-            ident.members = np.asarray(rows, np.float64)
-            ident.last_end = float(max(r[2] for r in rows))
+            mine = [[self._cam(m.camera), m.start_s, m.end_s] for m in members]
+            ident.last_end = float(max(r[2] for r in mine))
             extra = (extra_members or {}).get(gid)
             if extra is not None and len(extra):
-                ident.members = np.vstack([ident.members, extra])
+                mine.extend(np.asarray(extra, np.float64).tolist())
                 ident.last_end = max(ident.last_end, float(extra[:, 2].max()))
+            rows.extend(mine)
+            sizes.append(len(mine))
             self._last[ident.code] = ident.last_end
             ident.protos = self._select(members)
-            self._mean(ident, out=vecs[len(codes)])
-            codes.append(ident)
-        if codes:
-            self._upsert(codes, vecs[:len(codes)])
+            self._mean(ident, out=vecs[len(idents)])
+            idents.append(ident)
+        if idents:
+            self._members.set(np.array([i.code for i in idents], np.int64), np.array(sizes, np.int64),
+                              np.array(rows, np.float64).reshape(-1, 3), self._alive)
+            self._set_spans(idents)
+            self._upsert(idents, vecs[:len(idents)])
 
     def bulk(self, dim: int) -> contextlib.AbstractContextManager:
         """Context for loading many identities (:meth:`IdentityIndex.bulk`) of dimension ``dim``."""
@@ -310,6 +392,8 @@ class Gallery:
             if ident is not None:
                 self._by_code[ident.code] = None
                 self._alive[ident.code] = False
+                self._members.clear(ident.code)
+                self._spans.clear(ident.code)
                 gone.append(gid)
                 if self.index is not None:
                     self.index.remove([ident.code])
@@ -410,150 +494,107 @@ class Gallery:
         """
         if not self._by_gid or self.index is None or len(z) != self.index.dim:
             return None, None
+        kern = _kernels()
         w = rules.transit_weight if rules.transit_weight > 0 else 0.0
-        k = self.settings.candidates
         if prefetched is None:
-            prefetched = self.candidates(z[None, :], k, threshold - w)[0]
-        also_codes = np.asarray(list(also), np.int64)
-        scores, codes = prefetched.scores, prefetched.codes
-        known = None if prefetched.known_codes is None or not len(prefetched.known_codes) else \
-            (np.asarray(prefetched.known_codes, np.int64), np.asarray(prefetched.known_scores))
+            prefetched = self.candidates(z[None, :], self.settings.candidates, threshold - w)[0]
+        also_codes = np.asarray(also, np.int64)
+        scores = np.asarray(prefetched.scores, np.float32)
+        codes = np.asarray(prefetched.codes, np.int64)
+        known_codes, known_scores = _NO_CODES, _NO_SCORES
+        if prefetched.known_codes is not None and len(prefetched.known_codes):
+            known_codes = np.asarray(prefetched.known_codes, np.int64)
+            known_scores = np.asarray(prefetched.known_scores, np.float32)
         # whose searched score may be out of date (or read half written by a search on another thread,
         # see IdentityIndex.deferred): changed since the search
-        stale = also_codes if known is None else np.concatenate([also_codes, known[0]])
-        hot_codes = prefetched.hot_codes
-        done = np.zeros(0, np.int64)  # codes scored so far, and their scores
-        vals = np.zeros(0)
-        best_code, best = None, -np.inf
+        stale = np.concatenate([also_codes, known_codes]) if len(known_codes) else also_codes
+        hot_codes, hot_scores = _NO_CODES, _NO_SCORES
+        if prefetched.hot_codes is not None and len(prefetched.hot_codes):
+            hot_codes = np.asarray(prefetched.hot_codes, np.int64)
+            hot_scores = np.asarray(prefetched.hot_scores, np.float32)
+        exact = kern.distinct_alive(also_codes, self._alive)  # scored now: changed since the search
+        exact_scores = np.asarray(self.index.scores(exact, z), np.float32) if len(exact) else _NO_SCORES
+        here = self._cam(camera)  # first: a camera new to the gallery changes the coded topology
+        min_transit, reach_s = self._transit_from(rules, here)
+        ttl = math.nan if ttl_s is None else float(ttl_s)
+        support = self._support_from(transit, camera, here) if w > 0 else _NO_SUPPORT
+        members, spans = self._members, self._spans
+        done = _NO_CODES  # codes scored so far
+        best_code, best = -1, -math.inf
         first = True
         while True:
-            found = codes >= 0
-            if first:
-                # three sources, each identity once: the searched score where it still holds, the
-                # re-scored one of an identity changed after the search, an exact score for the rest
-                keep = found & self._alive[np.maximum(codes, 0)]
-                if len(stale):
-                    keep &= ~self._flagged(np.maximum(codes, 0), stale)
-                cand, base = codes[keep], scores[keep].astype(np.float64)
-                if known is not None:
-                    ok = self._alive[known[0]]
-                    if len(also_codes):
-                        ok &= ~self._flagged(known[0], also_codes)
-                    cand = np.concatenate([cand, known[0][ok]])
-                    base = np.concatenate([base, known[1][ok].astype(np.float64)])
-                if hot_codes is not None and len(hot_codes):  # the hot tier's, but those found above or changed
-                    ok = hot_codes >= 0
-                    hc = np.maximum(hot_codes, 0)
-                    ok &= self._alive[hc] & ~self._flagged(hc, np.concatenate([cand, stale]))
-                    cand = np.concatenate([cand, hot_codes[ok]])
-                    base = np.concatenate([base, prefetched.hot_scores[ok].astype(np.float64)])
-                exact = _distinct(also_codes[also_codes >= 0])
-                exact = exact[self._alive[exact]]
-                if len(exact):
-                    cand = np.concatenate([cand, exact])
-                    base = np.concatenate([base, self.index.scores(exact, z).astype(np.float64)])
-                first = False
-            else:
-                # a search on this thread, now: its scores are exact and current
-                keep = found & self._alive[np.maximum(codes, 0)]
-                if len(done):
-                    keep &= ~self._flagged(np.maximum(codes, 0), done)
-                cand, base = codes[keep], scores[keep].astype(np.float64)
-            # best first; an identity whose z·m plus the largest bonus stays under the threshold, or under
-            # the best score found so far, cannot be chosen, so it is not scored
-            able = base + w >= threshold
-            cand, base = cand[able], base[able]
-            order = np.argsort(-base, kind="stable")
-            cand, base = cand[order], base[order]
-            for i in range(0, len(cand), _CHUNK):
-                if best > base[i] + w:
-                    break
-                got = self._score(cand[i:i + _CHUNK], base[i:i + _CHUNK], camera, start_s, end_s, rules, transit,
-                                  ttl_s)
-                done = np.concatenate([done, cand[i:i + _CHUNK]])
-                vals = np.concatenate([vals, got])
-                top = vals.max()
-                best_code, best = int(done[vals == top].min()), float(top)  # ties: the older identity
-            exhausted = int(found.sum()) < len(codes) or len(codes) >= len(self.index)
+            # first pass, three sources, each identity once: the searched score where it still holds,
+            # the re-scored one of an identity changed after the search, an exact score for the rest;
+            # later passes: a search on this thread, now, whose scores are exact and current. Best
+            # first, and only those whose z·m plus the largest bonus reaches the threshold.
+            cand, base = kern.gather(codes, scores, stale if first else done, known_codes, known_scores, also_codes,
+                                     hot_codes, hot_scores, exact, exact_scores, self._alive, self._flag, first,
+                                     w, float(threshold))
+            first = False
+            # scored one by one, compiled, until no bonus can lift the next one above the best
+            best_code, best, n = kern.choose(cand, base, best_code, best, here, float(start_s), float(end_s),
+                                             float(rules.max_overlap_s), bool(rules.reentry), min_transit, reach_s,
+                                             ttl, self._last, members.mem, members.head, members.count, w, *support,
+                                             spans.mem, spans.head, spans.count)
+            done = np.concatenate([done, cand[:n]])
+            found, floor = kern.steady_floor(codes, scores, stale, self._flag)
+            exhausted = found < len(codes) or len(codes) >= len(self.index)
             # an identity left out scores at most the lowest retrieved score of an identity that has not
             # changed since the search; changed ones are all scored
-            steady = scores[found & ~self._flagged(np.maximum(codes, 0), stale)] if len(stale) else scores[found]
-            bound = float(steady.min()) + w if len(steady) else (np.inf if found.any() else -np.inf)
+            bound = floor + w
             if exhausted or best >= bound or (bound < threshold and best < threshold):
                 break
-            k = len(codes) * 4
-            scores, codes = (a[0] for a in self.search(z[None, :], k))
-        if best_code is None or not np.isfinite(best) or best < threshold:
+            scores, codes = (a[0] for a in self.search(z[None, :], len(codes) * 4))
+            scores, codes = np.asarray(scores, np.float32), np.asarray(codes, np.int64)
+        if best_code < 0 or not math.isfinite(best) or best < threshold:
             return None, None
-        return self._by_code[best_code].gid, best
+        return self._by_code[best_code].gid, float(best)
 
-    def _flagged(self, codes: np.ndarray, among: np.ndarray) -> np.ndarray:
-        """``bool [len(codes)]``: which of ``codes`` are in ``among`` (identity codes; a scratch flag
-        per code, O(len) instead of ``np.isin``'s sort or hash)."""
-        self._flag[among] = True
-        out = self._flag[codes]
-        self._flag[among] = False
-        return out
-
-    def _camera_edges(self, rules: Rules) -> tuple[list[tuple[int, int, float]], float, dict[int, dict[int, float]]]:
-        """The topology in this gallery's camera codes, the longest minimum transit among them
-        (seconds, at least 0: how long before a tracklet a member can still cannot-link it), and per
-        camera code the minimum transits to its neighbours (``{a: {b: min_transit_s}}``, for
-        :func:`cannot_link_any`); cached while cameras and topology stay."""
+    def _transit_from(self, rules: Rules, here: int) -> tuple[np.ndarray, float]:
+        """The topology as the kernels read it for a tracklet of camera code ``here``: per camera code
+        the minimum transit of the edge from ``here`` to it (``float64 [cameras]``, seconds, NaN where
+        there is none; a pair listed twice keeps its last, as ``cannot_link_coded`` does), and the
+        longest minimum transit of any edge (seconds, at least 0: how long before a tracklet a member
+        can still cannot-link it). Cached while cameras and topology stay."""
         if self._edges is None or self._edges[0] is not rules.topology or self._edges[1] != len(self.cam_names):
             edges = topology_codes(rules.topology, self.cam_names)
-            leaving: dict[int, dict[int, float]] = {}
-            for a, b, min_s in edges:  # in order: a pair listed twice keeps its last, as cannot_link_coded does
-                leaving.setdefault(a, {})[b] = min_s
-            self._edges = (rules.topology, len(self.cam_names), edges, max([0.0, *(m for _, _, m in edges)]), leaving)
-        return self._edges[2], self._edges[3], self._edges[4]
+            self._edges = (rules.topology, len(self.cam_names), edges, max([0.0, *(m for _, _, m in edges)]), {})
+        _, n, edges, reach_s, tables = self._edges
+        table = tables.get(here)
+        if table is None:
+            table = tables[here] = np.full(n, np.nan)
+            for a, b, min_s in edges:
+                if a == here:
+                    table[b] = min_s
+        return table, reach_s
 
-    def _score(self, codes: np.ndarray, base: np.ndarray, camera: str, start_s: float, end_s: float, rules: Rules,
-               transit: TransitModel, ttl_s: float | None) -> np.ndarray:
-        """Exact scores (``float64 [len(codes)]``, ``-inf`` where a rule blocks) of identities ``codes``
-        whose ``z·m`` is ``base``."""
-        if not len(codes):
-            return np.zeros(0)
-        here = self._cam(camera)  # first: a camera new to the gallery changes the coded topology
-        edges, reach_s, leaving = self._camera_edges(rules)
-        # Identities whose members all ended more than the longest minimum transit before this
-        # tracklet starts cannot be blocked by them (no overlap, and every gap exceeds every
-        # topology minimum), so only the others' members are checked. Without re-entry any member
-        # on this camera blocks, whenever it was.
-        near = self._last[codes] >= start_s - reach_s if rules.reentry else np.ones(len(codes), bool)
-        blocked = np.zeros(len(codes), bool)
-        which = np.flatnonzero(near)
-        mems = [self._by_code[c].members for c in codes[which].tolist()]
-        if sum(len(m) for m in mems) <= _SCALAR_MEMBERS:  # a few: one Python loop, no numpy call per rule
-            transit_from = leaving.get(here, {})
-            for j, m in zip(which.tolist(), mems):
-                blocked[j] = cannot_link_any(here, start_s, end_s, m.tolist(), rules.max_overlap_s, rules.reentry,
-                                             transit_from)
-        else:
-            owner = np.repeat(np.arange(len(mems)), [len(m) for m in mems])
-            mem = np.concatenate(mems)
-            cannot = cannot_link_coded(np.array([here]), np.array([start_s]), np.array([end_s]),
-                                       mem[:, 0].astype(np.int64), mem[:, 1], mem[:, 2], rules.max_overlap_s,
-                                       rules.reentry, edges)[0]
-            blocked[which] = np.bincount(owner, weights=cannot, minlength=len(mems)) > 0
-        if ttl_s is not None:
-            blocked |= start_s - self._last[codes] > ttl_s
-        if rules.transit_weight > 0:
-            idents = [self._by_code[c] for c in codes.tolist()]
-            protos = [(j, p) for j, i in enumerate(idents) for p in i.protos if p.camera != camera]
-            bonus = np.zeros(len(idents))
-            if protos:
-                by_cam: dict[str, list[tuple[int, Member]]] = {}
-                for j, p in protos:
-                    by_cam.setdefault(p.camera, []).append((j, p))
-                for other, items in by_cam.items():
-                    js = np.array([j for j, _ in items])
-                    ps = np.array([p.start_s for _, p in items])
-                    pe = np.array([p.end_s for _, p in items])
-                    gap = np.where(start_s >= ps, start_s - pe, ps - end_s)
-                    np.add.at(bonus, js, rules.transit_weight * transit.support(camera, other, gap))
-                base = base + bonus / np.array([len(i.protos) for i in idents])
-        return np.where(blocked, -np.inf, base)
+    def _support_from(self, transit: TransitModel, camera: str, here: int) -> tuple:
+        """:meth:`TransitModel.support` from ``camera`` (code ``here``) to every camera of the gallery,
+        in the form :func:`stages.matcher.kernels.bonus` reads: ``(kind int64 [cameras, 3], box float64
+        [cameras, 2], xs float64 [n], ys float64 [n])``. Cached while the model and cameras stay."""
+        if self._support is None or self._support[0] is not transit or self._support[1] != len(self.cam_names):
+            self._support = (transit, len(self.cam_names), {})
+        tables = self._support[2]
+        if here not in tables:
+            n = len(self.cam_names)
+            kind, box = np.zeros((n, 3), np.int64), np.zeros((n, 2))
+            xs, ys = [], []
+            offset = 0
+            for c, other in enumerate(self.cam_names):
+                if c == here:
+                    continue
+                how = transit.pair(camera, other)
+                if how is None:
+                    continue
+                if how[0] == "edge":
+                    kind[c, 0], box[c] = 1, how[1:]
+                else:
+                    kind[c] = (2, offset, len(how[1]))
+                    xs.append(how[1])
+                    ys.append(how[2])
+                    offset += len(how[1])
+            tables[here] = (kind, box, np.concatenate(xs) if xs else np.zeros(0), np.concatenate(ys) if ys else np.zeros(0))
+        return tables[here]
 
 
 __all__ = ["Candidates", "Gallery", "Member"]

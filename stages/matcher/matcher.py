@@ -344,6 +344,9 @@ class CrossCameraMatcher:
         """
         t0 = time.perf_counter()
         self.store.check()
+        from stages.matcher import kernels
+
+        log.debug("matcher: decision kernels ready in %.2f s", kernels.warm())
         state = self.store.matcher_state()
         if "mean" in state:
             arrays = {"mean": np.frombuffer(state["mean"], "<f4").copy()}
