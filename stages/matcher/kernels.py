@@ -25,8 +25,25 @@ With ``NUMBA_DISABLE_JIT=1`` (numba's own switch) they run as the plain Python t
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-from numba import njit
+from numba import njit as _njit
+
+log = logging.getLogger(__name__)
+
+
+def njit(*, cache: bool, nogil: bool):
+    """numba's ``njit``, cached on disk where numba finds a writable cache directory (next to this
+    file, else ``NUMBA_CACHE_DIR`` or the user's cache); compiled anew in each process where none is."""
+    def wrap(fn):
+        try:
+            return _njit(cache=cache, nogil=nogil)(fn)
+        except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
+            log.warning("matcher kernels: %s; compiling %s in every process (set NUMBA_CACHE_DIR)", exc,
+                        fn.__name__)
+            return _njit(nogil=nogil)(fn)
+    return wrap
 
 
 @njit(cache=True, nogil=True)

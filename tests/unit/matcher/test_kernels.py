@@ -210,3 +210,19 @@ def test_the_compiled_bonus_is_the_transit_model_s_support():
                 checked += 1
                 curved += any(0.0 < x < weight for x in parts)  # between the grid's ends, off its peak
     assert checked == 4 * 40 * 50 and curved > 50
+
+
+def test_the_kernels_compile_where_numba_finds_no_cache_directory(monkeypatch, caplog):
+    made = []
+
+    def fake_njit(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'kernels.py'")
+        made.append(options)
+        return lambda fn: fn
+
+    monkeypatch.setattr(kernels, "_njit", fake_njit)
+    with caplog.at_level("WARNING", logger="stages.matcher.kernels"):
+        plus_one = kernels.njit(cache=True, nogil=True)(lambda x: x + 1)
+    assert plus_one(1) == 2 and made == [{"nogil": True}]
+    assert "NUMBA_CACHE_DIR" in caplog.text
