@@ -61,6 +61,27 @@ def distinct_alive(codes: np.ndarray, alive: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _mark(flag: np.ndarray, codes: np.ndarray, value: bool) -> None:
+    for c in codes:
+        if c >= 0:
+            flag[c] = value
+
+
+@njit(cache=True, nogil=True)
+def _take(codes: np.ndarray, scores: np.ndarray, alive: np.ndarray, flag: np.ndarray, cand: np.ndarray,
+          base: np.ndarray, m: int) -> int:
+    """Append to ``cand``/``base`` (filled up to ``m``) the alive, unflagged ``codes`` (``-1``:
+    padding) with their ``scores``; returns the new fill."""
+    for i in range(len(codes)):
+        c = codes[i]
+        if c >= 0 and alive[c] and not flag[c]:
+            cand[m] = c
+            base[m] = scores[i]
+            m += 1
+    return m
+
+
+@njit(cache=True, nogil=True)
 def gather(codes: np.ndarray, scores: np.ndarray, stale: np.ndarray, known_codes: np.ndarray,
            known_scores: np.ndarray, also: np.ndarray, hot_codes: np.ndarray, hot_scores: np.ndarray,
            exact_codes: np.ndarray, exact_scores: np.ndarray, alive: np.ndarray, flag: np.ndarray,
@@ -81,50 +102,20 @@ def gather(codes: np.ndarray, scores: np.ndarray, stale: np.ndarray, known_codes
     n = len(codes) + (len(known_codes) + len(hot_codes) + len(exact_codes) if first else 0)
     cand = np.empty(n, np.int64)
     base = np.empty(n, np.float64)
-    m = 0
-    for c in stale:
-        if c >= 0:
-            flag[c] = True
-    for i in range(len(codes)):
-        c = codes[i]
-        if c >= 0 and alive[c] and not flag[c]:
-            cand[m] = c
-            base[m] = scores[i]
-            m += 1
-    for c in stale:
-        if c >= 0:
-            flag[c] = False
+    _mark(flag, stale, True)
+    m = _take(codes, scores, alive, flag, cand, base, 0)
+    _mark(flag, stale, False)
     if first:
-        for c in also:
-            if c >= 0:
-                flag[c] = True
-        for i in range(len(known_codes)):
-            c = known_codes[i]
-            if alive[c] and not flag[c]:
-                cand[m] = c
-                base[m] = known_scores[i]
-                m += 1
-        for c in also:
-            if c >= 0:
-                flag[c] = False
+        _mark(flag, also, True)
+        m = _take(known_codes, known_scores, alive, flag, cand, base, m)
+        _mark(flag, also, False)
         if len(hot_codes):
-            for i in range(m):
-                flag[cand[i]] = True
-            for c in stale:
-                if c >= 0:
-                    flag[c] = True
-            taken = m
-            for i in range(len(hot_codes)):
-                c = hot_codes[i]
-                if c >= 0 and alive[c] and not flag[c]:
-                    cand[m] = c
-                    base[m] = hot_scores[i]
-                    m += 1
-            for i in range(taken):
-                flag[cand[i]] = False
-            for c in stale:
-                if c >= 0:
-                    flag[c] = False
+            taken = cand[:m].copy()
+            _mark(flag, taken, True)
+            _mark(flag, stale, True)
+            m = _take(hot_codes, hot_scores, alive, flag, cand, base, m)
+            _mark(flag, taken, False)
+            _mark(flag, stale, False)
         for i in range(len(exact_codes)):
             cand[m] = exact_codes[i]
             base[m] = exact_scores[i]
@@ -318,9 +309,7 @@ def steady_floor(codes: np.ndarray, scores: np.ndarray, stale: np.ndarray, flag:
     """Over a search's ``codes``/``scores`` (``-1`` padding): how many were found, and the lowest score
     of a found identity not in ``stale`` (an identity left out of the search scores at most that);
     ``inf`` when every found one is stale, ``-inf`` when none was found. ``flag`` as in :func:`gather`."""
-    for c in stale:
-        if c >= 0:
-            flag[c] = True
+    _mark(flag, stale, True)
     found = 0
     floor = np.inf
     for i in range(len(codes)):
@@ -329,9 +318,7 @@ def steady_floor(codes: np.ndarray, scores: np.ndarray, stale: np.ndarray, flag:
             found += 1
             if not flag[c] and scores[i] < floor:
                 floor = scores[i]
-    for c in stale:
-        if c >= 0:
-            flag[c] = False
+    _mark(flag, stale, False)
     return found, (floor if found else -np.inf)
 
 
