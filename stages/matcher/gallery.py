@@ -141,14 +141,6 @@ class _Identity:
         self.last_end = -np.inf
 
 
-def _distinct(codes: np.ndarray) -> np.ndarray:
-    """The distinct values of a small ``int64`` array, sorted (cheaper than ``np.unique`` on ~100)."""
-    if len(codes) < 2:
-        return codes
-    codes = np.sort(codes)
-    return codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
-
-
 def _mean_of_units(ys: Sequence[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
     """``mean_j y_j / |y_j|`` of prototype vectors (``float32 [K]`` each, a zero one counts as zero):
     ``float32 [K]``, written into ``out`` (``float32 [K]``) when given (a bulk load fills one array
@@ -461,9 +453,7 @@ class Gallery:
     def rescore(self, z: np.ndarray, codes: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``z·m`` of unit queries ``float32 [B, K]`` against the present identities among
         ``codes``: ``(codes int64 [n], scores float32 [B, n])``, each code once."""
-        c = _distinct(np.asarray(list(codes), np.int64))
-        c = c[(c >= 0) & (c < len(self._alive))]
-        c = c[self._alive[c]]
+        c = _kernels().distinct_alive(np.asarray(list(codes), np.int64), self._alive)
         if self.index is None or not len(c):
             return c[:0], np.zeros((len(z), 0), np.float32)
         return c, self.index.scores_many(c, z)
@@ -517,7 +507,7 @@ class Gallery:
         here = self._cam(camera)  # first: a camera new to the gallery changes the coded topology
         min_transit, reach_s = self._transit_from(rules, here)
         ttl = math.nan if ttl_s is None else float(ttl_s)
-        support = self._support_from(transit, camera, here) if w > 0 else _NO_SUPPORT
+        support = self._support_from(transit, here) if w > 0 else _NO_SUPPORT
         members, spans = self._members, self._spans
         done = _NO_CODES  # codes scored so far
         best_code, best = -1, -math.inf
@@ -568,15 +558,15 @@ class Gallery:
                     table[b] = min_s
         return table, reach_s
 
-    def _support_from(self, transit: TransitModel, camera: str, here: int) -> tuple:
-        """:meth:`TransitModel.support` from ``camera`` (code ``here``) to every camera of the gallery,
+    def _support_from(self, transit: TransitModel, here: int) -> tuple:
+        """:meth:`TransitModel.support` from camera code ``here`` to every camera of the gallery,
         in the form :func:`stages.matcher.kernels.bonus` reads: ``(kind int64 [cameras, 3], box float64
         [cameras, 2], xs float64 [n], ys float64 [n])``. Cached while the model and cameras stay."""
         if self._support is None or self._support[0] is not transit or self._support[1] != len(self.cam_names):
             self._support = (transit, len(self.cam_names), {})
         tables = self._support[2]
         if here not in tables:
-            n = len(self.cam_names)
+            n, camera = len(self.cam_names), self.cam_names[here]
             kind, box = np.zeros((n, 3), np.int64), np.zeros((n, 2))
             xs, ys = [], []
             offset = 0

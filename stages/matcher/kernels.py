@@ -143,29 +143,36 @@ def blocked(codes: np.ndarray, camera: int, start_s: float, end_s: float, max_ov
     """
     out = np.zeros(len(codes), np.bool_)
     for j in range(len(codes)):
-        c = codes[j]
-        if ttl_s == ttl_s and start_s - last[c] > ttl_s:
-            out[j] = True
-            continue
-        if reentry and last[c] < start_s - reach_s:
-            continue
-        for r in range(head[c], head[c] + count[c]):
-            cam, s, e = mem[r, 0], mem[r, 1], mem[r, 2]
-            ov = min(end_s, e) - max(start_s, s)
-            if ov < 0.0:
-                ov = 0.0
-            k = int(cam)
-            min_s = min_transit[k] if k < len(min_transit) else np.nan
-            if min_s == min_s:
-                hit = (start_s - e if start_s >= s else s - end_s) < min_s
-            elif k == camera:
-                hit = ov > 0.0 or not reentry
-            else:
-                hit = ov > max_overlap_s
-            if hit:
-                out[j] = True
-                break
+        out[j] = _blocks(codes[j], camera, start_s, end_s, max_overlap_s, reentry, min_transit, reach_s, ttl_s, last,
+                         mem, head, count)
     return out
+
+
+@njit(cache=True, nogil=True)
+def _blocks(c: int, camera: int, start_s: float, end_s: float, max_overlap_s: float, reentry: bool,
+            min_transit: np.ndarray, reach_s: float, ttl_s: float, last: np.ndarray, mem: np.ndarray,
+            head: np.ndarray, count: np.ndarray) -> bool:
+    """:func:`blocked` for one identity code ``c``."""
+    if ttl_s == ttl_s and start_s - last[c] > ttl_s:
+        return True
+    if reentry and last[c] < start_s - reach_s:
+        return False
+    for r in range(head[c], head[c] + count[c]):
+        cam, s, e = mem[r, 0], mem[r, 1], mem[r, 2]
+        ov = min(end_s, e) - max(start_s, s)
+        if ov < 0.0:
+            ov = 0.0
+        k = int(cam)
+        min_s = min_transit[k] if k < len(min_transit) else np.nan
+        if min_s == min_s:
+            hit = (start_s - e if start_s >= s else s - end_s) < min_s
+        elif k == camera:
+            hit = ov > 0.0 or not reentry
+        else:
+            hit = ov > max_overlap_s
+        if hit:
+            return True
+    return False
 
 
 @njit(cache=True, nogil=True)
@@ -244,13 +251,11 @@ def choose(cand: np.ndarray, base: np.ndarray, best_code: int, best: float, came
     Returns:
         ``(best_code, best, scored)``: ``scored`` is how many of ``cand``, from the first, were read.
     """
-    one = np.empty(1, np.int64)
     for i in range(len(cand)):
         if best > base[i] + weight:
             return best_code, best, i
-        one[0] = cand[i]
-        if blocked(one, camera, start_s, end_s, max_overlap_s, reentry, min_transit, reach_s, ttl_s, last, mem, head,
-                   count)[0]:
+        if _blocks(cand[i], camera, start_s, end_s, max_overlap_s, reentry, min_transit, reach_s, ttl_s, last, mem,
+                   head, count):
             continue
         score = base[i]
         if weight > 0.0:

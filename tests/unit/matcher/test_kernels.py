@@ -195,7 +195,7 @@ def test_the_compiled_bonus_is_the_transit_model_s_support():
     weight, checked, curved = 0.2, 0, 0
     for camera in cams:
         here = g.cam_names.index(camera)
-        kind, box, xs, ys = g._support_from(transit, camera, here)
+        kind, box, xs, ys = g._support_from(transit, here)
         for q in range(40):
             start = float(rng.uniform(0.0, 220.0))
             for gid in g.gids():
