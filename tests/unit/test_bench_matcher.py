@@ -57,3 +57,34 @@ def test_matcher_bench_splits_recent_returns_from_older_ones():
     assert ivf["same_decision_recent"] == 1.0
     assert ivf["same_decision_older"] < 0.9
     assert "same_decision_recent" not in rows[0]  # brute force: nothing to split
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_matcher", ROOT / "bench" / "matcher.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_pass_over_the_queries_is_a_new_sighting():
+    # A second pass with the first pass's spans is blocked from its people by the cannot-link rule
+    # (same camera, overlapping in time), so it would time the widening search instead of a return.
+    bench = _bench_module()
+    args = bench.parser().parse_args(["--queries", "40", "--hot-s", "0"])
+    args.hot_s = None
+    settings = bench.IndexSettings(kind="exact", batch=args.search_batch, search_threads=0)
+    truth_members = {}
+    for shifted in (True, False):
+        m, data = bench.build(1500, 64, args, settings)
+        ids = [int(i) for i in data["truth"]]
+        for r in range(2):
+            shift = bench._round_shift_s(data, r if shifted else 0)
+            done, _ = bench._throughput(m, data, args, 10 ** 7 * (r + 1), shift)
+            assert done == 40
+        truth_members[shifted] = [len(m.gallery.members(f"G{i:07d}")) for i in ids]
+        expected = [1 + 2 * ids.count(i) for i in ids]  # the gallery's member and one copy a pass
+    assert truth_members[True] == expected  # both passes joined their people
+    assert sum(a < b for a, b in zip(truth_members[False], expected)) > 30  # unshifted: mostly blocked
