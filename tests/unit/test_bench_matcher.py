@@ -73,10 +73,10 @@ def test_each_pass_over_the_queries_is_a_new_sighting():
     # A second pass with the first pass's spans is blocked from its people by the cannot-link rule
     # (same camera, overlapping in time), so it would time the widening search instead of a return.
     bench = _bench_module()
-    args = bench.parser().parse_args(["--queries", "40", "--hot-s", "0"])
-    args.hot_s = None
+    args = bench.parser().parse_args(["--queries", "40"])
+    args.hot_s = None  # no hot tier (what --hot-s 0 means)
     settings = bench.IndexSettings(kind="exact", batch=args.search_batch, search_threads=0)
-    truth_members = {}
+    members, expected = {}, {}
     for shifted in (True, False):
         m, data = bench.build(1500, 64, args, settings)
         ids = [int(i) for i in data["truth"]]
@@ -84,7 +84,7 @@ def test_each_pass_over_the_queries_is_a_new_sighting():
             shift = bench._round_shift_s(data, r if shifted else 0)
             done, _ = bench._throughput(m, data, args, 10 ** 7 * (r + 1), shift)
             assert done == 40
-        truth_members[shifted] = [len(m.gallery.members(f"G{i:07d}")) for i in ids]
-        expected = [1 + 2 * ids.count(i) for i in ids]  # the gallery's member and one copy a pass
-    assert truth_members[True] == expected  # both passes joined their people
-    assert sum(a < b for a, b in zip(truth_members[False], expected)) > 30  # unshifted: mostly blocked
+        members[shifted] = [len(m.gallery.members(f"G{i:07d}")) for i in ids]
+        expected[shifted] = [1 + 2 * ids.count(i) for i in ids]  # the gallery's member and one copy a pass
+    assert members[True] == expected[True]  # both passes joined their people
+    assert sum(a < b for a, b in zip(members[False], expected[False])) > 30  # unshifted: mostly blocked
