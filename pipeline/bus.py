@@ -39,6 +39,41 @@ def _servers(cfg: BusConfig) -> list[str]:
     return [s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()]
 
 
+def open_client(cls: type, *topics: str, **configs: Any) -> Any:
+    """``cls(*topics, **configs)``, a kafka-python ``KafkaConsumer``, ``KafkaProducer`` or ``KafkaAdminClient``,
+    that leaves nothing running when its constructor fails.
+
+    kafka-python 3 starts a client's network thread before the first bootstrap and leaves it running
+    when the bootstrap fails (the constructor raises ``KafkaTimeoutError`` after
+    ``bootstrap_timeout_ms``): the thread keeps retrying the broker, logging each failure, until that
+    deadline, and then stays alive, one idle thread and its sockets per failed attempt. So the network
+    client the constructor makes (through the documented ``kafka_client`` option) is recorded here and
+    closed when the constructor raises. With kafka-python 2, which starts no thread, the close only
+    releases the client's sockets.
+
+    Raises:
+        Whatever the constructor raises (``kafka.errors.KafkaError`` for a broker that is unreachable
+        or does not answer), after the cleanup.
+    """
+    factory = configs.pop("kafka_client", None) or cls.DEFAULT_CONFIG["kafka_client"]
+    made: list[Any] = []
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        client = factory(*args, **kwargs)
+        made.append(client)
+        return client
+
+    try:
+        return cls(*topics, kafka_client=build, **configs)
+    except BaseException:
+        for client in made:
+            try:
+                client.close()
+            except Exception as exc:  # the constructor's error is the one to report
+                log.debug("closing a half-built Kafka client failed: %s", exc)
+        raise
+
+
 def check_broker(cfg: BusConfig) -> None:
     """Fail fast when no broker answers at ``cfg.bootstrap_servers``.
 
@@ -71,8 +106,8 @@ def ensure_topics(cfg: BusConfig, topics: list[str] | None = None) -> None:
     names = topics or [cfg.topics.tracklets, cfg.topics.embeddings, cfg.topics.dead_letter]
     check_broker(cfg)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=_servers(cfg), request_timeout_ms=int(cfg.connect_timeout_s * 1000),
-                                 **cfg.client_options())
+        admin = open_client(KafkaAdminClient, bootstrap_servers=_servers(cfg),
+                            request_timeout_ms=int(cfg.connect_timeout_s * 1000), **cfg.client_options())
     except KafkaError as exc:
         raise BusError(f"Kafka admin connection to {cfg.bootstrap_servers} failed: {exc}") from None
     try:
@@ -100,8 +135,8 @@ def partition_count(cfg: BusConfig, topic: str) -> int:
     from kafka.errors import KafkaError
 
     try:
-        consumer = KafkaConsumer(bootstrap_servers=_servers(cfg), request_timeout_ms=int(cfg.connect_timeout_s * 1000) + 500,
-                                 **cfg.client_options())
+        consumer = open_client(KafkaConsumer, bootstrap_servers=_servers(cfg),
+                               request_timeout_ms=int(cfg.connect_timeout_s * 1000) + 500, **cfg.client_options())
     except KafkaError as exc:
         raise BusError(f"Kafka connection to {cfg.bootstrap_servers} failed: {exc}") from None
     try:
@@ -127,7 +162,8 @@ def make_producer(cfg: BusConfig, client_id: str) -> KafkaProducer:
     from kafka.errors import KafkaError
 
     try:
-        return KafkaProducer(
+        return open_client(
+            KafkaProducer,
             bootstrap_servers=_servers(cfg),
             client_id=client_id,
             acks="all",
@@ -164,7 +200,8 @@ def make_consumer(cfg: BusConfig, topic: str, group_id: str, client_id: str, max
 
     fetch_max = cfg.max_request_mb * 1024 * 1024
     try:
-        consumer = KafkaConsumer(
+        consumer = open_client(
+            KafkaConsumer,
             *(() if listener is not None else (topic,)),
             bootstrap_servers=_servers(cfg),
             group_id=group_id,

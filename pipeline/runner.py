@@ -428,12 +428,16 @@ def run_consuming_stage(bus_cfg: Any, stage: Stage, name: str, topic: str, group
     built: list[StageRunner] = []
     consumer = make_consumer(bus_cfg, topic, group_id, name, max_poll_records=max_batch,
                              listener=rebalance_listener(lambda: built[0] if built else None))
-    producer = make_producer(bus_cfg, name)
-    runner = StageRunner(stage, name, consumer, producer, record_type, bus_cfg.topics.dead_letter, max_batch,
-                         max_wait_ms, stop, limits=limits or bus_cfg.limits, send_retries=bus_cfg.send_retries,
-                         delivery_timeout_s=bus_cfg.delivery_timeout_s, on_ready=on_ready)
-    built.append(runner)
     try:
+        producer = make_producer(bus_cfg, name)
+    except BaseException:
+        consumer.close()  # its group membership and network thread end with the failed start
+        raise
+    try:
+        runner = StageRunner(stage, name, consumer, producer, record_type, bus_cfg.topics.dead_letter, max_batch,
+                             max_wait_ms, stop, limits=limits or bus_cfg.limits, send_retries=bus_cfg.send_retries,
+                             delivery_timeout_s=bus_cfg.delivery_timeout_s, on_ready=on_ready)
+        built.append(runner)
         return runner.run(idle_exit_s=idle_exit_s)
     finally:
         try:

@@ -142,22 +142,31 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    from pipeline.bus import open_client
+
     hosts = [h.strip().rpartition(":") for h in bootstrap_servers.split(",") if h.strip()]
     if not any(port_open(host, int(port), timeout=timeout_s) for host, _, port in hosts if port.isdigit()):
         return False
     # kafka-python 3 waits for the bootstrap and metadata answers without our deadline (30 s, or for
     # ever), and a broker that just started can drop a request: probe on a thread, give up at the
-    # deadline and close the client on the side (closing under a pending request may block too)
+    # deadline and close the client on the side (closing under a pending request may block too).
+    # Its bootstrap gives up when the probe is abandoned (kafka-python 3's `bootstrap_timeout_ms`), and a
+    # failed one leaves no network thread retrying the broker behind it (`open_client`).
     answer: dict[str, bool] = {}
     made: list[Any] = []
+    wait_s = max(timeout_s, 1.0) + 2.0  # what a probe is given before it is abandoned
+    bootstrap = ({"bootstrap_timeout_ms": int(wait_s * 1000)}
+                 if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG else {})  # kafka-python 3
 
     def probe() -> None:
         try:
-            consumer = KafkaConsumer(
+            consumer = open_client(
+                KafkaConsumer,
                 bootstrap_servers=bootstrap_servers.split(","),
                 request_timeout_ms=max(int(timeout_s * 1000), 1000) + 500,
                 metadata_max_age_ms=1000,
                 connections_max_idle_ms=int(timeout_s * 1000) + 5000,
+                **bootstrap,
                 **client_options,
             )
         except (KafkaError, OSError):
@@ -174,7 +183,7 @@ def kafka_ready(bootstrap_servers: str, timeout_s: float = 2.0, **client_options
 
     asking = threading.Thread(target=probe, name="kafka-probe", daemon=True)
     asking.start()
-    asking.join(max(timeout_s, 1.0) + 2.0)
+    asking.join(wait_s)
     if asking.is_alive() and made:
         threading.Thread(target=made[0].close, name="kafka-probe-close", daemon=True).start()
     return answer.get("ok", False)

@@ -1,4 +1,5 @@
-"""The runner's rebalance callbacks: commit what was processed but not committed, tell the stage."""
+"""The runner's rebalance callbacks: commit what was processed but not committed, tell the stage; and
+what a failed start-up closes."""
 
 from __future__ import annotations
 
@@ -80,3 +81,27 @@ def test_a_stage_without_hooks_and_an_unbuilt_runner_are_fine():
                          threading.Event())
     runner.partitions_revoked([tp])
     runner.partitions_assigned([tp])
+
+
+def test_a_producer_that_cannot_be_made_closes_the_consumer_made_before_it(monkeypatch):
+    import pytest
+
+    import pipeline.bus as bus
+    from pipeline.config import BusConfig
+    from pipeline.runner import run_consuming_stage
+
+    class Closable(fakes.Consumer):
+        closed = 0
+
+        def close(self) -> None:
+            Closable.closed += 1
+
+    def no_producer(cfg, client_id):
+        raise bus.BusError("Kafka producer for 127.0.0.1:9 failed: Unable to bootstrap")
+
+    monkeypatch.setattr(bus, "ensure_topics", lambda cfg, topics=None: None)
+    monkeypatch.setattr(bus, "make_consumer", lambda *a, **k: Closable([]))
+    monkeypatch.setattr(bus, "make_producer", no_producer)
+    with pytest.raises(bus.BusError, match="Unable to bootstrap"):
+        run_consuming_stage(BusConfig(), Plain(), "t", "in", "g", EmbeddingRecord, 8, 1, threading.Event())
+    assert Closable.closed == 1
