@@ -51,6 +51,14 @@ def open_client(cls: type, *topics: str, **configs: Any) -> Any:
     closed when the constructor raises. With kafka-python 2, which starts no thread, the close only
     releases the client's sockets.
 
+    Args:
+        cls: The kafka-python client class.
+        *topics: Topics a consumer subscribes to at once (none for the other classes).
+        **configs: The client's options; a ``kafka_client`` given here is still the one used.
+
+    Returns:
+        The constructed client; its caller closes it.
+
     Raises:
         Whatever the constructor raises (``kafka.errors.KafkaError`` for a broker that is unreachable
         or does not answer), after the cleanup.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from kafka.errors import CommitFailedError
 from kafka.structs import TopicPartition
 
@@ -84,8 +85,6 @@ def test_a_stage_without_hooks_and_an_unbuilt_runner_are_fine():
 
 
 def test_a_producer_that_cannot_be_made_closes_the_consumer_made_before_it(monkeypatch):
-    import pytest
-
     import pipeline.bus as bus
     from pipeline.config import BusConfig
     from pipeline.runner import run_consuming_stage
