@@ -2,7 +2,7 @@
 
 Prints JSON Lines on stdout, one row per configuration::
 
-    {"bench": "matcher", "gallery": N, "dim": D, "index": "brute"|"ivf", "p50_ms", "p99_ms",
+    {"bench": "matcher", "gallery": N, "dim": D, "index": "brute"|"ivf+hot…"|"gpu:<device>", "p50_ms", "p99_ms",
      "embeddings_per_s", "recall_at_10", "same_decision", ...}
 
 and with ``--rebuild`` one ``"bench": "rebuild"`` row per gallery size: the time a restarted (or
@@ -33,7 +33,10 @@ The loaded gallery is frozen out of Python's cyclic garbage collector (``gc.free
 
 The index rows use the matcher's hot tier (``index.hot_s`` 3600 s, at most ``index.hot_max`` 4,096
 identities; the gallery spans a day, so at 10⁶ about 42,000 identities are within the hour and
-the cap applies); ``--hot-s 0`` measures the IVF alone, the worst case for recall.
+the cap applies); ``--hot-s 0`` measures the IVF alone, the worst case for recall. ``--index gpu``
+measures the device copy of ``index.kind`` ``gpu`` instead (brute force on ``--device``, float16 on
+CUDA, the best ``--fetch`` re-scored exactly on the CPU, no hot tier); ``--device cpu`` runs that path
+without a GPU, for small galleries only.
 
 Synthetic data: ``N`` identities with one prototype each, spread over ``--cameras`` cameras and a
 day of stream time; embeddings are drawn with a power-law eigen-spectrum ``λ_i ∝ i^-α`` (``--alpha``,
@@ -52,6 +55,7 @@ Usage::
     python bench/matcher.py --sizes 1000000 --dims 256 --instances 2 --only-instances
     python bench/matcher.py --sizes 1000000 --dims 256 --hot-s 0   # no hot tier
     python bench/matcher.py --sizes 1000000 --dims 256 --recent 0.5   # half the queries recent returns
+    python bench/matcher.py --sizes 1000000 --dims 256 2560 --index gpu   # brute force on a CUDA device
 """
 
 from __future__ import annotations
@@ -373,9 +377,7 @@ def instances_row(n: int, dim: int, args: argparse.Namespace) -> dict:
 
     ctx = multiprocessing.get_context("spawn")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
-                             code_dim=args.code_dim, threads=1, hot_s=args.hot_s, hot_max=args.hot_max,
-                             batch=args.search_batch, search_threads=0)
+    settings = _settings(args, threads=1, search_threads=0)
     with _throwaway_redis() if args.redis else contextlib.nullcontext() as url:
         return _run_instances(ctx, cores, n, dim, args, settings, url)
 
@@ -421,9 +423,10 @@ def _run_instances(ctx, cores: list[int], n: int, dim: int, args: argparse.Names
         proc.join()
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
     done = sum(r["done"] for r in rows)
-    return {"bench": "matcher_instances", "gallery": n, "dim": dim, "index": "ivf", "instances": args.instances,
-            "gallery_per_instance": n, "search_threads": 0, "redis": redis_url is not None,
-            "hot_s": settings.hot_s, "hot_max": settings.hot_max,
+    gpu = settings.kind == "gpu"
+    return {"bench": "matcher_instances", "gallery": n, "dim": dim, "index": f"gpu:{settings.device}" if gpu else "ivf",
+            "instances": args.instances, "gallery_per_instance": n, "search_threads": 0, "redis": redis_url is not None,
+            "hot_s": None if gpu else settings.hot_s, "hot_max": None if gpu else settings.hot_max,
             "cpus": len(cores) or os.cpu_count(),
             "embeddings_per_s": round(done / span, 1),
             "per_instance_per_s": [round(r["done"] / (r["end"] - r["start"]), 1) for r in rows],
@@ -440,6 +443,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", type=int, default=16)
     p.add_argument("--alpha", type=float, default=1.0, help="Eigen-spectrum decay of the synthetic embeddings.")
     p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--index", choices=["ivf", "gpu"], default="ivf",
+                   help="The index rows' search: the IVF with its hot tier, or brute force on --device (index.kind gpu).")
+    p.add_argument("--device", default=IndexSettings().device, help="The torch device of --index gpu (cpu: no GPU).")
     p.add_argument("--nprobe", type=int, default=IndexSettings().nprobe)
     p.add_argument("--candidates", type=int, default=IndexSettings().candidates)
     p.add_argument("--fetch", type=int, default=IndexSettings().fetch, help="IVF codes re-ranked per query (index.fetch).")
@@ -477,18 +483,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings(args: argparse.Namespace, threads: int | None, search_threads: int | None) -> IndexSettings:
+    """The index rows' settings: the IVF (``--index ivf``) or the device copy (``--index gpu``, built
+    from the first identity on, as the IVF is with ``kind`` ``ivf``)."""
+    if args.index == "gpu":
+        return IndexSettings(kind="gpu", device=args.device, exact_below=1, candidates=args.candidates,
+                             fetch=args.fetch, threads=threads, batch=args.search_batch, search_threads=search_threads)
+    return IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
+                         code_dim=args.code_dim, threads=threads, hot_s=args.hot_s, hot_max=args.hot_max,
+                         batch=args.search_batch, search_threads=search_threads)
+
+
 def main() -> None:
     args = parser().parse_args()
     args.hot_s = args.hot_s or None  # 0: no hot tier
+    if args.index == "gpu":
+        from stages.matcher.index import DeviceUnavailable, check_device
+
+        try:
+            args.device = check_device(args.device)
+        except DeviceUnavailable as exc:
+            raise SystemExit(f"bench/matcher.py: {exc}") from None
     for dim in args.dims:
         for n in args.sizes:
             if args.instances:
                 print(json.dumps(instances_row(n, dim, args)), flush=True)
             if args.only_instances:
                 continue
-            settings = IndexSettings(kind="ivf", nprobe=args.nprobe, candidates=args.candidates, fetch=args.fetch,
-                                     code_dim=args.code_dim, threads=args.threads, hot_s=args.hot_s,
-                                     hot_max=args.hot_max, batch=args.search_batch, search_threads=args.search_threads)
+            settings = _settings(args, threads=args.threads, search_threads=args.search_threads)
             m, data = build(n, dim, args, settings)
             brute = measure(m, data, args, exact=True)
             del m, data
@@ -505,12 +527,14 @@ def main() -> None:
                 "same_decision_older": round(float(agree[~recent].mean()), 4) if (~recent).any() else None}
             common = {"bench": "matcher", "gallery": n, "dim": dim, "scoring_dim": m2.gallery.dim,
                       "cpus": os.cpu_count(), "machine": platform.machine()}
-            label = "ivf" if args.hot_s is None else f"ivf+hot{args.hot_s:g}s/{args.hot_max}"
+            gpu = args.index == "gpu"
+            label = f"gpu:{args.device}" if gpu else "ivf" if args.hot_s is None else f"ivf+hot{args.hot_s:g}s/{args.hot_max}"
             for name, row, extra in (("brute", brute, {"recall_at_10": 1.0, "same_decision": 1.0}),
                                      (label, ivf, {"recall_at_10": round(recall, 4), "same_decision": round(same, 4),
-                                                   "hot_s": args.hot_s, "hot_max": args.hot_max,
-                                                   "nprobe": args.nprobe, "fetch": args.fetch,
-                                                   "code_dim": args.code_dim, "batch": args.batch,
+                                                   "hot_s": None if gpu else args.hot_s,
+                                                   "hot_max": None if gpu else args.hot_max,
+                                                   "nprobe": None if gpu else args.nprobe, "fetch": args.fetch,
+                                                   "code_dim": None if gpu else args.code_dim, "batch": args.batch,
                                                    "search_batch": args.search_batch,
                                                    "search_threads": search_threads(args.search_threads),
                                                    "build_s": round(data2["build_s"], 1),

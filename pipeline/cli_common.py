@@ -42,6 +42,7 @@ _STAGE_ERRORS = (
     ("stages.reid.engines", "EngineError"), ("stages.reid.backbones", "WeightsUnavailableError"),
     ("stages.reid.backbones", "WeightsMismatchError"), ("stages.matcher.calibration", "CalibrationError"),
     ("stages.reid.faces", "FaceModelUnavailableError"), ("pipeline.bus", "DeliveryError"),
+    ("stages.matcher.index", "DeviceUnavailable"),
 )
 
 

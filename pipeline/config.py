@@ -393,10 +393,12 @@ class ReassociationConfig(_Model):
 
 
 class IndexConfig(_Model):
-    kind: Literal["auto", "exact", "ivf"] = Field(
+    kind: Literal["auto", "exact", "ivf", "gpu"] = Field(
         "auto", description="How the gallery is searched for candidate identities: `auto` is exact below "
         "`exact_below` identities and a faiss IVF index (4-bit codes of the principal directions, exact re-scoring) "
-        "above; the association rules are applied exactly to the candidates either way.",
+        "above; `gpu` is exact below `exact_below` and a brute-force search over a copy on `device` above (float16 on "
+        "CUDA, the best `fetch` re-scored exactly; no hot tier); the association rules are applied exactly to the "
+        "candidates either way.",
     )
     exact_below: int = Field(20000, ge=1, description="Gallery size (identities) below which search is exact.")
     nprobe: int = Field(
@@ -437,6 +439,10 @@ class IndexConfig(_Model):
     hot_max: int = Field(
         4096, ge=1, description="At most this many identities in the hot tier, the most recently seen (an exact "
         "search costs in proportion to its size; a busy site sees far more identities within hot_s).",
+    )
+    device: str = Field(
+        "cuda", min_length=1, description="The torch device of kind `gpu`: `cuda`, `cuda:1`, ... (`cpu` runs the same "
+        "path without a GPU, slower than `exact`; for tests). A matcher whose device is not usable stops at start.",
     )
 
 

@@ -252,7 +252,9 @@ class Gallery:
     def _ensure_index(self, dim: int) -> None:
         if self.index is None or self.index.dim != dim:
             self.index = IdentityIndex(dim, self.settings)
-            self.hot = IdentityIndex(dim, IndexSettings(kind="exact")) if self.settings.hot_s is not None else None
+            # the hot tier makes up for what the IVF misses; a device copy (kind gpu) misses nothing
+            hot = self.settings.hot_s is not None and self.settings.kind != "gpu"
+            self.hot = IdentityIndex(dim, IndexSettings(kind="exact")) if hot else None
 
     def _upsert(self, idents: list[_Identity], vecs: np.ndarray) -> None:
         """Index ``idents``' mean prototypes (and keep the hot tier to the recently seen ones)."""

@@ -7,7 +7,7 @@ ranks identities exactly as the association rule does. :class:`IdentityIndex` ke
 (a float32 copy) and finds the top-k by inner product:
 
 * below ``exact_below`` vectors: exact, one matrix product over all of them;
-* from there on: a faiss inverted-file index (Jégou et al., "Product quantization for nearest
+* from there on (``kind`` ``auto`` or ``ivf``): a faiss inverted-file index (Jégou et al., "Product quantization for nearest
   neighbor search", TPAMI 2011, for the IVF structure and the codes) built on a compressed copy:
   each vector is centred and projected onto the ``code_dim`` principal directions of the stored
   vectors (PCA of a sample, re-fitted at each training), then coded with 4 bits per dimension
@@ -19,27 +19,33 @@ ranks identities exactly as the association rule does. :class:`IdentityIndex` ke
   float32 vectors and only the best ``max(2k, 128)`` are scored), so the codes only decide *which*
   vectors are looked at, never a score. Since ``q·v = q·(v - μ) + q·μ`` and ``q·μ`` is the same
   for every ``v``, centring changes no ranking. The IVF is retrained when the index has grown
-  ``retrain_growth``-fold since it was trained.
+  ``retrain_growth``-fold since it was trained;
+* or, with ``kind`` ``gpu``, from ``exact_below`` on: a copy of the vectors on a torch device
+  (float16 on a CUDA device, float32 elsewhere), scored by one matrix product per batch of queries
+  and a top-k there (:class:`DeviceCopy`). It picks the ``max(fetch, k)`` best rows per query, which
+  are then scored exactly from the float32 copy as the IVF's are; so this search is exact but for
+  rows whose rank the device's float16 rounding moves across the ``fetch`` boundary, and needs no
+  hot tier.
 
 Updates are incremental and cheap: :meth:`upsert` replaces an identity's vector (a link changed its
 prototypes, a merge or split changed its members), :meth:`remove` drops it (merged away, purged,
 archived). While the IVF is in use, changed vectors are first held in a small *pending* buffer that
 every search scans exactly (one matrix product per batch of queries), and are written into the IVF
-``flush_every`` at a time (one faiss addition per flush, instead of one per link); so a search
+``flush_every`` at a time (one faiss addition, or one device write, per flush, instead of one per link); so a search
 always sees every vector as it is now. The entries a flush replaces stay in the IVF under their old
 id (an IVF id is ``generation << 31 | row``, and a row's generation grows when its entry is
 replaced), skipped by every search, and are removed in one faiss removal once ``compact_every``
 have gathered: a removal passes over every cell however few vectors it removes (6 ms at 10^6).
 
 Searches may run on another thread than updates inside :meth:`IdentityIndex.deferred`: there the
-IVF itself is left alone (flushes and retraining wait for the end of the block), so a concurrent
+IVF (or the device copy) itself is left alone (flushes and retraining wait for the end of the block), so a concurrent
 search sees the IVF as it was when the block began; vectors changed meanwhile may be read half
 written, so the caller must score every key it changed inside the block itself (the matcher passes
 them as ``also`` to :meth:`~stages.matcher.gallery.Gallery.best`).
 
 Shapes: ``dim`` is the scoring-space dimension ``K``; vectors are ``float32 [K]``; keys are
 non-negative ``int64`` identity codes below 2³¹ (the gallery's codes are dense). faiss is imported
-when the first IVF is built.
+when the first IVF is built, torch when the first device copy is.
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ class IndexSettings:
     """How :class:`IdentityIndex` searches.
 
     Attributes:
-        kind: ``auto`` (exact below ``exact_below`` vectors, IVF above), ``exact`` or ``ivf``.
+        kind: ``auto`` (exact below ``exact_below`` vectors, IVF above), ``exact``, ``ivf``, or ``gpu``
+            (exact below ``exact_below`` vectors, a copy on the torch ``device`` above).
         exact_below: Vectors under which search is exact.
         nprobe: IVF cells searched per query (more: slower, higher recall).
         candidates: Identities retrieved per query before the matcher's exact rules apply.
@@ -93,6 +100,8 @@ class IndexSettings:
             true match whose cell it does not probe); None: the IVF alone.
         hot_max: At most this many of them, the most recently seen: an exact search costs in
             proportion to the identities it scans, and a busy site sees far more than this in an hour.
+        device: The torch device of ``kind`` ``gpu`` (``cuda``, ``cuda:1``; ``cpu`` runs the same
+            path without a GPU, slower than ``exact``, for tests).
     """
 
     kind: str = "auto"
@@ -109,10 +118,13 @@ class IndexSettings:
     threads: int | None = None
     hot_s: float | None = 3600.0
     hot_max: int = 4096
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "exact", "ivf"):
-            raise ValueError(f"index kind must be auto, exact or ivf, got {self.kind!r}")
+        if self.kind not in ("auto", "exact", "ivf", "gpu"):
+            raise ValueError(f"index kind must be auto, exact, ivf or gpu, got {self.kind!r}")
+        if not self.device:
+            raise ValueError("index device must not be empty")
         for name in ("exact_below", "nprobe", "candidates", "fetch", "flush_every", "batch", "compact_every",
                      "hot_max"):
             if getattr(self, name) < 1:
@@ -148,6 +160,7 @@ class IdentityIndex:
         self._top = 0  # rows [0, _top) have been used
         self._n = 0
         self._ivf: Any = None
+        self._device: DeviceCopy | None = None           # kind gpu: the rows on the torch device
         self._cells = np.zeros((0, 0), np.float32)    # float32 [nlist, r]: the IVF cells' centroids
         self._mu: np.ndarray | None = None            # float32 [K], centre of the codes
         self._proj: np.ndarray | None = None          # float32 [K, r], or None: coded whole
@@ -176,8 +189,21 @@ class IdentityIndex:
 
     @property
     def approximate(self) -> bool:
-        """Whether searches go through the IVF (else they are exact)."""
+        """Whether searches go through the IVF (else they are exact, or exact up to the device's
+        rounding with ``kind`` ``gpu``; only the IVF needs the hot tier)."""
         return self._ivf is not None
+
+    @property
+    def mode(self) -> str:
+        """How searches run now: ``ivf``, ``gpu`` (the device copy, whatever its device) or ``exact``."""
+        return "ivf" if self._ivf is not None else "gpu" if self._device is not None else "exact"
+
+    @property
+    def built(self) -> bool:
+        """Whether searches go through a built structure (the IVF, or the device copy of ``kind``
+        ``gpu``) that stays unchanged inside :meth:`deferred` blocks: such searches are worth running
+        on search threads while the caller decides (the matcher's online path)."""
+        return self._ivf is not None or self._device is not None
 
     def _rows(self, keys: np.ndarray) -> np.ndarray:
         """Rows of ``keys`` (``int64 [B]``); raises KeyError for an absent key."""
@@ -239,7 +265,7 @@ class IdentityIndex:
         self._vecs[rows] = vectors
         if self._bulk:
             self._changed_in_bulk = True
-        elif self._ivf is not None:
+        elif self.built:
             self._mark(rows)
         self._maybe_rebuild()
 
@@ -255,8 +281,8 @@ class IdentityIndex:
         self._keys[rows] = -1
         self._vecs[rows] = 0
         self._n -= len(rows)
-        if self._ivf is not None and not self._bulk:
-            self._mark(rows)  # freed once the IVF has forgotten them
+        if self.built and not self._bulk:
+            self._mark(rows)  # freed once the IVF (or the device copy) has forgotten them
         else:
             self._changed_in_bulk = self._changed_in_bulk or self._bulk
             self._free.extend(rows.tolist())
@@ -292,15 +318,23 @@ class IdentityIndex:
                 self._maybe_rebuild()
 
     def flush(self) -> int:
-        """Write the pending changes into the IVF (one addition); returns how many rows changed.
-        Searches are the same before and after: pending vectors are searched exactly.
+        """Write the pending changes into the IVF (one addition) or the device copy (one write);
+        returns how many rows changed. Searches are the same before and after: pending vectors are
+        searched exactly.
 
         The entries the changes replace stay in the IVF, marked out of date (searches skip them), and
         are removed together once ``compact_every`` have gathered: a faiss removal passes over every
-        cell, whatever the number of vectors removed."""
-        if self._ivf is None or not self._pending_rows:
+        cell, whatever the number of vectors removed. The device copy is written in place."""
+        if not self.built or not self._pending_rows:
             return 0
         rows = np.asarray(sorted(set(self._pending_rows)), np.int64)
+        if self._device is not None:
+            live = self._keys[rows] >= 0
+            self._device.write(rows, self._vecs[rows], live)  # a removed row's vector is zero, its score -inf
+            self._free.extend(rows[~live].tolist())
+            self._pending[rows] = False
+            self._pending_rows = []
+            return len(rows)
         old = rows[self._in_ivf[rows]]
         if len(old):
             self._stale_ids.extend(self._ivf_ids(old).tolist())
@@ -370,7 +404,9 @@ class IdentityIndex:
             self._maybe_rebuild()
 
     def _drop_ivf(self) -> None:
+        """Forget the IVF and the device copy (searches are exact until the next build)."""
         self._ivf = None
+        self._device = None
         dead = np.asarray(self._pending_rows, np.int64)
         if len(dead):
             self._free.extend(dead[self._keys[dead] < 0].tolist())
@@ -387,6 +423,10 @@ class IdentityIndex:
         n = self._n
         if s.kind == "exact":
             return
+        if s.kind == "gpu":  # built once; the copy grows with the rows, with no training to redo
+            if self._device is None and n >= s.exact_below:
+                self.rebuild()
+            return
         if self._ivf is None:
             if n >= (1 if s.kind == "ivf" else s.exact_below) and n >= 2:
                 self.rebuild()
@@ -399,7 +439,23 @@ class IdentityIndex:
         return np.ascontiguousarray(c if self._proj is None else c @ self._proj, np.float32)
 
     def rebuild(self) -> None:
-        """(Re)train the IVF (projection, cells, codes) on the vectors present and add them all."""
+        """(Re)train the IVF (projection, cells, codes) on the vectors present and add them all; with
+        ``kind`` ``gpu``, copy them all to the device instead.
+
+        Raises:
+            DeviceUnavailable: ``kind`` ``gpu`` and the device cannot be used.
+        """
+        if self.settings.kind == "gpu":
+            self._drop_ivf()
+            live = np.flatnonzero(self._keys[:self._top] >= 0)
+            copy = DeviceCopy(self.dim, self.settings.device)
+            for s in range(0, len(live), 65536):  # in slices, as the IVF's codes: bounded host copies
+                rows = live[s:s + 65536].astype(np.int64)
+                copy.write(rows, self._vecs[rows], np.ones(len(rows), bool))
+            self._device = copy
+            self._trained_on = len(live)
+            log.info("identity index: copy of %d identities on %s (%s)", len(live), copy.device, copy.dtype)
+            return
         # OpenMP threads that spin while idle starve numpy's BLAS threads of the projection (and the
         # other way round): measured 110 vs 1,400 decisions/s at 10^5 identities, 2560-d, 2 cores.
         # Only effective when this is the process's first OpenMP library, as in a matcher.
@@ -461,25 +517,35 @@ class IdentityIndex:
             ``(scores float32 [B, k], keys int64 [B, k])``; rows are padded with ``-inf`` / ``-1``
             when fewer than ``k`` keys exist (or the IVF cells searched held fewer).
         """
+        return self._search(queries, k, self._ivf, self._device)
+
+    def _search(self, queries: np.ndarray, k: int, ivf: Any, device: DeviceCopy | None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` through ``ivf`` or ``device`` (both None: exact)."""
         q, scores, keys = _padding(queries, k)
         b = q.shape[0]
         if not self._n or b == 0:
             return scores, keys
-        if self._ivf is None:
+        if ivf is None and device is None:
             sims, _ = self._exact_scores(q)
             return self._top_k(sims, np.broadcast_to(np.arange(sims.shape[1]), sims.shape), k)
-        qc = q if self._proj is None else np.ascontiguousarray(q @ self._proj)
-        cells, bias = self._probe(qc)
-        _, ids = self._ivf.search_preassigned(qc, max(self.settings.fetch, k), cells, bias)
-        rows = np.where(ids >= 0, ids & (_MAX_KEY - 1), 0)
-        # skip padding, out-of-date entries (a later one of the row holds its vector) and rows pending
-        rows = np.where((ids >= 0) & (self._ivf_ids(rows) == ids) & self._in_ivf[rows] & ~self._pending[rows], rows, -1)
-        # re-score in two steps, each reading few bytes: the codes' rank is refined on the r-dim float
-        # copy, then the best of those are scored exactly on the K-dim vectors
-        keep = min(max(2 * k, 128), rows.shape[1])
-        if keep < rows.shape[1]:
-            approx = _scores_by_row(qc, self._low, rows)
-            rows = np.take_along_axis(rows, np.argpartition(-approx, keep - 1, axis=1)[:, :keep], axis=1)
+        if device is not None:
+            rows = device.search(q, max(self.settings.fetch, k))
+            # skip padding and rows pending (their copy on the device is out of date)
+            rows = np.where((rows >= 0) & ~self._pending[np.maximum(rows, 0)], rows, -1)
+        else:
+            qc = q if self._proj is None else np.ascontiguousarray(q @ self._proj)
+            cells, bias = self._probe(qc)
+            _, ids = ivf.search_preassigned(qc, max(self.settings.fetch, k), cells, bias)
+            rows = np.where(ids >= 0, ids & (_MAX_KEY - 1), 0)
+            # skip padding, out-of-date entries (a later one of the row holds its vector) and rows pending
+            rows = np.where((ids >= 0) & (self._ivf_ids(rows) == ids) & self._in_ivf[rows] & ~self._pending[rows],
+                            rows, -1)
+            # re-score in two steps, each reading few bytes: the codes' rank is refined on the r-dim float
+            # copy, then the best of those are scored exactly on the K-dim vectors
+            keep = min(max(2 * k, 128), rows.shape[1])
+            if keep < rows.shape[1]:
+                approx = _scores_by_row(qc, self._low, rows)
+                rows = np.take_along_axis(rows, np.argpartition(-approx, keep - 1, axis=1)[:, :keep], axis=1)
         sims = _scores_by_row(q, self._vecs, rows)
         sims[self._keys[np.maximum(rows, 0)] < 0] = -np.inf
         pend = np.asarray(self._pending_rows, np.int64)
@@ -530,11 +596,7 @@ class IdentityIndex:
 
     def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search` but always exact (brute force over every vector)."""
-        ivf, self._ivf = self._ivf, None
-        try:
-            return self.search(queries, k)
-        finally:
-            self._ivf = ivf
+        return self._search(queries, k, None, None)
 
     def search_above(self, queries: np.ndarray, k: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`exact_search`, but only scores of at least ``floor`` are returned. Cheaper than
@@ -570,18 +632,19 @@ class IdentityIndex:
         return scores, keys
 
     def suspend(self) -> Any:
-        """Search exactly (and keep no IVF up to date) until :meth:`resume` is called with what this
-        returns; benchmarks compare brute force with the index on one gallery."""
+        """Search exactly (and keep no IVF or device copy up to date) until :meth:`resume` is called
+        with what this returns; benchmarks compare brute force with the index on one gallery."""
         self.flush()
-        ivf, self._ivf = self._ivf, None
+        saved = (self._ivf, self._device)
+        self._ivf = self._device = None
         self._bulk, self._changed_in_bulk = True, False
-        return ivf
+        return saved
 
-    def resume(self, ivf: Any) -> None:
-        """Undo :meth:`suspend`; the IVF is rebuilt when vectors changed meanwhile."""
+    def resume(self, saved: Any) -> None:
+        """Undo :meth:`suspend`; the IVF (or device copy) is rebuilt when vectors changed meanwhile."""
         self._bulk = False
-        self._ivf = ivf
-        if ivf is not None and self._changed_in_bulk:
+        self._ivf, self._device = saved
+        if self.built and self._changed_in_bulk:
             self.rebuild()
 
     def scores(self, keys: np.ndarray | list[int], query: np.ndarray) -> np.ndarray:
@@ -595,6 +658,117 @@ class IdentityIndex:
         ``float32 [B, len(keys)]`` (one matrix product). Raises KeyError for an absent key."""
         rows = self._rows(np.asarray(keys, np.int64).reshape(-1))
         return np.asarray(queries, np.float32) @ self._vecs[rows].T
+
+
+class DeviceUnavailable(RuntimeError):
+    """``kind`` ``gpu``: torch is missing, or the configured device cannot be used."""
+
+
+def check_device(device: str) -> str:
+    """Check that ``device`` (a torch device string: ``cuda``, ``cuda:1``, ``cpu``) can hold an index
+    copy; returns its canonical name. Imports torch.
+
+    Raises:
+        DeviceUnavailable: torch is not installed, the string is no torch device, or the device is a
+            CUDA one that this process cannot use (no CUDA build, no GPU, or no GPU of that number).
+    """
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency of the package
+        raise DeviceUnavailable(f"matcher.index.kind gpu needs torch: {exc}") from exc
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceUnavailable(f"matcher.index.device {device!r} is no torch device: {exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"matcher.index.device {device!r}: no CUDA device is usable here "
+                                    "(torch.cuda.is_available() is False); set matcher.index.kind to auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"matcher.index.device {device!r}: this process sees "
+                                    f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise DeviceUnavailable(f"matcher.index.device {device!r}: only cuda and cpu devices are supported")
+    return str(dev)
+
+
+class DeviceCopy:
+    """The index's rows on a torch device, for ``kind`` ``gpu``: a ``[capacity, K]`` matrix (float16 on
+    CUDA, float32 on the CPU) and a ``[capacity]`` bias that is 0 at live rows and ``-inf`` at free
+    or removed ones. A search is brute force: per chunk of rows one ``addmm`` (bias plus the queries'
+    inner products) and a top-k, then a top-k of the chunks' winners; only row numbers come back, the
+    scores are recomputed exactly by :class:`IdentityIndex` from its float32 copy.
+
+    Writes (:meth:`write`) and searches must not overlap: the index writes only in a flush, and
+    flushes wait for the end of :meth:`IdentityIndex.deferred` blocks, inside which searches may run
+    on other threads.
+
+    Args:
+        dim: Vector dimension ``K``.
+        device: A torch device string (see :func:`check_device`).
+
+    Raises:
+        DeviceUnavailable: See :func:`check_device`.
+    """
+
+    chunk = 1 << 18  # rows scored per matrix product: 256 queries x 2^18 rows of float16 are 128 MiB
+
+    def __init__(self, dim: int, device: str) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(check_device(device))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dim = dim
+        self._m = torch.zeros((0, dim), dtype=self.dtype, device=self.device)
+        self._bias = torch.zeros(0, dtype=self.dtype, device=self.device)
+        self._used = 0  # rows [0, _used) have been written
+
+    def __len__(self) -> int:
+        return self._used
+
+    def write(self, rows: np.ndarray, vectors: np.ndarray, live: np.ndarray) -> None:
+        """Set ``rows`` (``int64 [B]``, distinct) to ``vectors`` (``float32 [B, K]``) and mark them live
+        or not (``bool [B]``: a row not live never comes back from a search)."""
+        torch = self._torch
+        if not len(rows):
+            return
+        need = int(rows.max()) + 1
+        if need > self._m.shape[0]:
+            cap = max(need, 2 * self._m.shape[0], 1024)
+            m = torch.zeros((cap, self.dim), dtype=self.dtype, device=self.device)
+            bias = torch.full((cap,), float("-inf"), dtype=self.dtype, device=self.device)
+            m[:self._used] = self._m[:self._used]
+            bias[:self._used] = self._bias[:self._used]
+            self._m, self._bias = m, bias
+        r = torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(self.device)
+        self._m[r] = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.device, self.dtype)
+        self._bias[r] = torch.from_numpy(np.where(live, 0.0, -np.inf).astype(np.float32)).to(self.device, self.dtype)
+        self._used = max(self._used, need)
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The rows of the ``k`` highest inner products per query (``float32 [B, K]``): ``int64
+        [B, min(k, rows written)]``, best first by the device's arithmetic, ``-1`` where fewer live
+        rows exist."""
+        torch = self._torch
+        n = self._used
+        if not n:
+            return np.full((len(queries), 0), -1, np.int64)
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.device, self.dtype)
+            best, where = [], []
+            for s in range(0, n, self.chunk):
+                e = min(s + self.chunk, n)
+                sims = torch.addmm(self._bias[s:e], q, self._m[s:e].T)
+                v, i = torch.topk(sims, min(k, e - s), dim=1)
+                best.append(v)
+                where.append(i + s)
+            v, r = (best[0], where[0]) if len(best) == 1 else (torch.cat(best, 1), torch.cat(where, 1))
+            if v.shape[1] > k:
+                v, j = torch.topk(v, k, dim=1)
+                r = torch.gather(r, 1, j)
+            r = torch.where(torch.isfinite(v), r, torch.full_like(r, -1))
+            return r.cpu().numpy().astype(np.int64, copy=False)
 
 
 def _padding(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -622,4 +796,4 @@ def _scores_by_row(queries: np.ndarray, vecs: np.ndarray, rows: np.ndarray) -> n
     return out
 
 
-__all__ = ["IdentityIndex", "IndexSettings"]
+__all__ = ["DeviceCopy", "DeviceUnavailable", "IdentityIndex", "IndexSettings", "check_device"]

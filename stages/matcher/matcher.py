@@ -344,6 +344,10 @@ class CrossCameraMatcher:
         """
         t0 = time.perf_counter()
         self.store.check()
+        if self.gallery.settings.kind == "gpu":  # before the restore, which may build the device copy
+            from stages.matcher.index import check_device
+
+            log.info("matcher: zone %s: identity index on %s", self._zone, check_device(self.gallery.settings.device))
         from stages.matcher import kernels
 
         log.debug("matcher: decision kernels ready in %.2f s", kernels.warm())
@@ -375,7 +379,7 @@ class CrossCameraMatcher:
         log.info("matcher: zone %s: %d tracklets of %d identities in the window, %d identities in the gallery "
                  "(%s search), threshold %.3f, restored in %.2f s, store %s", self.store.zone, len(self.window),
                  len(in_window), len(self.gallery),
-                 "approximate" if self.gallery.index is not None and self.gallery.index.approximate else "exact",
+                 self.gallery.index.mode if self.gallery.index is not None else "exact",
                  self.threshold, time.perf_counter() - t0, self.store.url)
 
     def _restore(self) -> set[str]:
@@ -484,7 +488,7 @@ class CrossCameraMatcher:
         OpenMP threads of the cores (measured at 10⁶ identities on 2 cores: 1,380 embeddings/s
         without this, 2,260 with it). Re-association, outside, keeps every thread."""
         index = self.gallery.index
-        if index is None or not index.approximate:
+        if index is None or not index.built:
             return contextlib.nullcontext()
         if self._blas is None:
             from threadpoolctl import ThreadpoolController
@@ -664,7 +668,7 @@ class CrossCameraMatcher:
         search thread has started on them by then (see :meth:`_tail_share`)."""
         index = self.gallery.index
         threads = search_threads(self.gallery.settings.search_threads)
-        if index is None or not index.approximate or not len(self.gallery) or threads == 0:
+        if index is None or not index.built or not len(self.gallery) or threads == 0:
             with _on_one_faiss_thread() if threads == 0 else contextlib.nullcontext():
                 done = self._prefetch(ys)
             return lambda: done
@@ -741,7 +745,7 @@ class CrossCameraMatcher:
         for j, rows in enumerate(parts):
             pre, touched = self._rescored(nxt, [ys[i] for i in rows], before), []
             index = self.gallery.index
-            ahead = j + 1 < len(parts) and index is not None and index.approximate and len(self.gallery) > 0 \
+            ahead = j + 1 < len(parts) and index is not None and index.built and len(self.gallery) > 0 \
                 and search_threads(self.gallery.settings.search_threads) > 0
             if ahead:
                 with index.deferred():

@@ -76,16 +76,21 @@ def test_identities_unseen_for_the_ttl_are_archived_but_kept_in_redis(store):
     assert store.link("A").global_id not in restarted.gallery and len(restarted.gallery) == 2
 
 
-def test_a_large_gallery_switches_to_the_index_and_keeps_deciding_right(store):
-    m = _matcher(store, index=IndexSettings(kind="auto", exact_below=40, nprobe=10_000))
+@pytest.mark.parametrize("kind", ["auto", "gpu"])
+def test_a_large_gallery_switches_to_the_index_and_keeps_deciding_right(store, kind):
+    """Past ``exact_below`` the gallery searches through its index (the IVF, or with ``gpu`` the device
+    copy, here on the CPU), links returns right, and a restarted matcher rebuilds the same index from
+    Redis."""
+    settings = dict(kind=kind, exact_below=40, nprobe=10_000, device="cpu")
+    m = _matcher(store, index=IndexSettings(**settings))
     vecs = [unit(200 + i) for i in range(60)]
     m.process([emb(f"T{i}", "left", 5.0 * i, 5.0 * i + 1, v) for i, v in enumerate(vecs)])
-    assert m.gallery.index.approximate and len(m.gallery) == 60
+    assert m.gallery.index.mode == ("ivf" if kind == "auto" else "gpu") and len(m.gallery) == 60
     m.process([emb(f"S{i}", "right", 400.0 + i, 400.5 + i, noisy(vecs[i], 500 + i)) for i in range(0, 60, 7)])
     for i in range(0, 60, 7):
         assert store.link(f"S{i}").global_id == store.link(f"T{i}").global_id
-    restarted = _matcher(store, index=IndexSettings(kind="auto", exact_below=40))
-    assert restarted.gallery.index.approximate and len(restarted.gallery) == 60
+    restarted = _matcher(store, index=IndexSettings(**settings))
+    assert restarted.gallery.index.mode == m.gallery.index.mode and len(restarted.gallery) == 60
     z = np.stack([restarted._transform(v) for v in vecs])
     assert (restarted.gallery.search(z, 1)[1][:, 0] == [restarted.gallery.code(store.link(f"T{i}").global_id)
                                                          for i in range(60)]).all()
@@ -127,17 +132,18 @@ def test_an_operator_change_is_taken_in_by_its_zone_only(store):
     assert north.follow_operators() == 2 and north.gallery.gids() == [g1]
 
 
-def test_background_index_searches_link_a_polled_batch_right_and_survive_a_poison_record(store):
-    """A polled batch of 40 over an IVF gallery, searched 4 at a time with the next 4 searched in the
+@pytest.mark.parametrize("kind", ["ivf", "gpu"])
+def test_background_index_searches_link_a_polled_batch_right_and_survive_a_poison_record(store, kind):
+    """A polled batch of 40 over an IVF (or device-copy) gallery, searched 4 at a time with the next 4 searched in the
     background: people seen twice within the batch (the second sighting in the next sub-batch) join
     the identity founded by the first. A record of another dimension in the middle of a batch fails it
     (the runner dead-letters it one by one) and leaves the index neither deferred nor searching, so
     the retry links the rest."""
-    m = _matcher(store, index=IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=4,
-                                            hot_s=None))
+    m = _matcher(store, index=IndexSettings(kind=kind, nprobe=10_000, fetch=100_000, flush_every=3, batch=4,
+                                            hot_s=None, exact_below=1, device="cpu"))
     base = [unit(300 + i) for i in range(30)]
     m.process([emb(f"B{i}", "left", 2.0 * i, 2.0 * i + 1, v) for i, v in enumerate(base)])
-    assert m.gallery.index.approximate
+    assert m.gallery.index.mode == kind
     people = [unit(400 + i) for i in range(20)]
     batch = []
     for i, v in enumerate(people):

@@ -88,3 +88,32 @@ def test_each_pass_over_the_queries_is_a_new_sighting():
         expected[shifted] = [1 + 2 * ids.count(i) for i in ids]  # the gallery's member and one copy a pass
     assert members[True] == expected[True]  # both passes joined their people
     assert sum(a < b for a, b in zip(members[False], expected[False])) > 30  # unshifted: mostly blocked
+
+
+def test_matcher_bench_measures_the_device_copy():
+    """``--index gpu`` on the CPU device: the index row is the device copy's, measured against brute
+    force (its top 10 and decisions are brute force's, up to ties), and two instances run it too."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "1500", "--dims", "64",
+                          "--queries", "60", "--index", "gpu", "--device", "cpu", "--instances", "2", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    assert [(r["bench"], r["index"]) for r in rows] == [
+        ("matcher_instances", "gpu:cpu"), ("matcher", "brute"), ("matcher", "gpu:cpu")]
+    inst, _, gpu = rows
+    assert inst["records"] == 2 * 60 and inst["hot_s"] is None
+    assert gpu["recall_at_10"] >= 0.99 and gpu["same_decision"] >= 0.98
+    assert gpu["hot_s"] is None and gpu["nprobe"] is None and gpu["embeddings_per_s"] > 0
+
+
+def test_matcher_bench_says_when_the_device_is_missing():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has a CUDA device")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "matcher.py"), "--sizes", "1500", "--dims", "64",
+                          "--index", "gpu"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0 and not run.stdout.strip()
+    assert "matcher.index.device 'cuda'" in run.stderr and "Traceback" not in run.stderr

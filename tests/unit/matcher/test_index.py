@@ -56,12 +56,13 @@ def test_search_above_is_the_exact_top_k_cut_at_the_floor(floor):
     assert not np.isin(got_k, np.arange(0, 600, 7)).any()
 
 
-@pytest.mark.parametrize("kind", ["exact", "ivf"])
+@pytest.mark.parametrize("kind", ["exact", "ivf", "gpu"])
 def test_upsert_replaces_and_remove_forgets(kind):
     x = _vectors(400, 16)
-    idx = IdentityIndex(16, IndexSettings(kind=kind, nprobe=10_000))  # every cell probed: exact
+    # every cell probed: exact; kind gpu on the CPU, from the first vector on
+    idx = IdentityIndex(16, IndexSettings(kind=kind, nprobe=10_000, device="cpu", exact_below=1))
     idx.upsert(np.arange(400), x)
-    assert idx.approximate is (kind == "ivf")
+    assert idx.approximate is (kind == "ivf") and idx.mode == kind and idx.built is (kind != "exact")
     target = _vectors(1, 16, seed=5)[0]
     idx.upsert([7], target[None, :])           # key 7 now sits exactly on the query
     assert idx.search(target[None, :], 1)[1][0, 0] == 7
@@ -197,7 +198,7 @@ def _site(seed: int, n_ids: int = 60, dim: int = 24):
     return groups, centres
 
 
-@pytest.mark.parametrize("kind,candidates", [("exact", 64), ("exact", 1), ("ivf", 2)])
+@pytest.mark.parametrize("kind,candidates", [("exact", 64), ("exact", 1), ("ivf", 2), ("gpu", 2)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("reentry,min_transit_s", [(True, 5.0), (True, 40.0), (False, 5.0)])
 def test_gallery_decision_equals_scoring_every_identity(kind, candidates, seed, reentry, min_transit_s):
@@ -208,7 +209,8 @@ def test_gallery_decision_equals_scoring_every_identity(kind, candidates, seed, 
     rules = Rules(max_overlap_s=0.5, reentry=reentry, topology=(Edge("a", "c", min_transit_s, 90.0),),
                   transit_weight=0.05)
     transit = TransitModel(edges=rules.topology, gaps={("a", "b"): tuple(np.linspace(2, 6, 20))})
-    gallery = Gallery(prototypes_per_camera=2, settings=IndexSettings(kind=kind, nprobe=10_000, candidates=candidates))
+    gallery = Gallery(prototypes_per_camera=2, settings=IndexSettings(kind=kind, nprobe=10_000, candidates=candidates,
+                                                                      device="cpu", exact_below=1))
     gallery.replace(groups)
     idents = {g: (ms, gallery.prototypes(g)) for g, ms in groups.items()}
     assert all(len(p) <= 2 * 3 for _, p in idents.values())
@@ -454,7 +456,7 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads, tail,
     def run(settings: IndexSettings, batched: bool = True) -> list[tuple[str | None, float | None]]:
         m = CrossCameraMatcher(store=None, threshold=0.85, rules=Rules(transit_weight=0.0),  # type: ignore[arg-type]
                                index=settings)
-        if settings.kind == "ivf" and timing != "thread":
+        if settings.kind in ("ivf", "gpu") and timing != "thread":
             m._searcher = _Searcher(timing)
         m.gallery.replace({f"G{i:04d}": [Member(f"g{i}", "a", 0.0, 1.0, 1, v, i)] for i, v in enumerate(gallery)})
         out, arrival = [], 1000
@@ -484,9 +486,12 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads, tail,
                         gid = gid or f"N{tid}"
                         m.gallery.add(gid, Member(tid, cam, start, end, 1, ys[i], arrival))
                         touched.append(m.gallery.code(gid))
-        if settings.kind == "ivf":  # searched in the background, unless no search thread is wanted
+        if settings.kind in ("ivf", "gpu"):  # searched in the background, unless no search thread is wanted
+            assert m.gallery.index.built
             assert (m._searcher is not None) == (threads > 0) and not m.gallery.index._deferred
-        if settings.hot_s is not None:
+        if settings.kind == "gpu":  # nothing for a hot tier to make up for, though hot_s is set
+            assert m.gallery.hot is None and settings.hot_s is not None
+        elif settings.hot_s is not None:
             assert 0 < len(m.gallery.hot) <= settings.hot_max
         m.release()
         return out
@@ -497,7 +502,10 @@ def test_background_searches_decide_as_brute_force(batch, timing, threads, tail,
                                    search_threads=threads),
                      # with a hot tier, kept to 8 identities (trimmed within the polls) and searched with the rest
                      IndexSettings(kind="ivf", nprobe=10_000, fetch=100_000, flush_every=3, batch=batch, hot_s=200.0,
-                                   hot_max=8, search_threads=threads)):
+                                   hot_max=8, search_threads=threads),
+                     # brute force on a device copy (the CPU here), written every 3 changes
+                     IndexSettings(kind="gpu", device="cpu", exact_below=1, fetch=100_000, flush_every=3,
+                                   batch=batch, search_threads=threads)):
         got = run(settings)
         assert [g for g, _ in got] == [g for g, _ in want]
         # the same scores too (the link's score), each changed identity's as it is now
