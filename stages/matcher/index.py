@@ -706,6 +706,8 @@ class DeviceCopy:
     Args:
         dim: Vector dimension ``K``.
         device: A torch device string (see :func:`check_device`).
+        half: Keep the matrix in float16 (None: on CUDA devices only; float16 on the CPU is slow
+            and serves to check the rounding without a GPU).
 
     Raises:
         DeviceUnavailable: See :func:`check_device`.
@@ -713,12 +715,14 @@ class DeviceCopy:
 
     chunk = 1 << 18  # rows scored per matrix product: 256 queries x 2^18 rows of float16 are 128 MiB
 
-    def __init__(self, dim: int, device: str) -> None:
+    def __init__(self, dim: int, device: str, half: bool | None = None) -> None:
         import torch
 
         self._torch = torch
         self.device = torch.device(check_device(device))
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if half is None:
+            half = self.device.type == "cuda"
+        self.dtype = torch.float16 if half else torch.float32
         self.dim = dim
         self._m = torch.zeros((0, dim), dtype=self.dtype, device=self.device)
         self._bias = torch.zeros(0, dtype=self.dtype, device=self.device)

@@ -118,6 +118,27 @@ def test_the_chunks_top_k_is_the_whole_top_k(monkeypatch, k):
     assert not np.isin(rows, np.flatnonzero(~live)).any()
 
 
+def test_float16_rounding_keeps_the_exact_top_10_within_the_fetched_rows():
+    """The matrix in float16, as on a CUDA device (here with the CPU's float16 arithmetic): on a
+    gallery of 20,000 256-d prototypes clustered around 200 people, so that near scores crowd each
+    query's top, every query's exact top 10 is among the 128 rows the device fetches; the index
+    then scores those exactly, so its top 10 is the exact one."""
+    rng = np.random.default_rng(3)
+    n, k = 20_000, 256
+    centres = rng.standard_normal((200, k)).astype(np.float32)
+    x = centres[rng.integers(0, 200, n)] + 0.35 * rng.standard_normal((n, k)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.integers(0, n, 64)] + 0.2 * rng.standard_normal((64, k)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    copy = DeviceCopy(k, "cpu", half=True)
+    assert copy.dtype == torch.float16
+    copy.write(np.arange(n), x, np.ones(n, bool))
+    rows = copy.search(q, 128)
+    top = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    assert all(np.isin(top[i], rows[i]).all() for i in range(len(q)))
+    assert DeviceCopy(k, "cpu").dtype == torch.float32  # the default off CUDA
+
+
 def test_fewer_live_rows_than_asked_are_padded():
     copy = DeviceCopy(4, "cpu")
     assert copy.search(_vectors(2, 4), 5).shape == (2, 0)  # nothing written yet
