@@ -1181,6 +1181,7 @@ def run_matcher(cfg: Config, stop: threading.Event, idle_exit_s: float | None = 
         BusError: The broker is unreachable.
         StoreError: Redis is unreachable.
         CalibrationError: ``matcher.calibration`` is unreadable.
+        DeviceUnavailable: ``matcher.index.kind`` is ``gpu`` and its device cannot be used.
     """
     from pipeline.runner import run_consuming_stage
     from stages.matcher.zones import ZonedMatcher

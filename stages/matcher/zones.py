@@ -82,11 +82,18 @@ class ZonedMatcher:
 
         Raises:
             CalibrationError: ``matcher.calibration`` is unreadable (checked now, not at the first record).
+            DeviceUnavailable: ``matcher.index.kind`` is ``gpu`` and ``matcher.index.device`` cannot be
+                used (checked now: a zone's matcher is built later, where a failure is retried as an
+                outage).
         """
         if cfg.matcher.calibration is not None:
             from stages.matcher.calibration import read_calibration
 
             read_calibration(cfg.matcher.calibration)
+        if cfg.matcher.index.kind == "gpu":
+            from stages.matcher.index import check_device
+
+            check_device(cfg.matcher.index.device)
         store = IdentityStore.from_config(cfg.store)
         return cls(store, lambda zone_store: CrossCameraMatcher.from_config(cfg, store=zone_store), cfg.camera_zones(),
                    partitions)

@@ -95,6 +95,19 @@ def test_redis_down():
     assert_one_clear_error(proc, "Redis", "not reachable")
 
 
+def test_a_matcher_whose_index_device_is_missing_says_so_in_one_line(kafka_server, redis_server):
+    """``matcher.index.kind: gpu`` on a host with no usable CUDA device: the matcher stops at setup with
+    one error line naming the field and the fix, exit 1, and no traceback."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device: the gpu index would start")
+    env = {"REIDSTREAM__BUS__BOOTSTRAP_SERVERS": kafka_server, "REIDSTREAM__STORE__URL": redis_server,
+           "REIDSTREAM__METRICS__MATCHER_PORT": "0", "REIDSTREAM__MATCHER__INDEX__KIND": "gpu"}
+    proc = run_cli("matcher", "--config", DEMO, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert_one_clear_error(proc, "matcher.index.device 'cuda'", "set matcher.index.kind to auto")
+
+
 def test_unknown_camera(tmp_path):
     proc = run_cli("camera", "--config", DEMO, "--camera", "roof", timeout=60)
     assert proc.returncode == 2
