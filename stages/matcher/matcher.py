@@ -486,7 +486,9 @@ class CrossCameraMatcher:
         """Context for the online path (decisions of a batch). While the gallery is searched through
         faiss, numpy's BLAS is held to one thread inside it: its idle workers spin and starve faiss'
         OpenMP threads of the cores (measured at 10⁶ identities on 2 cores: 1,380 embeddings/s
-        without this, 2,260 with it). Re-association, outside, keeps every thread."""
+        without this, 2,260 with it). With the device copy (``index.kind`` ``gpu``) it is held too, so
+        that the host's share of the search (exact re-scoring) runs on the search threads alone and
+        the decisions keep their core (not measured: no GPU was at hand). Re-association, outside, keeps every thread."""
         index = self.gallery.index
         if index is None or not index.built:
             return contextlib.nullcontext()
