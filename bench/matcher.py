@@ -112,10 +112,7 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     cams = [f"cam{i}" for i in range(args.cameras)]
     rss0 = _rss_bytes()
     t = time.perf_counter()
-    truth = {"x": np.zeros((args.queries, dim), np.float32), "id": rng.integers(0, n, args.queries)}
-    wanted: dict[int, list[int]] = {}  # identity -> the queries of it
-    for j, i in enumerate(truth["id"].tolist()):
-        wanted.setdefault(i, []).append(j)
+    truth = {"id": rng.integers(0, n, args.queries)}
     # --recent: a share of the queries are returns of identities last seen within --recent-s of the
     # gallery's end (their sightings are moved there; a generator of its own, so that without
     # --recent the gallery is the same as ever)
@@ -126,11 +123,12 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     # has them), drawn by a generator of their own so that the gallery and the first pass stay as ever
     extra = np.random.default_rng(args.seed + 2)
     more = args.queries * (args.passes - 1)
-    later = {"id": extra.choice(n, more, replace=more > n) if more else np.zeros(0, np.int64),
-             "x": np.zeros((more, dim), np.float32)}
-    wanted_later: dict[int, list[int]] = {}
-    for j, i in enumerate(later["id"].tolist()):
-        wanted_later.setdefault(i, []).append(j)
+    later_ids = extra.choice(n, more, replace=more > n) if more else np.zeros(0, np.int64)
+    every_id = np.concatenate([truth["id"], later_ids])  # every pass's identities, the first pass's first
+    every_x = np.zeros((len(every_id), dim), np.float32)  # their gallery embeddings, filled while drawn
+    wanted: dict[int, list[int]] = {}  # identity -> the queries of it
+    for j, i in enumerate(every_id.tolist()):
+        wanted.setdefault(i, []).append(j)
     chunk = 50000
     loading = m.gallery.bulk(space.dim)
     loading.__enter__()
@@ -147,9 +145,7 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
             groups[gid] = [Member(f"t{s + i}", cams[(s + i) % len(cams)], float(starts[i]), float(starts[i]) + 8.0, 10,
                                   y[i], s + i)]
             for j in wanted.get(s + i, ()):
-                truth["x"][j] = x[i]
-            for j in wanted_later.get(s + i, ()):
-                later["x"][j] = x[i]
+                every_x[j] = x[i]
         m.gallery.replace(groups)
     loading.__exit__(None, None, None)  # one IVF training over the whole gallery
     gc.freeze()  # as CrossCameraMatcher.setup() does with a restored gallery: no full collection walks it
@@ -159,13 +155,13 @@ def build(n: int, dim: int, args: argparse.Namespace, settings: IndexSettings) -
     grown = _rss_bytes() - rss0  # the gallery and its index (the query arrays are small)
     # queries: a new tracklet of a gallery identity, cosine about 0.8 to it
     noise = _draw(rng, args.queries, sd)
-    q = 0.8 * truth["x"] + 0.6 * noise
+    q = 0.8 * every_x[:args.queries] + 0.6 * noise
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     passes = [(q, truth["id"])]
     for r in range(1, args.passes):
-        part = slice((r - 1) * args.queries, r * args.queries)
-        qr = 0.8 * later["x"][part] + 0.6 * _draw(extra, args.queries, sd)
-        passes.append((qr / np.linalg.norm(qr, axis=1, keepdims=True), later["id"][part]))
+        part = slice(r * args.queries, (r + 1) * args.queries)
+        qr = 0.8 * every_x[part] + 0.6 * _draw(extra, args.queries, sd)
+        passes.append((qr / np.linalg.norm(qr, axis=1, keepdims=True), every_id[part]))
     return m, {"queries": q, "truth": truth["id"], "recent": truth["recent"], "build_s": build_s, "cams": cams,
                "gallery_bytes": grown, "passes": passes}
 
